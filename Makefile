@@ -1,0 +1,28 @@
+# The two set-up commands of the README: `make demo` and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# CPU build for this machine and CI; GPU clusters install the project into their image's torch.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install test demo clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $@
+
+test: install
+	$(BIN)/python -m pytest
+
+demo: install
+	$(BIN)/hydra-ray summary --config configs/tiny.yaml
+	$(BIN)/hydra-ray summary --config configs/hydra-500m.yaml
+	$(BIN)/hydra-ray smoke --config configs/tiny.yaml
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

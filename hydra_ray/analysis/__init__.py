@@ -1,0 +1,1 @@
+"""hydra-ray analysis (see DESIGN.md)."""

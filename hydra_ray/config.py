@@ -1,0 +1,372 @@
+"""Configuration: pydantic models for every part, YAML loading, presets. No logic beyond validation.
+
+Design choices
+- One small model per part (model, MoE, MoD, MoR, curriculum, train, data), nested in `HydraConfig`.
+  Every model forbids unknown keys, so a typo in a YAML file is an error, not a silent default.
+- Cross-field rules live in field validators where they can (so the error names the field, e.g.
+  `model.n_heads`), and in a model validator only when they span sections.
+- `load_config` turns every validation failure into one `ConfigError` whose message is a single line
+  naming the file and each offending field; the CLI prints it and exits non-zero, no traceback.
+- Presets are the YAML files under configs/; `preset(name)` resolves a bare name to one of them.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_DOMAINS = ["math", "code", "chat", "finefineweb"]
+RoutingMode = Literal["learned", "forced", "teacher", "free"]
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration is invalid; the message is one line that names the offending field(s)."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class MoEConfig(_Strict):
+    """Mixture-of-Experts FFN. Experts are upcycled from the block's dense FFN when MoE switches on."""
+
+    num_experts: int = Field(4, ge=1)
+    top_k: int = Field(1, ge=1, le=4)
+    blocks: list[int] | Literal["all"] = "all"  # shared blocks whose FFN becomes an MoE layer
+    expert_hidden: int | None = Field(None, ge=1)  # None: the model's ffn_hidden (upcycling needs equal)
+    aux_weight: float = Field(0.01, ge=0)  # Switch load-balance loss weight
+    z_loss: float = Field(1e-3, ge=0)  # router z-loss weight
+    jitter: float = Field(0.0, ge=0, lt=1)  # multiplicative router-input noise in training
+    capacity_factor: float = Field(math.inf, gt=0)  # inf = dropless
+    bias_balancing: bool = False  # aux-loss-free balancing (DeepSeek-V3): per-expert selection bias
+    bias_rate: float = Field(1e-3, ge=0)
+    shared_expert: bool = False
+    domain_expert_map: dict[str, int] = Field(
+        default_factory=lambda: {d: i for i, d in enumerate(DEFAULT_DOMAINS)}
+    )
+    teacher_weight: float = Field(0.1, ge=0)
+    router_lr_scale: float = Field(1.0, gt=0)
+    expert_lr_scale: float = Field(1.0, gt=0)
+    upcycle_noise: float = Field(0.01, ge=0)  # relative std of the noise added to expert copies
+    router_init_std: float = Field(1e-3, ge=0)  # near-uniform router at switch-on
+
+    @field_validator("top_k")
+    @classmethod
+    def _top_k(cls, v: int, info) -> int:
+        e = info.data.get("num_experts")
+        if e is not None and v > e:
+            raise ValueError(f"top_k ({v}) must not exceed num_experts ({e})")
+        return v
+
+    @field_validator("domain_expert_map")
+    @classmethod
+    def _map(cls, v: dict[str, int], info) -> dict[str, int]:
+        e = info.data.get("num_experts")
+        for dom, ex in v.items():
+            if e is not None and not 0 <= ex < e:
+                raise ValueError(f"domain {dom!r} maps to expert {ex}, outside 0..{e - 1}")
+        return v
+
+
+class MoDConfig(_Strict):
+    """Mixture-of-Depths: in MoD blocks only the top `capacity` fraction of each sequence is processed."""
+
+    capacity: float = Field(0.5, gt=0, le=1)
+    blocks: list[int] | Literal["alternate", "all"] = "alternate"  # alternate = odd-indexed blocks
+    capacity_warmup_steps: int = Field(0, ge=0)  # anneal capacity 1.0 -> capacity after switch-on
+    predictor_hidden: int = Field(64, ge=1)
+    predictor_weight: float = Field(1.0, ge=0)  # BCE of the causal predictor (input is detached)
+
+
+class MoRConfig(_Strict):
+    """Mixture-of-Recursions: every shared block is applied up to `recursions` times per token."""
+
+    recursions: int = Field(1, ge=1, le=16)
+    router: Literal["expert_choice"] = "expert_choice"
+    capacity_schedule: list[float] | None = None  # per recursion; None = linear (R - r) / R
+    gate_init_bias: float = -4.0  # sigmoid(-4) ~ 0.018: extra recursions start near identity
+    predictor_hidden: int = Field(64, ge=1)
+    predictor_weight: float = Field(1.0, ge=0)
+
+    @field_validator("capacity_schedule")
+    @classmethod
+    def _schedule(cls, v: list[float] | None, info) -> list[float] | None:
+        if v is None:
+            return v
+        r = info.data.get("recursions")
+        if r is not None and len(v) != r:
+            raise ValueError(f"needs one capacity per recursion ({r}), got {len(v)}")
+        if any(not 0 < c <= 1 for c in v):
+            raise ValueError("capacities must lie in (0, 1]")
+        if v[0] != 1.0:
+            raise ValueError("the first recursion processes every token: capacity_schedule[0] must be 1.0")
+        if any(b > a for a, b in zip(v, v[1:])):
+            raise ValueError("capacities must not increase from one recursion to the next")
+        return v
+
+    def schedule(self) -> list[float]:
+        if self.capacity_schedule is not None:
+            return list(self.capacity_schedule)
+        r = self.recursions
+        return [(r - i) / r for i in range(r)]
+
+
+class ModelConfig(_Strict):
+    """HydraLM shape. `ffn_hidden=None` derives the SwiGLU width from d_model (8/3 d, multiple of 32)."""
+
+    vocab_size: int = Field(264, ge=2)
+    d_model: int = Field(128, ge=8)
+    n_heads: int = Field(4, ge=1)
+    n_kv_heads: int = Field(2, ge=1)
+    n_blocks: int = Field(2, ge=1)
+    ffn_hidden: int | None = Field(None, ge=1)
+    seq_len: int = Field(128, ge=2)
+    rope_theta: float = Field(10000.0, gt=0)
+    norm_eps: float = Field(1e-5, gt=0)
+    tie_embeddings: bool = True
+    init_std: float = Field(0.02, gt=0)
+    domains: list[str] = Field(default_factory=lambda: list(DEFAULT_DOMAINS), min_length=1)
+    moe: MoEConfig = Field(default_factory=MoEConfig)
+    mod: MoDConfig = Field(default_factory=MoDConfig)
+    mor: MoRConfig = Field(default_factory=MoRConfig)
+
+    @field_validator("n_heads")
+    @classmethod
+    def _heads(cls, v: int, info) -> int:
+        d = info.data.get("d_model")
+        if d is not None:
+            if d % v:
+                raise ValueError(f"n_heads ({v}) must divide d_model ({d})")
+            if (d // v) % 2:
+                raise ValueError(f"head size d_model/n_heads ({d // v}) must be even for RoPE")
+        return v
+
+    @field_validator("n_kv_heads")
+    @classmethod
+    def _kv_heads(cls, v: int, info) -> int:
+        h = info.data.get("n_heads")
+        if h is not None and h % v:
+            raise ValueError(f"n_kv_heads ({v}) must divide n_heads ({h})")
+        return v
+
+    @field_validator("domains")
+    @classmethod
+    def _domains(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("domain names must be unique")
+        return v
+
+    @model_validator(mode="after")
+    def _sections(self) -> "ModelConfig":
+        for name, blocks in (("moe.blocks", self.moe.blocks), ("mod.blocks", self.mod.blocks)):
+            if isinstance(blocks, list):
+                bad = [b for b in blocks if not 0 <= b < self.n_blocks]
+                if bad:
+                    raise ValueError(f"{name}: block(s) {bad} do not exist (n_blocks={self.n_blocks})")
+                if len(set(blocks)) != len(blocks):
+                    raise ValueError(f"{name}: repeated block index")
+        unknown = sorted(set(self.moe.domain_expert_map) - set(self.domains))
+        if unknown:
+            raise ValueError(f"moe.domain_expert_map: unknown domain(s) {unknown}; domains are {self.domains}")
+        if self.moe.expert_hidden is not None and self.moe.expert_hidden != self.ffn_width:
+            raise ValueError(
+                f"moe.expert_hidden ({self.moe.expert_hidden}) must equal the dense FFN width "
+                f"({self.ffn_width}): experts are upcycled from the dense FFN"
+            )
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def ffn_width(self) -> int:
+        if self.ffn_hidden is not None:
+            return self.ffn_hidden
+        return 32 * math.ceil(8 * self.d_model / 3 / 32)
+
+    def moe_blocks(self) -> list[int]:
+        b = self.moe.blocks
+        return list(range(self.n_blocks)) if b == "all" else sorted(b)
+
+    def mod_blocks(self) -> list[int]:
+        b = self.mod.blocks
+        if b == "all":
+            return list(range(self.n_blocks))
+        if b == "alternate":
+            return [i for i in range(self.n_blocks) if i % 2 == 1] or [0]
+        return sorted(b)
+
+
+class PhaseConfig(_Strict):
+    """One curriculum phase: it runs until `until_step` (exclusive) with these features on."""
+
+    name: str = Field(min_length=1)
+    until_step: int = Field(ge=1)
+    mor: bool = False
+    mod: bool = False
+    moe: bool = False
+    routing: RoutingMode = "learned"
+    mixture: dict[str, float] | None = None  # domain -> weight; None = the data section's default
+    seq_len: int | None = Field(None, ge=2)
+    seed: int | None = None  # an int locks the seed; None unlocks it (drawn at phase start, checkpointed)
+    lr_scale: float = Field(1.0, gt=0)
+
+    @field_validator("mixture")
+    @classmethod
+    def _mixture(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if v is None:
+            return v
+        if any(w < 0 for w in v.values()):
+            raise ValueError("mixture weights must be non-negative")
+        if not sum(v.values()) > 0:
+            raise ValueError("mixture weights must not all be zero")
+        return v
+
+    @model_validator(mode="after")
+    def _routing_needs_moe(self) -> "PhaseConfig":
+        if self.routing != "learned" and not self.moe:
+            raise ValueError(f"routing: {self.routing!r} needs moe: true in phase {self.name!r}")
+        return self
+
+
+class CurriculumConfig(_Strict):
+    phases: list[PhaseConfig] = Field(
+        default_factory=lambda: [PhaseConfig(name="all", until_step=1000, mor=True, mod=True, moe=True)],
+        min_length=1,
+    )
+
+    @field_validator("phases")
+    @classmethod
+    def _ordered(cls, v: list[PhaseConfig]) -> list[PhaseConfig]:
+        for i in range(1, len(v)):
+            if v[i].until_step <= v[i - 1].until_step:
+                raise ValueError(
+                    f"phases out of order: phase {i} ({v[i].name!r}) ends at step {v[i].until_step}, "
+                    f"not after phase {i - 1} ({v[i - 1].name!r}, step {v[i - 1].until_step})"
+                )
+        names = [p.name for p in v]
+        if len(set(names)) != len(names):
+            raise ValueError("phase names must be unique")
+        return v
+
+    @property
+    def total_steps(self) -> int:
+        return self.phases[-1].until_step
+
+    def phase_at(self, step: int) -> PhaseConfig:
+        for p in self.phases:
+            if step < p.until_step:
+                return p
+        return self.phases[-1]
+
+
+class TrainConfig(_Strict):
+    batch_size: int = Field(8, ge=1)  # sequences per worker per micro-step
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    weight_decay: float = Field(0.1, ge=0)
+    betas: list[float] = Field(default_factory=lambda: [0.9, 0.95], min_length=2, max_length=2)
+    warmup_steps: int = Field(20, ge=0)
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    grad_clip: float = Field(1.0, gt=0)
+    log_every: int = Field(10, ge=1)
+    eval_every: int = Field(100, ge=1)
+    save_every: int = Field(100, ge=1)
+    keep_checkpoints: int = Field(3, ge=1)
+    seed: int = 0
+    dtype: Literal["float32", "bfloat16"] = "float32"  # bfloat16 autocast is for GPUs
+
+
+class DataConfig(_Strict):
+    corpus: str | None = None  # folder with one sub-folder per domain; None = built-in corpus
+    tokenizer: str = "byte"  # "byte" or a path to a Hugging Face tokenizer.json
+    mixture: dict[str, float] = Field(default_factory=lambda: {d: 1.0 for d in DEFAULT_DOMAINS})
+    eval_fraction: float = Field(0.05, ge=0, lt=1)
+
+
+class HydraConfig(_Strict):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    curriculum: CurriculumConfig = Field(default_factory=CurriculumConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+
+    @model_validator(mode="after")
+    def _cross(self) -> "HydraConfig":
+        domains = set(self.model.domains)
+        for where, mix in [("data.mixture", self.data.mixture)] + [
+            (f"curriculum.phases.{i}.mixture", p.mixture) for i, p in enumerate(self.curriculum.phases)
+        ]:
+            unknown = sorted(set(mix or {}) - domains)
+            if unknown:
+                raise ValueError(f"{where}: unknown domain(s) {unknown}; domains are {sorted(domains)}")
+        for i, p in enumerate(self.curriculum.phases):
+            if p.seq_len is not None and p.seq_len > self.model.seq_len:
+                raise ValueError(
+                    f"curriculum.phases.{i}.seq_len: {p.seq_len} exceeds model.seq_len ({self.model.seq_len})"
+                )
+        return self
+
+
+def _format(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts)
+
+
+def parse_config(data: Any, source: str = "config") -> HydraConfig:
+    """Validate a mapping (e.g. parsed YAML) into a HydraConfig, or raise a one-line ConfigError."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return HydraConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"{source}: {_format(err)}") from None
+
+
+def preset(name: str) -> Path:
+    """A bare preset name ('tiny') resolves to configs/tiny.yaml; anything else is a path."""
+    p = Path(name)
+    if not p.exists() and not p.suffix and (CONFIG_DIR / f"{name}.yaml").exists():
+        return CONFIG_DIR / f"{name}.yaml"
+    return p
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> HydraConfig:
+    """Load and validate a YAML config. `overrides` maps dotted keys ('train.lr') to values."""
+    p = preset(str(path))
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read config ({e.strerror or e})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{p}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if overrides:
+        data = dict(data or {})
+        for key, value in overrides.items():
+            node = data
+            *head, last = key.split(".")
+            for k in head:
+                node = node.setdefault(k, {})
+            node[last] = value
+    return parse_config(data, str(p))
+
+
+def dump_config(cfg: HydraConfig) -> str:
+    """YAML text that `load_config` reads back to an equal config."""
+    return yaml.safe_dump(cfg.model_dump(mode="python"), sort_keys=False)

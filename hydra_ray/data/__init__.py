@@ -1,0 +1,1 @@
+"""hydra-ray data (see DESIGN.md)."""

@@ -1,0 +1,132 @@
+"""Causal self-attention: grouped-query heads, RoPE, QK-norm, and a KV cache keyed by position.
+
+Design choices
+- Attention runs on a *subset* of a sequence's tokens: MoD and MoR gather the tokens a block
+  processes into `x_BKD` with their original positions `pos_BK` (and `valid_BK` when rows hold
+  different counts). RoPE uses the original positions, and because the subset keeps token order
+  a causal mask over the subset is causal over positions. Unselected tokens are neither queries
+  nor keys, exactly as if the block did not exist for them.
+- The KV cache stores K/V at absolute positions with a `valid` flag per slot, one cache layer per
+  (block, recursion). A token that skips a block (MoD) or stops recursing (MoR) leaves its slot
+  invalid, so a later token attends to exactly the keys it would see if the prefix were recomputed.
+- Full, uniform rows (the training top-k path, dense blocks) take `is_causal=True`; masks are only
+  built when rows are ragged or a cache is read.
+
+Shape legend: B batch, K tokens in the processed subset, L cache slots read, H query heads,
+G kv heads, E head dim, D d_model.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def upcast(t: torch.Tensor) -> torch.Tensor:
+    """At least float32 for softmax-like math; float64 stays float64 (gradient checks)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def rope(x_BKHE: torch.Tensor, pos_BK: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotary embedding by explicit positions (tokens of a subset keep their original positions)."""
+    e = x_BKHE.shape[-1]
+    inv = 1.0 / (theta ** (torch.arange(0, e, 2, device=x_BKHE.device, dtype=torch.float32) / e))
+    ang = pos_BK.to(upcast(x_BKHE).dtype)[..., None] * inv.to(upcast(x_BKHE).dtype)  # B K E/2
+    cos, sin = ang.cos()[:, :, None, :], ang.sin()[:, :, None, :]
+    x1, x2 = upcast(x_BKHE).chunk(2, dim=-1)
+    out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return out.to(x_BKHE.dtype)
+
+
+class LayerKV:
+    """K/V of one (block, recursion) for every position of a generation, plus which slots hold a key."""
+
+    def __init__(self, batch: int, max_len: int, kv_heads: int, head_dim: int, device, dtype):
+        self.k_BLGE = torch.zeros(batch, max_len, kv_heads, head_dim, device=device, dtype=dtype)
+        self.v_BLGE = torch.zeros_like(self.k_BLGE)
+        self.valid_BL = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+
+    def write(self, k_BKGE, v_BKGE, pos_BK, valid_BK):
+        if valid_BK is None:
+            valid_BK = torch.ones(pos_BK.shape, dtype=torch.bool, device=pos_BK.device)
+        b, j = valid_BK.nonzero(as_tuple=True)
+        p = pos_BK[b, j]
+        if p.numel() and int(p.max()) >= self.k_BLGE.shape[1]:
+            raise ValueError(f"position {int(p.max())} is beyond the cache length {self.k_BLGE.shape[1]}")
+        self.k_BLGE[b, p] = k_BKGE[b, j]
+        self.v_BLGE[b, p] = v_BKGE[b, j]
+        self.valid_BL[b, p] = True
+
+
+class KVCache:
+    """Per-(block, recursion) caches for one generation; layers are created on first use."""
+
+    def __init__(self, batch: int, max_len: int):
+        self.batch, self.max_len = batch, max_len
+        self.layers: dict[tuple[int, int], LayerKV] = {}
+
+    def layer(self, key: tuple[int, int], kv_heads: int, head_dim: int, device, dtype) -> LayerKV:
+        if key not in self.layers:
+            self.layers[key] = LayerKV(self.batch, self.max_len, kv_heads, head_dim, device, dtype)
+        return self.layers[key]
+
+
+class Attention(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, rope_theta: float, eps: float):
+        super().__init__()
+        self.h, self.g, self.e = n_heads, n_kv_heads, d_model // n_heads
+        self.theta = rope_theta
+        self.wq = nn.Linear(d_model, n_heads * self.e, bias=False)
+        self.wk = nn.Linear(d_model, n_kv_heads * self.e, bias=False)
+        self.wv = nn.Linear(d_model, n_kv_heads * self.e, bias=False)
+        self.wo = nn.Linear(n_heads * self.e, d_model, bias=False)
+        self.q_norm = RMSNorm(self.e, eps)  # QK-norm: bounded logits, stable at high LR
+        self.k_norm = RMSNorm(self.e, eps)
+
+    def forward(
+        self,
+        x_BKD: torch.Tensor,
+        pos_BK: torch.Tensor,
+        valid_BK: torch.Tensor | None = None,
+        cache: LayerKV | None = None,
+    ) -> torch.Tensor:
+        B, K, _ = x_BKD.shape
+        q = rope(self.q_norm(self.wq(x_BKD).view(B, K, self.h, self.e)), pos_BK, self.theta)
+        k = rope(self.k_norm(self.wk(x_BKD).view(B, K, self.g, self.e)), pos_BK, self.theta)
+        v = self.wv(x_BKD).view(B, K, self.g, self.e)
+        q_BHKE = q.transpose(1, 2)
+        if cache is not None:
+            cache.write(k, v, pos_BK, valid_BK)
+            L = int(pos_BK.max()) + 1
+            k_BGLE = cache.k_BLGE[:, :L].transpose(1, 2)
+            v_BGLE = cache.v_BLGE[:, :L].transpose(1, 2)
+            slot_L = torch.arange(L, device=x_BKD.device)
+            mask_BKL = (slot_L[None, None, :] <= pos_BK[:, :, None]) & cache.valid_BL[:, None, :L]
+        else:
+            k_BGLE, v_BGLE = k.transpose(1, 2), v.transpose(1, 2)
+            mask_BKL = None
+            if valid_BK is not None:
+                causal_KK = torch.ones(K, K, dtype=torch.bool, device=x_BKD.device).tril()
+                mask_BKL = causal_KK[None] & valid_BK[:, None, :]
+        if mask_BKL is not None:
+            if valid_BK is not None:  # padding queries see slot 0 so no row is empty (no NaN)
+                mask_BKL[:, :, 0] |= ~valid_BK
+            out = F.scaled_dot_product_attention(
+                q_BHKE, k_BGLE, v_BGLE, attn_mask=mask_BKL[:, None], enable_gqa=self.g != self.h
+            )
+        else:
+            out = F.scaled_dot_product_attention(
+                q_BHKE, k_BGLE, v_BGLE, is_causal=True, enable_gqa=self.g != self.h
+            )
+        return self.wo(out.transpose(1, 2).reshape(B, K, self.h * self.e))

@@ -1,0 +1,112 @@
+"""The routing trace: what every router decided for every token of one forward pass.
+
+Design choices
+- One trace type feeds training metrics (expert utilisation, MoD fraction, MoR depth,
+  domain->expert agreement), the serving endpoint (per-token routing JSON) and the analysis.
+- It holds small detached tensors laid out by (row, column) of the forward's input, so recording it
+  costs a few index writes per layer; everything derived is computed on demand.
+- MoE layers are named by (block, recursion): a shared block applied R times is R MoE layers.
+  A token that did not run a layer (MoD skip, MoR exit) has expert -1 there.
+
+Shape legend: B batch, T sequence, K top-k.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class RoutingTrace:
+    num_experts: int
+    moe: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    mod: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # selected, score
+    mor: dict[int, torch.Tensor] = field(default_factory=dict)  # depth per token
+
+    # ----------------------------------------------------------------- recording
+    def record_moe(self, key, shape_BT, rows, cols, idx_NK, gate_NK):
+        if key not in self.moe:
+            K = idx_NK.shape[1]
+            self.moe[key] = (
+                torch.full((*shape_BT, K), -1, dtype=torch.long, device=idx_NK.device),
+                torch.zeros((*shape_BT, K), dtype=torch.float32, device=idx_NK.device),
+            )
+        exp_BTK, gate_BTK = self.moe[key]
+        exp_BTK[rows, cols] = idx_NK.detach()
+        gate_BTK[rows, cols] = gate_NK.detach().float()
+
+    # ----------------------------------------------------------------- summaries
+    def moe_layers(self) -> list[str]:
+        return [f"b{b}r{r}" for b, r in sorted(self.moe)]
+
+    def expert_counts_by_layer(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for (b, r), (exp_BTK, _) in sorted(self.moe.items()):
+            e = exp_BTK[exp_BTK >= 0]
+            out[f"b{b}r{r}"] = torch.bincount(e, minlength=self.num_experts).cpu()
+        return out
+
+    def expert_counts(self) -> torch.Tensor | None:
+        by = self.expert_counts_by_layer()
+        return torch.stack(list(by.values())).sum(0) if by else None
+
+    @staticmethod
+    def fractions(counts: torch.Tensor) -> list[float]:
+        total = float(counts.sum())
+        return [float(c) / total if total else 0.0 for c in counts]
+
+    def expert_util(self) -> list[float] | None:
+        c = self.expert_counts()
+        return None if c is None else self.fractions(c)
+
+    def expert_util_by_layer(self) -> dict[str, list[float]] | None:
+        by = self.expert_counts_by_layer()
+        return {k: self.fractions(v) for k, v in by.items()} or None
+
+    def mod_selected_frac(self) -> float | None:
+        if not self.mod:
+            return None
+        return float(torch.stack([s.float().mean() for s, _ in self.mod.values()]).mean())
+
+    def mor_mean_depth(self) -> float | None:
+        if not self.mor:
+            return None
+        return float(torch.stack([d.float().mean() for d in self.mor.values()]).mean())
+
+    def domain_expert_agreement(self, domain_BT: torch.Tensor | None, domain_expert: list[int]) -> float | None:
+        """Fraction of (token, MoE layer) pairs with a mapped domain whose first expert is the mapped one."""
+        if domain_BT is None or not self.moe or not domain_expert:
+            return None
+        table = torch.tensor(domain_expert, device=domain_BT.device)
+        known = (domain_BT >= 0) & (domain_BT < len(domain_expert))
+        mapped_BT = torch.where(known, table[domain_BT.clamp(0, len(domain_expert) - 1)], -1)
+        hit = tot = 0
+        for exp_BTK, _ in self.moe.values():
+            ran = (exp_BTK[..., 0] >= 0) & (mapped_BT >= 0)
+            hit += int((exp_BTK[..., 0][ran] == mapped_BT[ran]).sum())
+            tot += int(ran.sum())
+        return hit / tot if tot else None
+
+    def tokens(self, row: int = 0) -> list[dict]:
+        """Per-token records for one row: {'moe': {layer: {experts, gates}}, 'mod': {...}, 'mor': {...}}."""
+        T = next(iter([*self.mor.values(), *(s for s, _ in self.mod.values()),
+                       *(e[..., 0] for e, _ in self.moe.values())]), torch.empty(1, 0)).shape[1]
+        out = []
+        for t in range(T):
+            rec: dict = {"moe": {}, "mod": {}, "mor": {}}
+            for (b, r), (exp_BTK, gate_BTK) in sorted(self.moe.items()):
+                ex = exp_BTK[row, t].tolist()
+                if ex[0] >= 0:
+                    keep = [i for i, e in enumerate(ex) if e >= 0]
+                    rec["moe"][f"b{b}r{r}"] = {
+                        "experts": [ex[i] for i in keep],
+                        "gates": [round(float(gate_BTK[row, t, i]), 6) for i in keep],
+                    }
+            for b, (sel_BT, score_BT) in sorted(self.mod.items()):
+                rec["mod"][f"b{b}"] = {"selected": bool(sel_BT[row, t]), "score": float(score_BT[row, t])}
+            for b, depth_BT in sorted(self.mor.items()):
+                rec["mor"][f"b{b}"] = int(depth_BT[row, t])
+            out.append(rec)
+        return out

@@ -1,0 +1,1 @@
+"""How the model is spread over workers, applied from outside the model."""

@@ -1,0 +1,1 @@
+"""hydra-ray train (see DESIGN.md)."""

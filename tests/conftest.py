@@ -1,0 +1,35 @@
+import os
+
+# CPU runs: keep BLAS to the two cores CI has, deterministic enough for exact comparisons.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from hydra_ray.config import ModelConfig  # noqa: E402
+
+
+@pytest.fixture
+def small_model_cfg():
+    """A model small enough for exhaustive checks, with every feature available."""
+
+    def make(**over):
+        base = dict(
+            vocab_size=64, d_model=32, n_heads=4, n_kv_heads=2, n_blocks=2, ffn_hidden=48, seq_len=32,
+            moe=dict(num_experts=4, top_k=1), mod=dict(capacity=0.5), mor=dict(recursions=3),
+        )
+        for k, v in over.items():
+            if isinstance(v, dict) and isinstance(base.get(k), dict):
+                base[k] = {**base[k], **v}
+            else:
+                base[k] = v
+        return ModelConfig(**base)
+
+    return make
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
