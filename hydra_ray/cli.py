@@ -51,6 +51,8 @@ def _smoke(args: argparse.Namespace) -> int:
     from hydra_ray.train.smoke import run_smoke
 
     cfg = load_config(args.config)
+    if args.steps is not None and args.steps < len(cfg.curriculum.phases):
+        raise ConfigError(f"--steps {args.steps}: need at least one step per phase ({len(cfg.curriculum.phases)})")
     run_smoke(cfg, steps=args.steps, seed=args.seed)
     return 0
 

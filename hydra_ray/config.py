@@ -28,6 +28,15 @@ class ConfigError(ValueError):
     """A configuration is invalid; the message is one line that names the offending field(s)."""
 
 
+class FieldError(ValueError):
+    """Raised by a model validator about one field (dotted path relative to that model), so the
+    reported location is the field itself, not the section that holds it."""
+
+    def __init__(self, path: str, msg: str):
+        super().__init__(msg)
+        self.path = path
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -46,31 +55,22 @@ class MoEConfig(_Strict):
     bias_balancing: bool = False  # aux-loss-free balancing (DeepSeek-V3): per-expert selection bias
     bias_rate: float = Field(1e-3, ge=0)
     shared_expert: bool = False
-    domain_expert_map: dict[str, int] = Field(
-        default_factory=lambda: {d: i for i, d in enumerate(DEFAULT_DOMAINS)}
-    )
+    domain_expert_map: dict[str, int] | None = None  # None: the i-th domain -> expert i mod E
     teacher_weight: float = Field(0.1, ge=0)
     router_lr_scale: float = Field(1.0, gt=0)
     expert_lr_scale: float = Field(1.0, gt=0)
     upcycle_noise: float = Field(0.01, ge=0)  # relative std of the noise added to expert copies
     router_init_std: float = Field(1e-3, ge=0)  # near-uniform router at switch-on
 
-    @field_validator("top_k")
-    @classmethod
-    def _top_k(cls, v: int, info) -> int:
-        e = info.data.get("num_experts")
-        if e is not None and v > e:
-            raise ValueError(f"top_k ({v}) must not exceed num_experts ({e})")
-        return v
-
-    @field_validator("domain_expert_map")
-    @classmethod
-    def _map(cls, v: dict[str, int], info) -> dict[str, int]:
-        e = info.data.get("num_experts")
-        for dom, ex in v.items():
-            if e is not None and not 0 <= ex < e:
-                raise ValueError(f"domain {dom!r} maps to expert {ex}, outside 0..{e - 1}")
-        return v
+    @model_validator(mode="after")
+    def _cross(self) -> "MoEConfig":
+        e = self.num_experts
+        if self.top_k > e:
+            raise FieldError("top_k", f"top_k ({self.top_k}) must not exceed num_experts ({e})")
+        for dom, ex in (self.domain_expert_map or {}).items():
+            if not 0 <= ex < e:
+                raise FieldError("domain_expert_map", f"domain {dom!r} maps to expert {ex}, outside 0..{e - 1}")
+        return self
 
 
 class MoDConfig(_Strict):
@@ -93,21 +93,23 @@ class MoRConfig(_Strict):
     predictor_hidden: int = Field(64, ge=1)
     predictor_weight: float = Field(1.0, ge=0)
 
-    @field_validator("capacity_schedule")
-    @classmethod
-    def _schedule(cls, v: list[float] | None, info) -> list[float] | None:
+    @model_validator(mode="after")
+    def _schedule(self) -> "MoRConfig":
+        v, r = self.capacity_schedule, self.recursions
         if v is None:
-            return v
-        r = info.data.get("recursions")
-        if r is not None and len(v) != r:
-            raise ValueError(f"needs one capacity per recursion ({r}), got {len(v)}")
-        if any(not 0 < c <= 1 for c in v):
-            raise ValueError("capacities must lie in (0, 1]")
-        if v[0] != 1.0:
-            raise ValueError("the first recursion processes every token: capacity_schedule[0] must be 1.0")
-        if any(b > a for a, b in zip(v, v[1:])):
-            raise ValueError("capacities must not increase from one recursion to the next")
-        return v
+            return self
+        problem = None
+        if len(v) != r:
+            problem = f"needs one capacity per recursion ({r}), got {len(v)}"
+        elif any(not 0 < c <= 1 for c in v):
+            problem = "capacities must lie in (0, 1]"
+        elif v[0] != 1.0:
+            problem = "the first recursion processes every token: capacity_schedule[0] must be 1.0"
+        elif any(b > a for a, b in zip(v, v[1:])):
+            problem = "capacities must not increase from one recursion to the next"
+        if problem:
+            raise FieldError("capacity_schedule", problem)
+        return self
 
     def schedule(self) -> list[float]:
         if self.capacity_schedule is not None:
@@ -135,25 +137,6 @@ class ModelConfig(_Strict):
     mod: MoDConfig = Field(default_factory=MoDConfig)
     mor: MoRConfig = Field(default_factory=MoRConfig)
 
-    @field_validator("n_heads")
-    @classmethod
-    def _heads(cls, v: int, info) -> int:
-        d = info.data.get("d_model")
-        if d is not None:
-            if d % v:
-                raise ValueError(f"n_heads ({v}) must divide d_model ({d})")
-            if (d // v) % 2:
-                raise ValueError(f"head size d_model/n_heads ({d // v}) must be even for RoPE")
-        return v
-
-    @field_validator("n_kv_heads")
-    @classmethod
-    def _kv_heads(cls, v: int, info) -> int:
-        h = info.data.get("n_heads")
-        if h is not None and h % v:
-            raise ValueError(f"n_kv_heads ({v}) must divide n_heads ({h})")
-        return v
-
     @field_validator("domains")
     @classmethod
     def _domains(cls, v: list[str]) -> list[str]:
@@ -162,23 +145,37 @@ class ModelConfig(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _sections(self) -> "ModelConfig":
+    def _cross(self) -> "ModelConfig":
+        d, h, g = self.d_model, self.n_heads, self.n_kv_heads
+        if d % h:
+            raise FieldError("n_heads", f"n_heads ({h}) must divide d_model ({d})")
+        if (d // h) % 2:
+            raise FieldError("n_heads", f"head size d_model/n_heads ({d // h}) must be even for RoPE")
+        if h % g:
+            raise FieldError("n_kv_heads", f"n_kv_heads ({g}) must divide n_heads ({h})")
         for name, blocks in (("moe.blocks", self.moe.blocks), ("mod.blocks", self.mod.blocks)):
             if isinstance(blocks, list):
                 bad = [b for b in blocks if not 0 <= b < self.n_blocks]
                 if bad:
-                    raise ValueError(f"{name}: block(s) {bad} do not exist (n_blocks={self.n_blocks})")
+                    raise FieldError(name, f"block(s) {bad} do not exist (n_blocks={self.n_blocks})")
                 if len(set(blocks)) != len(blocks):
-                    raise ValueError(f"{name}: repeated block index")
-        unknown = sorted(set(self.moe.domain_expert_map) - set(self.domains))
+                    raise FieldError(name, "repeated block index")
+        unknown = sorted(set(self.moe.domain_expert_map or {}) - set(self.domains))
         if unknown:
-            raise ValueError(f"moe.domain_expert_map: unknown domain(s) {unknown}; domains are {self.domains}")
+            raise FieldError("moe.domain_expert_map", f"unknown domain(s) {unknown}; domains are {self.domains}")
         if self.moe.expert_hidden is not None and self.moe.expert_hidden != self.ffn_width:
-            raise ValueError(
-                f"moe.expert_hidden ({self.moe.expert_hidden}) must equal the dense FFN width "
-                f"({self.ffn_width}): experts are upcycled from the dense FFN"
+            raise FieldError(
+                "moe.expert_hidden",
+                f"{self.moe.expert_hidden} must equal the dense FFN width ({self.ffn_width}): "
+                "experts are upcycled from the dense FFN",
             )
         return self
+
+    def domain_expert_map(self) -> dict[str, int]:
+        """The explicit map, or by default the i-th domain -> expert i mod num_experts."""
+        if self.moe.domain_expert_map is not None:
+            return dict(self.moe.domain_expert_map)
+        return {dom: i % self.moe.num_experts for i, dom in enumerate(self.domains)}
 
     @property
     def head_dim(self) -> int:
@@ -317,10 +314,13 @@ class HydraConfig(_Strict):
 def _format(err: ValidationError) -> str:
     parts = []
     for e in err.errors():
-        loc = ".".join(str(x) for x in e["loc"])
+        loc = [str(x) for x in e["loc"]]
+        cause = (e.get("ctx") or {}).get("error")
+        if isinstance(cause, FieldError):
+            loc.append(cause.path)
         msg = e["msg"].removeprefix("Value error, ")
-        parts.append(f"{loc}: {msg}" if loc else msg)
-    return "; ".join(parts)
+        parts.append(f"{'.'.join(loc)}: {msg}" if loc else msg)
+    return " ".join("; ".join(parts).split())  # always one line
 
 
 def parse_config(data: Any, source: str = "config") -> HydraConfig:
@@ -355,14 +355,24 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Hy
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{p}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+        what = " ".join(str(getattr(e, "problem", None) or e).split())
+        raise ConfigError(f"{p}: not valid YAML{where}: {what}") from None
     if overrides:
+        if data is not None and not isinstance(data, dict):
+            raise ConfigError(f"{p}: expected a mapping at the top level, got {type(data).__name__}")
         data = dict(data or {})
         for key, value in overrides.items():
             node = data
             *head, last = key.split(".")
-            for k in head:
-                node = node.setdefault(k, {})
+            for i, k in enumerate(head):
+                if node.get(k) is None:
+                    node[k] = {}
+                elif isinstance(node[k], dict):
+                    node[k] = dict(node[k])
+                else:
+                    where = ".".join(head[: i + 1])
+                    raise ConfigError(f"{p}: override {key}: {where} is not a section")
+                node = node[k]
             node[last] = value
     return parse_config(data, str(p))
 

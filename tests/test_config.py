@@ -245,49 +245,27 @@ def test_directory_is_not_a_config(tmp_path):
     assert_one_line_error(ei.value, tmp_path)
 
 
-# Known bugs in hydra_ray/config.py, pinned as strict xfails: they flip to XPASS (a failure) once
-# fixed, so the marker gets removed together with the fix.
+# Regressions: cross-field rules hold for defaulted fields too, errors stay one line with full paths.
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=pytest.fail.Exception,
-    reason="BUG: cross-field validators do not run on defaulted fields "
-    "(n_heads=4 is never checked against d_model)",
-)
 @pytest.mark.parametrize("d_model", [130, 100], ids=["n_heads-not-dividing", "odd-head-size"])
 def test_default_n_heads_is_checked_against_d_model(tmp_path, d_model):
     with pytest.raises(ConfigError, match=r"model\.n_heads"):
         load_config(write(tmp_path, f"model: {{d_model: {d_model}}}\n"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=pytest.fail.Exception,
-    reason="BUG: default n_kv_heads=2 is never checked against n_heads",
-)
 def test_default_n_kv_heads_is_checked_against_n_heads(tmp_path):
     with pytest.raises(ConfigError, match=r"model\.n_kv_heads"):
         load_config(write(tmp_path, "model: {d_model: 96, n_heads: 3}\n"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=pytest.fail.Exception,
-    reason="BUG: the default domain_expert_map (experts 0..3) is never "
-    "checked against num_experts",
-)
-def test_default_expert_map_is_checked_against_num_experts(tmp_path):
+def test_default_expert_map_wraps_domains_onto_fewer_experts(tmp_path):
+    cfg = load_config(write(tmp_path, "model: {moe: {num_experts: 2}}\n"))
+    assert cfg.model.domain_expert_map() == {"math": 0, "code": 1, "chat": 0, "finefineweb": 1}
     with pytest.raises(ConfigError, match=r"model\.moe\.domain_expert_map"):
-        load_config(write(tmp_path, "model: {moe: {num_experts: 2}}\n"))
+        load_config(write(tmp_path, "model: {moe: {num_experts: 2, domain_expert_map: {math: 3}}}\n"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: yaml ReaderError has no .problem, so str(e) (two lines) "
-    "ends up in the message",
-)
 def test_yaml_reader_error_is_one_line(tmp_path):
     p = tmp_path / "ctrl.yaml"
     p.write_bytes(b"a: \x07b\n")
@@ -296,12 +274,6 @@ def test_yaml_reader_error_is_one_line(tmp_path):
     assert_one_line_error(ei.value, p)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: ModelConfig's model-validator errors read "
-    "'model: moe.blocks: ...', not the dotted path 'model.moe.blocks'",
-)
 @pytest.mark.parametrize(
     "text,field",
     [
@@ -316,20 +288,18 @@ def test_model_level_errors_use_full_dotted_path(tmp_path, text, field):
     assert field in str(ei.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="BUG: an override through a non-mapping node (or onto a "
-    "non-mapping file) raises a raw TypeError instead of ConfigError",
-)
 @pytest.mark.parametrize(
     "text,overrides",
-    [("train: {lr: 0.1}\n", {"train.lr.x": 1}), ("model:\n", {"model.d_model": 64}), ("- 1\n", {"train.lr": 1})],
-    ids=["through-scalar", "through-null", "onto-list"],
+    [("train: {lr: 0.1}\n", {"train.lr.x": 1}), ("- 1\n", {"train.lr": 1})],
+    ids=["through-scalar", "onto-list"],
 )
 def test_bad_override_target_is_a_config_error(tmp_path, text, overrides):
     with pytest.raises(ConfigError):
         load_config(write(tmp_path, text), overrides=overrides)
+
+
+def test_override_fills_an_empty_section(tmp_path):
+    assert load_config(write(tmp_path, "model:\n"), overrides={"model.d_model": 64}).model.d_model == 64
 
 
 # ---------------------------------------------------------------------------------------------

@@ -79,7 +79,8 @@ class HydraLM(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.domain_to_expert = [cfg.moe.domain_expert_map.get(d, -1) for d in cfg.domains]
+        expert_of = cfg.domain_expert_map()
+        self.domain_to_expert = [expert_of.get(d, -1) for d in cfg.domains]
         moe_blocks, mod_blocks = set(cfg.moe_blocks()), set(cfg.mod_blocks())
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.units = nn.ModuleList(

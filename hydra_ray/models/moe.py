@@ -153,8 +153,9 @@ class MoELayer(nn.Module):
 
         mapped_N = None
         if domain_N is not None and self.routing in ("forced", "teacher"):
-            d = domain_N.clamp(min=0, max=self.domain_expert.numel() - 1)
-            mapped_N = torch.where(domain_N >= 0, self.domain_expert[d], -1)
+            n = self.domain_expert.numel()
+            known_N = (domain_N >= 0) & (domain_N < n)
+            mapped_N = torch.where(known_N, self.domain_expert[domain_N.clamp(0, n - 1)], -1)
         if self.routing == "forced" and mapped_N is not None:
             forced_N = mapped_N >= 0
             idx_NK = idx_NK.clone()

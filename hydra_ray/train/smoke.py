@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hydra_ray.config import HydraConfig
+from hydra_ray.config import HydraConfig, PhaseConfig
 from hydra_ray.models import HydraLM
 
 
@@ -85,6 +85,20 @@ class SmokeBatches:
         return x[:, :-1], x[:, 1:], dom
 
 
+def compress(phases: list[PhaseConfig], steps: int) -> list[PhaseConfig]:
+    """The phase of each of `steps` steps when the curriculum is squeezed (or stretched) into them;
+    every phase keeps at least one step."""
+    total, n = phases[-1].until_step, len(phases)
+    if steps < n:
+        raise ValueError(f"steps ({steps}) must be at least the number of phases ({n})")
+    ends, prev = [], 0
+    for i, p in enumerate(phases):
+        end = min(max(round(p.until_step * steps / total), prev + 1), steps - (n - 1 - i))
+        ends.append(end)
+        prev = end
+    return [phases[sum(step >= e for e in ends)] for step in range(steps)]
+
+
 def run_smoke(cfg: HydraConfig, steps: int | None = None, seed: int = 0, log=print) -> dict[str, float]:
     """Train `cfg.model` through the curriculum in-process; returns the mean CE per phase."""
     torch.manual_seed(seed)
@@ -93,12 +107,13 @@ def run_smoke(cfg: HydraConfig, steps: int | None = None, seed: int = 0, log=pri
     total = cfg.curriculum.total_steps
     steps = total if steps is None else steps
     scale = total / steps  # a shorter smoke run walks the same phases, compressed
+    schedule = compress(cfg.curriculum.phases, steps)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                             betas=tuple(cfg.train.betas))
     per_phase: dict[str, list[float]] = {}
     current, t0 = None, time.time()
     for step in range(steps):
-        phase = cfg.curriculum.phase_at(int(step * scale))
+        phase = schedule[step]
         if phase is not current:
             current, phase_start = phase, step
             model.set_features(mor=phase.mor, mod=phase.mod, moe=phase.moe, routing=phase.routing)
