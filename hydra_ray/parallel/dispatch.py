@@ -1,16 +1,26 @@
 """Token dispatch for MoE layers: move each token's top-k copies to their experts and back.
 
 Design choices
-- A `Dispatcher` has two calls, `dispatch` (token order -> expert-contiguous order) and `combine`
-  (expert outputs -> token order, weighted by the gates). Expert math only ever sees the local,
-  expert-contiguous rows and a count per local expert, so the same MoE layer runs on one rank
-  (`LocalDispatcher`) or expert-parallel (the all-to-all dispatcher swaps in from outside).
-- Dropped assignments (capacity overflow) carry expert id -1: they are sorted past the last
-  expert and never reach an expert; their tokens get nothing from that slot.
-- The sort is stable, so within an expert tokens keep their order: with one expert and top-1 the
-  permutation is the identity, which is what makes "one expert == dense FFN" exact.
+- A `Dispatcher` has two calls, `dispatch` (token order -> rows grouped by local expert, plus a
+  count per local expert) and `combine` (expert outputs -> token order, weighted by the gates).
+  Expert math only ever sees local, expert-contiguous rows, so the same MoE layer runs on one rank
+  (`LocalDispatcher`) or expert-parallel (`AllToAllDispatcher`, swapped in from outside by
+  parallelize.py); the layer never branches on which one it has.
+- Both build on the dispatch ops of hydra_ray.kernels (Triton on GPUs, plain torch otherwise):
+  `route` (histogram, offsets, destination row of every slot), `permute`, `combine`.
+- Dropped assignments (capacity overflow) carry expert id -1: they never reach an expert and their
+  tokens get nothing from that slot. Ordering within an expert is stable (token order), so with one
+  expert and top-1 the permutation is the identity: "one expert == dense FFN" stays exact.
+- Expert parallel: experts are split evenly and contiguously over the ranks of the group (rank r
+  owns experts [r*E/W, (r+1)*E/W)). After the local permute the rows are already grouped by
+  destination rank, so one `all_to_all_single` with uneven splits moves them; per-expert counts
+  travel first (a fixed-size all_to_all) so every rank knows its splits. Received rows arrive by
+  (source rank, local expert) and are regrouped by local expert; the way back is the exact inverse.
+  The exchange is an autograd function whose backward is the reverse exchange, so gradients flow
+  to remote tokens and to local experts alike.
 
-Shape legend: T tokens, K top-k slots per token, A kept assignments (<= T*K), D hidden, E experts.
+Shape legend: T tokens, K top-k, A rows sent (kept slots), R rows received, D hidden,
+E experts, L local experts, W ranks.
 """
 
 from __future__ import annotations
@@ -19,50 +29,99 @@ from dataclasses import dataclass
 
 import torch
 
-
-@dataclass
-class DispatchPlan:
-    """What `combine` needs to bring expert outputs home."""
-
-    slot_A: torch.Tensor  # index into the flattened T*K slots, expert-contiguous order
-    token_A: torch.Tensor  # token each row came from
-    num_tokens: int
+from hydra_ray import kernels
 
 
 class Dispatcher:
     """Interface: subclasses move rows; the MoE layer never branches on which one it has."""
 
-    num_local_experts: int | None = None  # None: all experts are local
-    expert_offset: int = 0
+    expert_offset: int = 0  # global index of this rank's first expert
 
-    def dispatch(
-        self, x_TD: torch.Tensor, idx_TK: torch.Tensor, num_experts: int
-    ) -> tuple[torch.Tensor, list[int], DispatchPlan]:
+    def dispatch(self, x_TD: torch.Tensor, idx_TK: torch.Tensor, num_experts: int):
+        """-> (rows grouped by local expert, count per local expert as a list, plan for combine)."""
         raise NotImplementedError
 
-    def combine(self, y_AD: torch.Tensor, w_TK: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    def combine(self, y_RD: torch.Tensor, w_TK: torch.Tensor, plan) -> torch.Tensor:
         raise NotImplementedError
-
-
-def sort_by_expert(idx_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stable order of the kept slots by expert, and the count per expert (dropped = -1 excluded)."""
-    key_S = idx_TK.reshape(-1).long()
-    key_S = torch.where(key_S < 0, num_experts, key_S)
-    counts_E = torch.bincount(key_S, minlength=num_experts + 1)[:num_experts]
-    order_S = torch.argsort(key_S, stable=True)
-    return order_S[: int(counts_E.sum())], counts_E
 
 
 class LocalDispatcher(Dispatcher):
     """Single rank: sort token copies by expert, run each expert on its contiguous slice, combine."""
 
     def dispatch(self, x_TD, idx_TK, num_experts):
-        k = idx_TK.shape[1]
-        slot_A, counts_E = sort_by_expert(idx_TK, num_experts)
-        token_A = slot_A // k
-        return x_TD[token_A], counts_E.tolist(), DispatchPlan(slot_A, token_A, x_TD.shape[0])
+        routing = kernels.route(idx_TK, num_experts)
+        return kernels.permute(x_TD, routing), routing.counts, routing
 
     def combine(self, y_AD, w_TK, plan):
-        w_A = w_TK.reshape(-1)[plan.slot_A].to(y_AD.dtype)
-        out_TD = y_AD.new_zeros(plan.num_tokens, y_AD.shape[1])
-        return out_TD.index_add(0, plan.token_A, y_AD * w_A[:, None])
+        return kernels.combine(y_AD, w_TK, plan)
+
+
+class _AllToAll(torch.autograd.Function):
+    """all_to_all_single with uneven splits; the backward is the same exchange reversed."""
+
+    @staticmethod
+    def forward(ctx, x, recv_splits, send_splits, group):
+        import torch.distributed as dist
+
+        ctx.splits, ctx.group = (recv_splits, send_splits), group
+        out = x.new_empty(sum(recv_splits), *x.shape[1:])
+        dist.all_to_all_single(out, x.contiguous(), recv_splits, send_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        import torch.distributed as dist
+
+        recv_splits, send_splits = ctx.splits
+        out = g.new_empty(sum(send_splits), *g.shape[1:])
+        dist.all_to_all_single(out, g.contiguous(), send_splits, recv_splits, group=ctx.group)
+        return out, None, None, None
+
+
+@dataclass
+class AllToAllPlan:
+    routing: kernels.Routing
+    order_R: torch.Tensor  # received row -> position when grouped by local expert
+    send_splits: list[int]
+    recv_splits: list[int]
+
+
+class AllToAllDispatcher(Dispatcher):
+    """Expert parallel over a torch.distributed process group (gloo on CPU, NCCL on GPU)."""
+
+    def __init__(self, num_experts: int, group=None):
+        import torch.distributed as dist
+
+        self.group = group
+        self.world = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        if num_experts % self.world:
+            raise ValueError(f"{num_experts} experts cannot be split evenly over {self.world} ranks")
+        self.num_experts = num_experts
+        self.num_local_experts = num_experts // self.world
+        self.expert_offset = self.rank * self.num_local_experts
+
+    def dispatch(self, x_TD, idx_TK, num_experts):
+        import torch.distributed as dist
+
+        if num_experts != self.num_experts:
+            raise ValueError(f"dispatcher built for {self.num_experts} experts, layer has {num_experts}")
+        W, L = self.world, self.num_local_experts
+        routing = kernels.route(idx_TK, num_experts)
+        x_AD = kernels.permute(x_TD, routing)
+        send_WL = routing.counts_E.view(W, L)
+        recv_WL = torch.empty_like(send_WL)
+        dist.all_to_all_single(recv_WL, send_WL.contiguous(), group=self.group)
+        send_splits = send_WL.sum(1).tolist()
+        recv_splits = recv_WL.sum(1).tolist()
+        x_RD = _AllToAll.apply(x_AD, recv_splits, send_splits, self.group)
+        # rows arrive ordered (source rank, local expert): regroup by local expert, stably
+        local_R = torch.arange(L, device=x_TD.device).repeat(W).repeat_interleave(recv_WL.reshape(-1))
+        order_R = torch.argsort(local_R, stable=True)
+        plan = AllToAllPlan(routing, order_R, send_splits, recv_splits)
+        return x_RD.index_select(0, order_R), recv_WL.sum(0).tolist(), plan
+
+    def combine(self, y_RD, w_TK, plan):
+        back_RD = torch.empty_like(y_RD).index_copy(0, plan.order_R, y_RD)  # undo the regrouping
+        y_AD = _AllToAll.apply(back_RD, plan.send_splits, plan.recv_splits, self.group)
+        return kernels.combine(y_AD, w_TK, plan.routing)

@@ -1,0 +1,99 @@
+"""Plain-torch versions of the dispatch primitives: the CPU path and the kernels' reference.
+
+Two flavours with the signatures of kernels/triton_dispatch.py:
+- vectorised (`route`, `permute`, `gather_sum`, `slot_dot`): what runs whenever Triton does not
+  (CPU tensors, HYDRA_KERNELS=torch). Stable argsort gives the same dest as the Triton ranks.
+- deliberately naive loops (`*_loop`): one slot at a time, obviously right, for tests only.
+
+Shape legend: T tokens, K top-k, A kept rows, D hidden, E experts.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _acc(t: torch.Tensor) -> torch.Tensor:
+    """Accumulate in at least float32 (float64 stays float64 for gradient checks)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def route(idx_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    key_S = idx_TK.reshape(-1).long()
+    key_S = torch.where(key_S < 0, num_experts, key_S)
+    counts = torch.bincount(key_S, minlength=num_experts + 1)[:num_experts]
+    offsets = torch.cumsum(counts, 0) - counts
+    order_S = torch.argsort(key_S, stable=True)
+    A = int(counts.sum())
+    dest_S = torch.full_like(key_S, -1)
+    dest_S[order_S[:A]] = torch.arange(A, device=idx_TK.device)
+    return counts, offsets, dest_S.view(idx_TK.shape)
+
+
+def permute(x_TD, dest_TK, num_rows, scale_TK=None):
+    K = dest_TK.shape[1]
+    dest_S = dest_TK.reshape(-1)
+    kept_S = (dest_S >= 0).nonzero().squeeze(1)
+    rows = x_TD[kept_S // K]
+    if scale_TK is not None:
+        rows = (_acc(rows) * _acc(scale_TK.reshape(-1)[kept_S, None])).to(x_TD.dtype)
+    out = x_TD.new_zeros(num_rows, x_TD.shape[1])
+    out[dest_S[kept_S]] = rows
+    return out
+
+
+def gather_sum(y_AD, dest_TK, weight_TK=None):
+    T, K = dest_TK.shape
+    kept_TK = dest_TK >= 0
+    rows_TKD = _acc(y_AD[dest_TK.clamp(min=0)]) * kept_TK[..., None]
+    if weight_TK is not None:
+        rows_TKD = rows_TKD * _acc(weight_TK[..., None])
+    return rows_TKD.sum(1).to(y_AD.dtype)
+
+
+def slot_dot(g_TD, y_AD, dest_TK, dtype):
+    kept_TK = dest_TK >= 0
+    rows_TKD = _acc(y_AD[dest_TK.clamp(min=0)])
+    return ((rows_TKD * _acc(g_TD[:, None, :])).sum(-1) * kept_TK).to(dtype)
+
+
+# --------------------------------------------------------------------------- naive loops (tests)
+def route_loop(idx_TK, num_experts):
+    T, K = idx_TK.shape
+    counts = [0] * num_experts
+    for t in range(T):
+        for k in range(K):
+            e = int(idx_TK[t, k])
+            if e >= 0:
+                counts[e] += 1
+    offsets = [sum(counts[:e]) for e in range(num_experts)]
+    filled = list(offsets)
+    dest = torch.full((T, K), -1, dtype=torch.int64)
+    for e in range(num_experts):  # slots in order, expert by expert
+        for s in range(T * K):
+            if int(idx_TK[s // K, s % K]) == e:
+                dest[s // K, s % K] = filled[e]
+                filled[e] += 1
+    return torch.tensor(counts), torch.tensor(offsets), dest
+
+
+def permute_loop(x_TD, dest_TK, num_rows, scale_TK=None):
+    out = torch.zeros(num_rows, x_TD.shape[1], dtype=x_TD.dtype)
+    for t in range(dest_TK.shape[0]):
+        for k in range(dest_TK.shape[1]):
+            r = int(dest_TK[t, k])
+            if r >= 0:
+                w = 1.0 if scale_TK is None else float(scale_TK[t, k])
+                out[r] = (x_TD[t].float() * w).to(x_TD.dtype)
+    return out
+
+
+def gather_sum_loop(y_AD, dest_TK, weight_TK=None):
+    out = torch.zeros(dest_TK.shape[0], y_AD.shape[1], dtype=torch.float32)
+    for t in range(dest_TK.shape[0]):
+        for k in range(dest_TK.shape[1]):
+            r = int(dest_TK[t, k])
+            if r >= 0:
+                w = 1.0 if weight_TK is None else float(weight_TK[t, k])
+                out[t] += w * y_AD[r].float()
+    return out.to(y_AD.dtype)
