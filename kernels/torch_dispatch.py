@@ -44,6 +44,8 @@ def permute(x_TD, dest_TK, num_rows, scale_TK=None):
 
 def gather_sum(y_AD, dest_TK, weight_TK=None):
     T, K = dest_TK.shape
+    if y_AD.shape[0] == 0:  # every slot dropped
+        return y_AD.new_zeros(T, y_AD.shape[1])
     kept_TK = dest_TK >= 0
     rows_TKD = _acc(y_AD[dest_TK.clamp(min=0)]) * kept_TK[..., None]
     if weight_TK is not None:
@@ -52,6 +54,8 @@ def gather_sum(y_AD, dest_TK, weight_TK=None):
 
 
 def slot_dot(g_TD, y_AD, dest_TK, dtype):
+    if y_AD.shape[0] == 0:
+        return torch.zeros(dest_TK.shape, dtype=dtype, device=g_TD.device)
     kept_TK = dest_TK >= 0
     rows_TKD = _acc(y_AD[dest_TK.clamp(min=0)])
     return ((rows_TKD * _acc(g_TD[:, None, :])).sum(-1) * kept_TK).to(dtype)

@@ -128,11 +128,18 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _blocks(rows: int, d: int) -> tuple[int, int]:
+def _blocks(rows: int, d: int, interpret: bool | None = None) -> tuple[int, int]:
     """(BLOCK_rows, BLOCK_D). The interpreter pays per program: few, large blocks there."""
-    if interpreting():
+    if interpreting() if interpret is None else interpret:
         return max(16, min(256, triton.next_power_of_2(max(rows, 1)))), max(16, min(1024, triton.next_power_of_2(d)))
     return 32, max(16, min(128, triton.next_power_of_2(d)))
+
+
+def _route_blocks(num_experts: int, interpret: bool | None = None) -> tuple[int, int, int]:
+    """(BLOCK_S of the rank kernel, BLOCK_S and BLOCK_E of the dest kernel)."""
+    rank_bs = 1024 if (interpreting() if interpret is None else interpret) else 256
+    block_e = triton.next_power_of_2(num_experts)
+    return rank_bs, min(rank_bs, max(16, 4096 // block_e)), block_e
 
 
 def _check(name: str, t: torch.Tensor, ndim: int, dtypes: tuple, device: torch.device | None = None) -> None:
@@ -163,10 +170,8 @@ def route(idx_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.T
     if S == 0:
         return counts, offsets, dest
     rank = torch.zeros(S, dtype=torch.int64, device=dev)
-    block_s = 1024 if interpreting() else 256
-    _expert_rank_kernel[(num_experts,)](idx_TK, rank, counts, S, BLOCK_S=block_s)
-    block_e = triton.next_power_of_2(num_experts)
-    block_s = min(block_s, max(16, 4096 // block_e))
+    rank_bs, block_s, block_e = _route_blocks(num_experts)
+    _expert_rank_kernel[(num_experts,)](idx_TK, rank, counts, S, BLOCK_S=rank_bs)
     _dest_kernel[(triton.cdiv(S, block_s),)](idx_TK, rank, counts, offsets, dest, S, num_experts,
                                              BLOCK_S=block_s, BLOCK_E=block_e)
     return counts, offsets, dest
@@ -234,3 +239,62 @@ def slot_dot(g_TD: torch.Tensor, y_AD: torch.Tensor, dest_TK: torch.Tensor, dtyp
     _slot_dot_kernel[(triton.cdiv(S, bs),)](g_TD, y_AD, dest_TK, out, S, g_TD.shape[1], K,
                                            g_TD.stride(0), y_AD.stride(0), BLOCK_S=bs, BLOCK_D=bd)
     return out
+
+
+# --------------------------------------------------------------------------- ahead-of-time builds
+_PTR = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
+
+
+def specializations(dtypes, top_ks, num_experts, hidden_sizes) -> list[tuple[str, object, dict, dict]]:
+    """Every (kernel, signature, constexprs) the launchers above produce on a GPU for these model
+    settings: what `triton.compile(ASTSource(...), target=GPUTarget(...))` must build."""
+    specs = []
+    for e in sorted(set(num_experts)):
+        rank_bs, block_s, block_e = _route_blocks(e, interpret=False)
+        specs.append((f"rank[E={e}]", _expert_rank_kernel,
+                      {"idx_ptr": "*i64", "rank_ptr": "*i64", "counts_ptr": "*i64", "S": "i32",
+                       "BLOCK_S": "constexpr"}, {"BLOCK_S": rank_bs}))
+        specs.append((f"dest[E={e}]", _dest_kernel,
+                      {"idx_ptr": "*i64", "rank_ptr": "*i64", "counts_ptr": "*i64", "offsets_ptr": "*i64",
+                       "dest_ptr": "*i64", "S": "i32", "E": "i32", "BLOCK_S": "constexpr", "BLOCK_E": "constexpr"},
+                      {"BLOCK_S": block_s, "BLOCK_E": block_e}))
+    for dt in dtypes:
+        p = _PTR[dt]
+        for d in sorted({_blocks(1, h, interpret=False)[1] for h in hidden_sizes}):
+            bs = _blocks(1, 1, interpret=False)[0]
+            for has_scale in (False, True):  # forward permute / backward of combine
+                specs.append((f"permute[{dt},scale={has_scale},BD={d}]", _permute_kernel,
+                              {"x_ptr": p, "dest_ptr": "*i64", "scale_ptr": "*fp32" if has_scale else p,
+                               "out_ptr": p, "S": "i32", "D": "i32", "K": "i32", "stride_x": "i32",
+                               "stride_out": "i32", "HAS_SCALE": "constexpr", "BLOCK_S": "constexpr",
+                               "BLOCK_D": "constexpr"},
+                              {"HAS_SCALE": has_scale, "BLOCK_S": bs, "BLOCK_D": d}))
+            for k in sorted(set(top_ks)):
+                for has_w in (True, False):  # forward combine / backward of permute
+                    specs.append((f"combine[{dt},K={k},weight={has_w},BD={d}]", _combine_kernel,
+                                  {"y_ptr": p, "dest_ptr": "*i64", "w_ptr": "*fp32" if has_w else p,
+                                   "out_ptr": p, "T": "i32", "D": "i32", "stride_y": "i32",
+                                   "stride_out": "i32", "K": "constexpr", "HAS_WEIGHT": "constexpr",
+                                   "BLOCK_T": "constexpr", "BLOCK_D": "constexpr"},
+                                  {"K": k, "HAS_WEIGHT": has_w, "BLOCK_T": bs, "BLOCK_D": d}))
+            specs.append((f"slot_dot[{dt},BD={d}]", _slot_dot_kernel,
+                          {"g_ptr": p, "y_ptr": p, "dest_ptr": "*i64", "out_ptr": "*fp32", "S": "i32",
+                           "D": "i32", "K": "i32", "stride_g": "i32", "stride_y": "i32",
+                           "BLOCK_S": "constexpr", "BLOCK_D": "constexpr"},
+                          {"BLOCK_S": bs, "BLOCK_D": d}))
+    return specs
+
+
+def compile_for(arch: int, specs) -> dict[str, int]:
+    """Build each specialization for sm_<arch> without a GPU; returns the cubin size of each."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if interpreting():
+        raise RuntimeError("ahead-of-time compilation needs TRITON_INTERPRET unset")
+    sizes = {}
+    for name, fn, signature, constexprs in specs:
+        kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                                target=GPUTarget("cuda", arch, 32))
+        sizes[name] = len(kernel.asm["cubin"])
+    return sizes
