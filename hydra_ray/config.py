@@ -78,7 +78,7 @@ class MoDConfig(_Strict):
 
     capacity: float = Field(0.5, gt=0, le=1)
     blocks: list[int] | Literal["alternate", "all"] = "alternate"  # alternate = odd-indexed blocks
-    capacity_warmup_steps: int = Field(0, ge=0)  # anneal capacity 1.0 -> capacity after switch-on
+    capacity_warmup_steps: int = Field(100, ge=0)  # anneal capacity 1.0 -> capacity after switch-on
     predictor_hidden: int = Field(64, ge=1)
     predictor_weight: float = Field(1.0, ge=0)  # BCE of the causal predictor (input is detached)
 

@@ -387,3 +387,87 @@ def test_gathered_subset_application_matches_a_per_row_loop(small_model_cfg, rag
         naive[b, cols] = x[b, cols] + gate[b, cols, None] * delta[0]
     assert torch.allclose(fast, naive, atol=1e-5)
     assert torch.equal(fast[~sel], x[~sel])  # unselected tokens ride the residual untouched
+
+
+# --------------------------------------------------------------------------- regressions (review)
+def test_bfloat16_autocast_generation_and_trace(small_model_cfg):
+    cfg = small_model_cfg()
+    model = HydraLM(cfg)
+    model.set_features(mor=True, mod=True, moe=True, mod_capacity=0.5)
+    _randomize_routers(model)
+    prompt, _, _ = _batch(cfg, B=2, T=5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.generate(prompt, 4, temperature=0.0)
+        tr = model.trace(prompt)
+    assert out.shape == (2, 4) and tr.trace.mor
+
+
+def test_mod_capacity_survives_a_checkpoint_round_trip_and_dtype_casts(small_model_cfg):
+    cfg = small_model_cfg(mod=dict(blocks="all"))
+    model = HydraLM(cfg)
+    model.set_features(mod=True, mod_capacity=0.3)
+    x, y, _ = _batch(cfg, B=2, T=10)
+    before = model(x, y, return_trace=True).trace.mod_selected_frac()
+    fresh = HydraLM(cfg)
+    fresh.load_state_dict(model.state_dict())
+    assert fresh.features["mod_capacity"] == 0.3
+    assert fresh(x, y, return_trace=True).trace.mod_selected_frac() == before == pytest.approx(0.3)
+    fresh.to(torch.bfloat16)
+    assert fresh.features["mod_capacity"] == 0.3 and fresh.feature_state.dtype == torch.int64
+
+
+def test_balance_loss_sees_the_overload_before_capacity_drops():
+    x = torch.tensor([[5.0, 0.0]] * 8)  # a collapsed router: everything wants expert 0
+    for cf in (math.inf, 1.0):
+        moe = _moe_2x2(capacity_factor=cf).train()
+        out = moe(x)
+        assert out.losses["lb"].item() > 1.9  # ~E * p0 with f0 = 1, not the capped share
+        assert moe.load_acc.tolist() == [8.0, 0.0]
+
+
+def test_causal_forward_never_drops_even_in_training_mode():
+    moe = _moe_2x2(capacity_factor=1.0).train()
+    x = torch.tensor([[5.0, 0.0]] * 6)
+    assert moe(x, causal=True).idx_NK[:, 0].tolist() == [0] * 6
+    assert moe(x).idx_NK[:, 0].tolist() == [0, 0, 0, -1, -1, -1]
+
+
+def test_switching_moe_off_after_a_shared_expert_upcycle_restores_the_dense_layer(small_model_cfg):
+    cfg = small_model_cfg(moe=dict(shared_expert=True))
+    model = HydraLM(cfg)
+    layer = model.moe_layers()[0]
+    x = torch.randn(10, cfg.d_model)
+    dense = layer(x).y_ND
+    model.set_features(moe=True)
+    model.set_features(moe=False)
+    assert torch.equal(layer(x).y_ND, dense)
+
+
+def test_trace_counts_a_token_whose_first_choice_was_dropped():
+    from hydra_ray.models.trace import RoutingTrace
+
+    tr = RoutingTrace(num_experts=3)
+    idx = torch.tensor([[0, 1], [0, 2], [-1, 2]])
+    tr.record_moe((0, 0), (1, 3), torch.zeros(3, dtype=torch.long), torch.arange(3), idx, torch.ones(3, 2))
+    assert tr.tokens(0)[2]["moe"]["b0r0"]["experts"] == [2]
+    assert tr.expert_counts().tolist() == [2, 1, 2]
+
+
+def test_meta_construction_then_materialisation_resets_buffers(small_model_cfg):
+    cfg = small_model_cfg()
+    with torch.device("meta"):
+        model = HydraLM(cfg)
+        model.set_features(moe=True)  # no data to upcycle on meta: a no-op, not a crash
+    model.to_empty(device="cpu")
+    model.reset_parameters()
+    layer = model.moe_layers()[0]
+    assert layer.domain_expert.tolist() == model.domain_to_expert
+    assert not bool(layer.upcycled) and torch.all(layer.expert_bias == 0)
+    assert model.features["moe"] and model.feature_state.tolist()[2] == 1
+
+
+def test_whole_model_pickles(small_model_cfg, tmp_path):
+    model = HydraLM(small_model_cfg())
+    torch.save(model, tmp_path / "m.pt")
+    again = torch.load(tmp_path / "m.pt", weights_only=False)
+    assert again.features == model.features

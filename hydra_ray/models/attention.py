@@ -50,14 +50,21 @@ def rope(x_BKHE: torch.Tensor, pos_BK: torch.Tensor, theta: float) -> torch.Tens
 
 
 class LayerKV:
-    """K/V of one (block, recursion) for every position of a generation, plus which slots hold a key."""
+    """K/V of one (block, recursion) for every position of a generation, plus which slots hold a key.
+    Storage is allocated at the first write, in K's dtype (bfloat16 under autocast)."""
 
-    def __init__(self, batch: int, max_len: int, kv_heads: int, head_dim: int, device, dtype):
-        self.k_BLGE = torch.zeros(batch, max_len, kv_heads, head_dim, device=device, dtype=dtype)
-        self.v_BLGE = torch.zeros_like(self.k_BLGE)
-        self.valid_BL = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+    def __init__(self, batch: int, max_len: int):
+        self.batch, self.max_len = batch, max_len
+        self.k_BLGE: torch.Tensor | None = None
+        self.v_BLGE: torch.Tensor | None = None
+        self.valid_BL: torch.Tensor | None = None
 
     def write(self, k_BKGE, v_BKGE, pos_BK, valid_BK):
+        if self.k_BLGE is None:
+            shape = (self.batch, self.max_len, *k_BKGE.shape[2:])
+            self.k_BLGE = k_BKGE.new_zeros(shape)
+            self.v_BLGE = v_BKGE.new_zeros(shape)
+            self.valid_BL = torch.zeros(self.batch, self.max_len, dtype=torch.bool, device=k_BKGE.device)
         if valid_BK is None:
             valid_BK = torch.ones(pos_BK.shape, dtype=torch.bool, device=pos_BK.device)
         b, j = valid_BK.nonzero(as_tuple=True)
@@ -76,9 +83,9 @@ class KVCache:
         self.batch, self.max_len = batch, max_len
         self.layers: dict[tuple[int, int], LayerKV] = {}
 
-    def layer(self, key: tuple[int, int], kv_heads: int, head_dim: int, device, dtype) -> LayerKV:
+    def layer(self, key: tuple[int, int]) -> LayerKV:
         if key not in self.layers:
-            self.layers[key] = LayerKV(self.batch, self.max_len, kv_heads, head_dim, device, dtype)
+            self.layers[key] = LayerKV(self.batch, self.max_len)
         return self.layers[key]
 
 

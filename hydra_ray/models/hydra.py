@@ -34,6 +34,10 @@ from hydra_ray.models.mor import ForwardCtx, RecursiveBlock
 from hydra_ray.models.trace import RoutingTrace
 
 
+def _after_load(module: "HydraLM", incompatible_keys) -> None:
+    module._load_features()
+
+
 class Block(nn.Module):
     """Pre-norm transformer block that returns its residual *update* (attention + FFN/MoE)."""
 
@@ -45,7 +49,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(d, cfg.norm_eps)
         self.ffn = MoELayer(d, cfg.ffn_width, cfg.moe, domain_to_expert) if moe else SwiGLU(d, cfg.ffn_width)
 
-    def forward(self, x_BKD, pos_BK, valid_BK, cache, domain_BK) -> tuple[torch.Tensor, MoEOut | None]:
+    def forward(self, x_BKD, pos_BK, valid_BK, cache, domain_BK, causal: bool = False
+                ) -> tuple[torch.Tensor, MoEOut | None]:
         a_BKD = self.attn(self.attn_norm(x_BKD), pos_BK, valid_BK, cache)
         h_BKD = self.ffn_norm(x_BKD + a_BKD)
         if not isinstance(self.ffn, MoELayer):
@@ -53,12 +58,12 @@ class Block(nn.Module):
         B, K, D = h_BKD.shape
         if valid_BK is None:
             dom = domain_BK.reshape(-1) if domain_BK is not None else None
-            out = self.ffn(h_BKD.reshape(B * K, D), dom)
+            out = self.ffn(h_BKD.reshape(B * K, D), dom, causal)
             f_BKD = out.y_ND.view(B, K, D)
         else:
             dom = domain_BK[valid_BK] if domain_BK is not None else None
-            out = self.ffn(h_BKD[valid_BK], dom)
-            f_BKD = h_BKD.new_zeros(B, K, D).index_put((valid_BK,), out.y_ND)
+            out = self.ffn(h_BKD[valid_BK], dom, causal)
+            f_BKD = out.y_ND.new_zeros(B, K, D).index_put((valid_BK,), out.y_ND)
         return a_BKD + f_BKD, out
 
 
@@ -89,13 +94,14 @@ class HydraLM(nn.Module):
         )
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        # [mor, mod, moe, routing index, mod capacity]: checkpointed so a loaded model is self-describing
-        self.register_buffer("feature_state", torch.tensor([0.0, 0.0, 0.0, 0.0, cfg.mod.capacity]))
-        self.register_load_state_dict_post_hook(lambda module, _: module._load_features())
+        # [mor, mod, moe, routing index, MoD capacity in millionths]: checkpointed so a loaded model
+        # is self-describing; integers, so dtype casts (.half(), .to(bfloat16)) cannot round them
+        self.register_buffer("feature_state", torch.zeros(5, dtype=torch.int64))
+        self.register_load_state_dict_post_hook(_after_load)
         self._features = {"mor": False, "mod": False, "moe": False, "routing": "learned",
                           "mod_capacity": cfg.mod.capacity}
         self.reset_parameters()
-        self._apply_features()
+        self.set_features()
 
     # ----------------------------------------------------------------- init / features
     @torch.no_grad()
@@ -117,6 +123,9 @@ class HydraLM(nn.Module):
                     nn.init.zeros_(lin.bias)
             elif isinstance(m, MoELayer):
                 nn.init.normal_(m.router.weight, std=self.cfg.moe.router_init_std)
+                m.reset_buffers(self.domain_to_expert)
+        if not self.feature_state.is_meta:  # e.g. after to_empty(): rewrite from the Python state
+            self.set_features()
 
     def moe_layers(self) -> list[MoELayer]:
         return [u.block.ffn for u in self.units if isinstance(u.block.ffn, MoELayer)]
@@ -150,8 +159,8 @@ class HydraLM(nn.Module):
         if moe:
             for layer in self.moe_layers():
                 layer.upcycle(generator)
-        state = [float(f["mor"]), float(f["mod"]), float(f["moe"]),
-                 float(ROUTING_MODES.index(f["routing"])), f["mod_capacity"]]
+        state = [int(f["mor"]), int(f["mod"]), int(f["moe"]), ROUTING_MODES.index(f["routing"]),
+                 round(f["mod_capacity"] * 1_000_000)]
         if not self.feature_state.is_meta:
             self.feature_state.copy_(torch.tensor(state))
         self._apply_features()
@@ -159,7 +168,7 @@ class HydraLM(nn.Module):
     def _load_features(self) -> None:
         s = self.feature_state.tolist()
         self._features = {"mor": bool(s[0]), "mod": bool(s[1]), "moe": bool(s[2]),
-                          "routing": ROUTING_MODES[int(s[3])], "mod_capacity": s[4]}
+                          "routing": ROUTING_MODES[int(s[3])], "mod_capacity": s[4] / 1_000_000}
         self._apply_features()
 
     def _apply_features(self) -> None:

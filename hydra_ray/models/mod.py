@@ -84,7 +84,8 @@ class TokenRouter(nn.Module):
             if eligible_BT is not None:
                 sel &= eligible_BT
             return Selection(sel, score_BT, gate_BT)
-        k = max(1, math.ceil(capacity * (base if base is not None else x_BTD.shape[1])))
+        # the tolerance keeps float noise (0.55 * 100 = 55.000000000000007) from adding a token
+        k = max(1, math.ceil(capacity * (base if base is not None else x_BTD.shape[1]) - 1e-6))
         masked = score_BT if eligible_BT is None else score_BT.masked_fill(~eligible_BT, -math.inf)
         if eligible_BT is not None:
             k = min(k, int(eligible_BT.sum(1).min()))

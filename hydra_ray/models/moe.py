@@ -4,7 +4,9 @@ Design choices
 - Before MoE switches on, the layer is the block's dense SwiGLU FFN. Switching on *upcycles* it:
   every expert becomes a copy of the dense FFN plus small noise, and the router starts near
   uniform. The dense FFN then retires, unless `shared_expert` is set, in which case it becomes the
-  always-on shared expert (both halves' output projections are halved so the sum is unchanged).
+  always-on shared expert: the routed experts' output projections are halved at upcycling and the
+  shared expert's output is scaled by 0.5 in forward, so the sum starts as the dense FFN and the
+  dense weights themselves never change (switching MoE off again restores the dense layer).
   The parameter set never changes shape, so optimizer state and checkpoints stay stable across
   the curriculum.
 - Gates are softmax probabilities scaled by E / k ("relative to uniform"): a near-uniform router
@@ -21,7 +23,9 @@ Design choices
   always route as `learned`.
 - Capacity: C = ceil(capacity_factor * N * k / E) per expert; first choices queue before second
   choices, then token order; overflow slots get expert id -1 and are dropped. inf = dropless.
-  Capacity applies in training only: generation must not depend on other tokens (causality).
+  Capacity applies to training's non-causal forwards only: a causal forward (generation) must
+  not let one token's routing depend on another's, so it never drops. The balance loss and the
+  balancing bias count the routed load *before* dropping, so an overloaded expert is seen as such.
 - Dispatch goes through `self.dispatcher` (parallel/dispatch.py); expert math sees only local rows.
 
 Shape legend: N tokens, K top-k, E experts, D d_model, F expert hidden, A kept assignments.
@@ -78,7 +82,9 @@ class Experts(nn.Module):
             if n:
                 outs.append(swiglu(x_AD[start : start + n], self.w1[e], self.w3[e], self.w2[e]))
             start += n
-        return torch.cat(outs) if outs else x_AD.new_zeros(0, self.w2.shape[1])
+        if not outs:  # no rows at all: stay in the autograd graph (collectives in backward need it)
+            return swiglu(x_AD, self.w1[0], self.w3[0], self.w2[0])
+        return torch.cat(outs)
 
 
 @dataclass
@@ -107,15 +113,22 @@ class MoELayer(nn.Module):
         self.routing = "learned"
         self.dispatcher: Dispatcher = LocalDispatcher()
 
+    @torch.no_grad()
+    def reset_buffers(self, domain_to_expert: list[int]) -> None:
+        self.expert_bias.zero_()
+        self.load_acc.zero_()
+        self.upcycled.fill_(False)
+        self.domain_expert.copy_(torch.tensor(domain_to_expert or [-1], dtype=torch.long))
+
     # ----------------------------------------------------------------- switch-on
     @torch.no_grad()
     def upcycle(self, generator: torch.Generator | None = None) -> None:
         """Experts <- dense FFN + noise; router near uniform. Idempotent (the flag is checkpointed)."""
-        if bool(self.upcycled):
+        if self.upcycled.is_meta or bool(self.upcycled):
             return
         off = self.dispatcher.expert_offset
         n_local = self.experts.w1.shape[0]
-        half = 0.5 if self.cfg.shared_expert else 1.0
+        half = 0.5 if self.cfg.shared_expert else 1.0  # routed half + shared half (see forward)
         for name in ("w1", "w3", "w2"):
             src = getattr(self.dense, name)
             dst = getattr(self.experts, name)
@@ -123,8 +136,6 @@ class MoELayer(nn.Module):
             noise = torch.randn((self.E, *src.shape), generator=generator, dtype=src.dtype)
             noise = noise[off : off + n_local].to(src.device)
             dst.copy_(src[None] * scale * (1 + self.cfg.upcycle_noise * noise))
-        if self.cfg.shared_expert:
-            self.dense.w2.mul_(half)
         w = torch.randn(self.router.weight.shape, generator=generator) * self.cfg.router_init_std
         self.router.weight.copy_(w.to(self.router.weight))
         self.expert_bias.zero_()
@@ -138,7 +149,8 @@ class MoELayer(nn.Module):
         self.load_acc.zero_()
 
     # ----------------------------------------------------------------- forward
-    def forward(self, x_ND: torch.Tensor, domain_N: torch.Tensor | None = None) -> MoEOut:
+    def forward(self, x_ND: torch.Tensor, domain_N: torch.Tensor | None = None, causal: bool = False) -> MoEOut:
+        """`causal`: no decision may depend on other tokens (generation), so capacity never drops."""
         if not self.enabled:
             return MoEOut(self.dense(x_ND))
         N, E, k = x_ND.shape[0], self.E, self.k
@@ -166,11 +178,12 @@ class MoELayer(nn.Module):
                 idx_NK[forced_N, 1:] = -1
                 gate_NK[forced_N, 1:] = 0.0
 
-        if self.training and math.isfinite(self.cfg.capacity_factor):
+        # routed load before capacity: the balance loss and bias balancing must see the overload
+        count_E = torch.bincount(idx_NK[idx_NK >= 0], minlength=E).float()
+        if self.training and not causal and math.isfinite(self.cfg.capacity_factor):
             idx_NK = self._drop_overflow(idx_NK)
 
         losses: dict[str, torch.Tensor] = {}
-        count_E = torch.bincount(idx_NK[idx_NK >= 0], minlength=E).float()
         if self.routing in ("learned", "teacher", "free"):
             frac_E = count_E / max(N * k, 1)
             losses["lb"] = E * (frac_E * probs_NE.mean(0)).sum()
@@ -186,7 +199,7 @@ class MoELayer(nn.Module):
         y_AD = self.experts(x_AD, counts)
         y_ND = self.dispatcher.combine(y_AD, gate_NK, plan)
         if self.cfg.shared_expert:
-            y_ND = y_ND + self.dense(x_ND)
+            y_ND = y_ND + 0.5 * self.dense(x_ND)
         return MoEOut(y_ND, idx_NK, gate_NK, losses, weights)
 
     def _drop_overflow(self, idx_NK: torch.Tensor) -> torch.Tensor:

@@ -3,9 +3,10 @@
 Design choices
 - Each shared block is applied up to R times to a token ("recursions"), the same weights each
   time. Routing is *expert-choice per recursion* (the paper's choice): recursion 0 runs every token
-  that reaches the block, recursion r >= 1 keeps the top `capacity_schedule[r]` fraction among the
-  tokens that ran r - 1 (hierarchical filtering), so a token's depth is the number of recursions
-  it survived. At generation a per-recursion causal predictor replaces the top-k (mod.py).
+  that reaches the block, recursion r >= 1 runs the top-scored `capacity_schedule[r]` fraction of
+  the tokens that entered the block, chosen among those that ran r - 1 (hierarchical filtering;
+  the schedule is absolute and non-increasing, e.g. [1, 2/3, 1/3]), so a token's depth is the
+  number of recursions it survived. At generation a per-recursion causal predictor replaces the top-k (mod.py).
 - In an MoD block, recursion 0 itself is routed by the MoD router: unselected tokens ride the
   residual stream past the whole block (depth 0). MoD and MoR are therefore one mechanism, a token
   selector in front of each application of a block.
@@ -126,15 +127,12 @@ class RecursiveBlock(nn.Module):
 
     def _run(self, x_BTD, pos_BT, sel_BT, gate_BT, r, ctx: ForwardCtx) -> torch.Tensor:
         B, T, D = x_BTD.shape
-        cache = None
-        if ctx.cache is not None:
-            att = self.block.attn
-            cache = ctx.cache.layer((self.index, r), att.g, att.e, x_BTD.device, x_BTD.dtype)
+        cache = ctx.cache.layer((self.index, r)) if ctx.cache is not None else None
         if sel_BT is not None and not bool(sel_BT.any()):
             return x_BTD  # nobody runs this application (possible with causal decisions)
         if sel_BT is None or bool(sel_BT.all()):
             col_BK = torch.arange(T, device=x_BTD.device).expand(B, T)
-            delta, moe = self.block(x_BTD, pos_BT, None, cache, ctx.domain_BT)
+            delta, moe = self.block(x_BTD, pos_BT, None, cache, ctx.domain_BT, ctx.causal)
             self._trace_moe(ctx, r, (B, T), col_BK, None, moe)
             if gate_BT is None:
                 return x_BTD + delta
@@ -143,7 +141,7 @@ class RecursiveBlock(nn.Module):
         idx_BKD = idx_BK[..., None].expand(-1, -1, D)
         x_BKD = x_BTD.gather(1, idx_BKD)
         dom = ctx.domain_BT.gather(1, idx_BK) if ctx.domain_BT is not None else None
-        delta, moe = self.block(x_BKD, pos_BT.gather(1, idx_BK), valid_BK, cache, dom)
+        delta, moe = self.block(x_BKD, pos_BT.gather(1, idx_BK), valid_BK, cache, dom, ctx.causal)
         self._trace_moe(ctx, r, (B, T), idx_BK, valid_BK, moe)
         g_BK = gate_BT.gather(1, idx_BK) if gate_BT is not None else torch.ones_like(idx_BK, dtype=delta.dtype)
         if valid_BK is not None:

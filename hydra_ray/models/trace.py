@@ -6,7 +6,8 @@ Design choices
 - It holds small detached tensors laid out by (row, column) of the forward's input, so recording it
   costs a few index writes per layer; everything derived is computed on demand.
 - MoE layers are named by (block, recursion): a shared block applied R times is R MoE layers.
-  A token that did not run a layer (MoD skip, MoR exit) has expert -1 there.
+  A slot with expert -1 did not run (MoD skip, MoR exit, or dropped by capacity); a token ran a
+  layer when any of its slots is >= 0.
 
 Shape legend: B batch, T sequence, K top-k.
 """
@@ -83,8 +84,8 @@ class RoutingTrace:
         known = (domain_BT >= 0) & (domain_BT < len(domain_expert))
         mapped_BT = torch.where(known, table[domain_BT.clamp(0, len(domain_expert) - 1)], -1)
         hit = tot = 0
-        for exp_BTK, _ in self.moe.values():
-            ran = (exp_BTK[..., 0] >= 0) & (mapped_BT >= 0)
+        for exp_BTK, _ in self.moe.values():  # a dropped first choice counts as a miss
+            ran = (exp_BTK >= 0).any(-1) & (mapped_BT >= 0)
             hit += int((exp_BTK[..., 0][ran] == mapped_BT[ran]).sum())
             tot += int(ran.sum())
         return hit / tot if tot else None
@@ -98,7 +99,7 @@ class RoutingTrace:
             rec: dict = {"moe": {}, "mod": {}, "mor": {}}
             for (b, r), (exp_BTK, gate_BTK) in sorted(self.moe.items()):
                 ex = exp_BTK[row, t].tolist()
-                if ex[0] >= 0:
+                if max(ex) >= 0:
                     keep = [i for i, e in enumerate(ex) if e >= 0]
                     rec["moe"][f"b{b}r{r}"] = {
                         "experts": [ex[i] for i in keep],

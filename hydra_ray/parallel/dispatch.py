@@ -82,6 +82,7 @@ class _AllToAll(torch.autograd.Function):
 class AllToAllPlan:
     routing: kernels.Routing
     order_R: torch.Tensor  # received row -> position when grouped by local expert
+    x_RD: torch.Tensor  # rows as received (keeps every rank in the backward exchange)
     send_splits: list[int]
     recv_splits: list[int]
 
@@ -118,10 +119,14 @@ class AllToAllDispatcher(Dispatcher):
         # rows arrive ordered (source rank, local expert): regroup by local expert, stably
         local_R = torch.arange(L, device=x_TD.device).repeat(W).repeat_interleave(recv_WL.reshape(-1))
         order_R = torch.argsort(local_R, stable=True)
-        plan = AllToAllPlan(routing, order_R, send_splits, recv_splits)
+        plan = AllToAllPlan(routing, order_R, x_RD, send_splits, recv_splits)
         return x_RD.index_select(0, order_R), recv_WL.sum(0).tolist(), plan
 
     def combine(self, y_RD, w_TK, plan):
+        if plan.x_RD.requires_grad and not y_RD.requires_grad:
+            # A rank whose experts ran on no rows may hand back a tensor outside the graph; the
+            # backward all-to-all must still run on it, or the other ranks wait forever.
+            y_RD = y_RD + plan.x_RD.sum() * 0
         back_RD = torch.empty_like(y_RD).index_copy(0, plan.order_R, y_RD)  # undo the regrouping
         y_AD = _AllToAll.apply(back_RD, plan.send_splits, plan.recv_splits, self.group)
         return kernels.combine(y_AD, w_TK, plan.routing)
