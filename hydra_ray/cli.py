@@ -57,6 +57,19 @@ def _smoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    if args.name == "dispatch":
+        from hydra_ray.benchmarks import dispatch
+
+        for k in args.top_k:
+            res = dispatch.run(tokens=args.tokens, d_model=args.d_model, hidden=args.hidden,
+                               experts=args.experts, top_k=k, device=args.device, dtype=args.dtype,
+                               rounds=args.rounds)
+            if args.json:
+                print(json.dumps(res))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hydra-ray", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -71,7 +84,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=None, help="compress the curriculum into N steps")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_smoke)
+
+    s = sub.add_parser("bench", help="benchmarks that print side-by-side ratios")
+    s.add_argument("name", choices=["dispatch"])
+    s.add_argument("--tokens", type=int, default=4096)
+    s.add_argument("--d-model", type=int, default=256)
+    s.add_argument("--hidden", type=int, default=704)
+    s.add_argument("--experts", type=int, default=4)
+    s.add_argument("--top-k", type=int, nargs="+", default=[1, 2])
+    s.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    s.add_argument("--rounds", type=int, default=15)
+    s.add_argument("--json", action="store_true", help="also print each result as one JSON line")
+    s.set_defaults(func=_bench)
     return p
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def main(argv: list[str] | None = None) -> int:

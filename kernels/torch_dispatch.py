@@ -34,12 +34,12 @@ def permute(x_TD, dest_TK, num_rows, scale_TK=None):
     K = dest_TK.shape[1]
     dest_S = dest_TK.reshape(-1)
     kept_S = (dest_S >= 0).nonzero().squeeze(1)
-    rows = x_TD[kept_S // K]
+    slot_A = torch.empty(num_rows, dtype=torch.long, device=x_TD.device)
+    slot_A[dest_S[kept_S]] = kept_S  # inverse map: which slot fills each row
+    rows = x_TD.index_select(0, slot_A // K)  # contiguous writes: much faster than scattering rows
     if scale_TK is not None:
-        rows = (_acc(rows) * _acc(scale_TK.reshape(-1)[kept_S, None])).to(x_TD.dtype)
-    out = x_TD.new_zeros(num_rows, x_TD.shape[1])
-    out[dest_S[kept_S]] = rows
-    return out
+        rows = (_acc(rows) * _acc(scale_TK.reshape(-1)[slot_A, None])).to(x_TD.dtype)
+    return rows
 
 
 def gather_sum(y_AD, dest_TK, weight_TK=None):
@@ -47,10 +47,12 @@ def gather_sum(y_AD, dest_TK, weight_TK=None):
     if y_AD.shape[0] == 0:  # every slot dropped
         return y_AD.new_zeros(T, y_AD.shape[1])
     kept_TK = dest_TK >= 0
-    rows_TKD = _acc(y_AD[dest_TK.clamp(min=0)]) * kept_TK[..., None]
-    if weight_TK is not None:
-        rows_TKD = rows_TKD * _acc(weight_TK[..., None])
-    return rows_TKD.sum(1).to(y_AD.dtype)
+    w_TK = kept_TK if weight_TK is None else weight_TK * kept_TK
+    out = None
+    for k in range(K):  # one row gather per slot: no [T, K, D] temporary
+        term = _acc(y_AD.index_select(0, dest_TK[:, k].clamp(min=0))) * _acc(w_TK[:, k : k + 1])
+        out = term if out is None else out.add_(term)
+    return out.to(y_AD.dtype)
 
 
 def slot_dot(g_TD, y_AD, dest_TK, dtype):

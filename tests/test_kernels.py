@@ -219,3 +219,11 @@ def test_cubin_builds_every_kernel_specialisation_for_sm80_and_sm90():
         assert any(n.startswith(kind) for n in names), kind
     assert sum(n.startswith("combine") for n in names) >= 2 * 4 * 2  # dtypes x top-k x weighted
     assert all(size > 1000 for arch in built.values() for size in arch.values())
+
+
+def test_kernel_dispatch_benchmark_runs_and_reports_ratios():
+    from hydra_ray.benchmarks import dispatch
+
+    res = dispatch.run(tokens=64, d_model=32, hidden=48, experts=4, top_k=2, rounds=2, log=lambda *_: None)
+    assert res["dispatch_vs_copy"] > 0 and res["moe_vs_dense_time"] > 0
+    assert res["backend"] == "torch"  # CPU tensors take the torch path by default
