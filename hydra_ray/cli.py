@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from hydra_ray.config import ConfigError, load_config
 
@@ -70,6 +71,78 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_prepare(args: argparse.Namespace) -> int:
+    from hydra_ray.data import builtin
+
+    try:
+        summary = builtin.prepare(args.out, size=args.size, seed=args.seed, progress=not args.quiet)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    total_docs = sum(v["documents"] for v in summary.values())
+    total_bytes = sum(v["bytes"] for v in summary.values())
+    print(f"wrote {args.out}: {len(summary)} domains, {total_docs} documents, {total_bytes / 1e6:.2f} MB of Parquet")
+    for d, v in summary.items():
+        print(f"  {d:<12} {v['documents']:6d} documents  {v['files']:3d} shard(s)  "
+              f"{v['text_bytes'] / 1e6:7.2f} MB text  {v['bytes'] / 1e6:7.2f} MB on disk")
+    return 0
+
+
+def _data_tokenizer(args: argparse.Namespace) -> int:
+    from hydra_ray.data.corpus import CorpusError, list_corpus, read_records
+    from hydra_ray.data.tokenizer import train_bpe
+
+    try:
+        domains = sorted(p.name for p in Path(args.corpus).iterdir() if p.is_dir())
+        files = list_corpus(args.corpus, domains)
+    except (OSError, CorpusError) as e:
+        raise ConfigError(f"--corpus {args.corpus}: {e}") from None
+
+    def texts():
+        for fs in files.values():
+            for f in fs:
+                for rec in read_records(f, set(domains)):
+                    if rec["error"] is None:
+                        yield rec["text"]
+
+    try:
+        tok = train_bpe(texts(), args.vocab, args.out)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    print(f"trained a byte-level BPE of {tok.vocab_size} tokens on {args.corpus} ({', '.join(domains)}) "
+          f"-> {args.out}")
+    return 0
+
+
+def _data_stats(args: argparse.Namespace) -> int:
+    from hydra_ray.data.corpus import CorpusError
+    from hydra_ray.data.pipeline import prepare_data
+
+    cfg = load_config(args.config)
+    _ray_init()
+    try:
+        prepared = prepare_data(cfg)
+    except CorpusError as e:
+        raise ConfigError(str(e)) from None
+    print(f"corpus {prepared.extra['corpus']} with tokenizer {prepared.tokenizer}:")
+    print(prepared.report())
+    return 0
+
+
+def _ray_init() -> None:
+    """Join the cluster named by RAY_ADDRESS, else start a local Ray."""
+    import os
+
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=False)
+    else:
+        ray.init(include_dashboard=False, log_to_driver=False)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hydra-ray", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -84,6 +157,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=None, help="compress the curriculum into N steps")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_smoke)
+
+    d = sub.add_parser("data", help="corpus preparation and tokenizers").add_subparsers(dest="data_command", required=True)
+    s = d.add_parser("prepare", help="write the built-in corpus (no network): one Parquet folder per domain")
+    s.add_argument("--out", required=True)
+    s.add_argument("--size", default="tiny", choices=["tiny", "small", "full"])
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=_data_prepare)
+    s = d.add_parser("tokenizer", help="train a byte-level BPE tokenizer.json on a corpus")
+    s.add_argument("--corpus", required=True)
+    s.add_argument("--vocab", type=int, required=True)
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=_data_tokenizer)
+    s = d.add_parser("stats", help="run the data pipeline of a config and report documents, tokens, bad records")
+    s.add_argument("--config", required=True)
+    s.set_defaults(func=_data_stats)
 
     s = sub.add_parser("bench", help="benchmarks that print side-by-side ratios")
     s.add_argument("name", choices=["dispatch"])

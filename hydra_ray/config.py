@@ -282,7 +282,10 @@ class TrainConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    corpus: str | None = None  # folder with one sub-folder per domain; None = built-in corpus
+    corpus: str | None = None  # folder / URI with one sub-folder per domain; None = built-in corpus
+    builtin_size: Literal["tiny", "small", "full"] = "tiny"  # the built-in corpus, when corpus is None
+    builtin_seed: int = 0
+    cache_dir: str = "~/.cache/hydra-ray"  # where the built-in corpus is generated once
     tokenizer: str = "byte"  # "byte" or a path to a Hugging Face tokenizer.json
     mixture: dict[str, float] = Field(default_factory=lambda: {d: 1.0 for d in DEFAULT_DOMAINS})
     eval_fraction: float = Field(0.05, ge=0, lt=1)

@@ -37,3 +37,25 @@ def small_model_cfg():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole test session (4 logical CPUs: a Ray Data map step must be able
+    to run beside two train workers)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, object_store_memory=256 * 1024 * 1024,
+                 log_to_driver=False, configure_logging=False)
+        from ray.data import DataContext
+
+        DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def builtin_cache(tmp_path_factory):
+    """The built-in tiny corpus, generated once per test session (never in the user's cache)."""
+    return str(tmp_path_factory.mktemp("hydra-cache"))

@@ -1,56 +1,22 @@
 """Single-process curriculum smoke run: the tiny mode of training, with no Ray and no data pipeline.
 
-It walks a config's curriculum phases in one process on a small in-memory, domain-tagged byte
-corpus drawn from the Python installation (generated arithmetic, standard-library source,
-docstring dialogues, bundled documentation prose), switching features on exactly as the phases
-say, and prints the loss per phase. It exists so `make demo` and tests can exercise the whole
+It walks a config's curriculum phases in one process on the built-in tiny corpus (byte-level,
+random windows per domain, no Ray Data), switching features on exactly as the phases say, and
+prints the loss per phase. It exists so `make demo` and tests can exercise the whole
 model path in seconds; the real trainer (Ray Train, checkpoints, metrics) is hydra_ray.train.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
-import random
 import time
 from dataclasses import dataclass
 
 import torch
 
 from hydra_ray.config import HydraConfig, PhaseConfig
+from hydra_ray.data import builtin
 from hydra_ray.models import HydraLM
-
-
-def _mini_corpus(rng: random.Random) -> dict[str, bytes]:
-    import collections
-    import json
-    import textwrap
-
-    math_lines = []
-    for _ in range(400):
-        a, b = rng.randint(0, 99), rng.randint(1, 99)
-        op = rng.choice("+-*")
-        val = {"+": a + b, "-": a - b, "*": a * b}[op]
-        math_lines.append(f"Problem: {a} {op} {b} = ?\nAnswer: {a} {op} {b} = {val}.\n")
-    code = "".join(inspect.getsource(m) for m in (textwrap, json.decoder, collections))
-    chat = []
-    for mod in (textwrap, json, collections):
-        for name, obj in inspect.getmembers(mod):
-            doc = inspect.getdoc(obj) if not name.startswith("_") else None
-            if doc:
-                chat.append(f"User: What does {mod.__name__}.{name} do?\nAssistant: {doc.splitlines()[0]}\n")
-    try:
-        from pydoc_data.topics import topics
-
-        web = "\n".join(topics[k] for k in sorted(topics)[:40])
-    except ImportError:  # some distributions strip pydoc_data
-        web = inspect.getdoc(textwrap) * 50
-    return {
-        "math": "".join(math_lines).encode(),
-        "code": code.encode(),
-        "chat": "".join(chat).encode(),
-        "finefineweb": web.encode(),
-    }
 
 
 @dataclass
@@ -61,10 +27,10 @@ class SmokeBatches:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        corpus = _mini_corpus(random.Random(self.seed))
         self.domains = self.cfg.model.domains
-        self.data = {d: torch.frombuffer(bytearray(corpus[d]), dtype=torch.uint8).long()
-                     for d in self.domains if d in corpus}
+        self.data = {d: torch.frombuffer(bytearray("".join(builtin.documents(d, "tiny", self.seed)).encode()),
+                                         dtype=torch.uint8).long()
+                     for d in self.domains if d in builtin.DOMAINS}
         if not self.data:
             raise ValueError(f"the smoke corpus has none of the domains {self.domains}")
         self.gen = torch.Generator().manual_seed(self.seed)

@@ -1,0 +1,208 @@
+"""The data pipeline: built-in corpus, readers and bad records, tokenizers, the Ray Data mixture
+(realised mix, determinism, resume), labels, and two Ray Train workers reading disjoint slices."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hydra_ray.config import parse_config
+from hydra_ray.data import builtin
+from hydra_ray.data.corpus import CorpusError, list_corpus
+from hydra_ray.data.packing import IGNORE, inputs_and_labels, pack
+from hydra_ray.data.pipeline import data_config, prepare_data, train_dataset
+from hydra_ray.data.tokenizer import ByteTokenizer, load_tokenizer, train_bpe
+
+DOMAINS = ["math", "code", "chat", "finefineweb"]
+
+
+def _cfg(cache, phases=None, **data):
+    phases = phases or [{"name": "all", "until_step": 40}]
+    return parse_config({
+        "model": {"vocab_size": 264, "d_model": 32, "n_heads": 2, "n_kv_heads": 1, "n_blocks": 1, "seq_len": 64},
+        "curriculum": {"phases": phases},
+        "train": {"seed": 3},
+        "data": {"cache_dir": cache, **data},
+    })
+
+
+def _rows(ds):
+    rows = ds.take_all()
+    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+# --------------------------------------------------------------------------- built-in corpus
+def test_prepare_writes_the_same_bytes_twice_with_dozens_of_documents_per_domain(tmp_path):
+    script = Path(sys.executable).parent / "hydra-ray"
+    for out in ("a", "b"):
+        r = subprocess.run([str(script), "data", "prepare", "--out", str(tmp_path / out), "--size", "tiny", "--quiet"],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        assert "4 domains" in r.stdout and "documents" in r.stdout
+    for domain in DOMAINS:
+        a = sorted((tmp_path / "a" / domain).glob("*.parquet"))
+        b = sorted((tmp_path / "b" / domain).glob("*.parquet"))
+        assert a and [p.name for p in a] == [p.name for p in b]
+        assert all(x.read_bytes() == y.read_bytes() for x, y in zip(a, b))
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(a[0])
+        assert table.column_names == ["text", "domain"]
+        assert table.num_rows >= 36 and set(table.column("domain").to_pylist()) == {domain}
+    assert builtin.documents("math", "tiny", 1) != builtin.documents("math", "tiny", 2)
+
+
+# --------------------------------------------------------------------------- readers
+def _user_corpus(root: Path):
+    (root / "math").mkdir(parents=True)
+    (root / "code").mkdir()
+    (root / "chat").mkdir()
+    (root / "finefineweb").mkdir()
+    (root / "stray").mkdir()  # names no configured domain: ignored
+    lines = [json.dumps({"text": f"problem {i}: {i} + {i} = {2 * i}"}) for i in range(30)]
+    lines += ["{not json", json.dumps({"text": ""}), json.dumps({"text": "x", "domain": "klingon"}),
+              json.dumps(["a list"]), json.dumps({"no_text": 1})]
+    (root / "math" / "part-0.jsonl").write_text("\n".join(lines) + "\n")
+    (root / "code" / "a.jsonl").write_text("\n".join(json.dumps({"text": f"def f{i}(): return {i}", "domain": "code"})
+                                                      for i in range(20)))
+    (root / "code" / "broken.parquet").write_bytes(b"PAR1 this is not parquet")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": [f"User: hi {i}\nAssistant: hello {i}" for i in range(12)] + [None]}),
+                   root / "chat" / "c.parquet")
+    (root / "finefineweb" / "w.jsonl").write_text("\n".join(json.dumps({"text": f"Prose paragraph number {i}. " * 5})
+                                                            for i in range(15)))
+
+
+def test_bad_records_are_counted_never_fatal(tmp_path, ray_session, builtin_cache):
+    root = tmp_path / "corpus"
+    _user_corpus(root)
+    prep = prepare_data(_cfg(builtin_cache, corpus=str(root)), log=lambda *_: None)
+    bad = {d: prep.stats[d]["bad"] for d in DOMAINS}
+    assert bad["math"] == {"malformed": 2, "empty_text": 2, "unknown_domain": 1, "unreadable_file": 0}
+    assert bad["code"]["unreadable_file"] == 1
+    assert bad["chat"]["empty_text"] == 1
+    assert prep.stats["math"]["documents"] == 30 and prep.stats["chat"]["documents"] == 12
+    assert "malformed" in prep.report() and all(prep.counts[64][d]["train"] > 0 for d in DOMAINS)
+
+
+def test_a_domain_with_no_data_is_an_error_before_any_work(tmp_path, builtin_cache):
+    root = tmp_path / "corpus"
+    (root / "math").mkdir(parents=True)
+    (root / "math" / "a.jsonl").write_text(json.dumps({"text": "1 + 1 = 2"}))
+    with pytest.raises(CorpusError, match="no data for domain\\(s\\) code, chat, finefineweb"):
+        list_corpus(str(root), DOMAINS)
+    # weight 0 for the missing domains: only math is required
+    cfg = _cfg(builtin_cache, corpus=str(root), mixture={"math": 1.0})
+    from hydra_ray.data.pipeline import required_domains
+
+    assert required_domains(cfg) == ["math"]
+    with pytest.raises(CorpusError, match="not a folder"):
+        list_corpus(str(root / "math" / "a.jsonl"), DOMAINS)
+
+
+# --------------------------------------------------------------------------- tokenizers and labels
+def test_byte_tokenizer_round_trips_and_bpe_trains(tmp_path):
+    tok = ByteTokenizer()
+    text = "héllo, wörld ✓"
+    assert tok.decode(tok.encode_batch([text])[0]) == text
+    docs = builtin.documents("code", "tiny", 0)[:10]
+    bpe = train_bpe(iter(docs), 320, tmp_path / "tok" / "tokenizer.json")
+    assert bpe.vocab_size == 320 and bpe.pad_id != bpe.eos_id
+    ids = bpe.encode_batch([docs[0][:500]])[0]
+    assert bpe.decode(ids) == docs[0][:500] and len(ids) < 500  # merges happened
+    assert load_tokenizer(str(tmp_path / "tok" / "tokenizer.json")).vocab_size == 320
+    with pytest.raises(ValueError, match="expected 'byte' or the path"):
+        load_tokenizer(str(tmp_path / "missing.json"))
+
+
+def test_packing_masks_padding_and_document_boundaries():
+    eos, pad = 256, 257
+    windows = pack([np.array([1, 2, 3]), np.array([4, 5])], seq_len=4, eos=eos, pad=pad)
+    assert windows.tolist() == [[1, 2, 3, eos, 4], [5, eos, pad, pad, pad]]
+    x, y = inputs_and_labels(windows, eos, pad)
+    assert y.tolist() == [[2, 3, eos, IGNORE], [eos, IGNORE, IGNORE, IGNORE]]
+    assert x.tolist() == [[1, 2, 3, eos], [5, eos, pad, pad]]
+
+
+# --------------------------------------------------------------------------- the mixture on Ray Data
+@pytest.fixture(scope="module")
+def tiny_prepared(ray_session, builtin_cache):
+    cfg = _cfg(builtin_cache)
+    return cfg, prepare_data(cfg, log=lambda *_: None)
+
+
+@pytest.mark.integration
+def test_realised_mixture_is_within_one_point_for_three_weightings(ray_session, builtin_cache, tiny_prepared):
+    weightings = [{"math": 1, "code": 1, "chat": 1, "finefineweb": 1},
+                  {"math": 0.2, "code": 0.3, "chat": 0.2, "finefineweb": 0.3},
+                  {"math": 0.7, "code": 0.05, "chat": 0.05, "finefineweb": 0.2}]
+    phases = [{"name": f"p{i}", "until_step": 100 * (i + 1), "mixture": w} for i, w in enumerate(weightings)]
+    cfg = _cfg(builtin_cache, phases)
+    _, prep = tiny_prepared
+    rows = _rows(train_dataset(prep, cfg, global_batch=100))  # 10k sequences per phase
+    for i, w in enumerate(weightings):
+        dom = rows["domain"][rows["step"] // 100 == i]
+        assert len(dom) == 10_000
+        got = np.bincount(dom, minlength=4) / len(dom)
+        want = np.array([w[d] for d in DOMAINS]) / sum(w.values())
+        assert np.abs(got - want).max() < 0.01, (i, got, want)
+
+
+@pytest.mark.integration
+def test_order_is_a_function_of_seed_and_resume_position(ray_session, builtin_cache, tiny_prepared):
+    cfg, prep = tiny_prepared
+    full = _rows(train_dataset(prep, cfg, global_batch=8))
+    again = _rows(train_dataset(prep, cfg, global_batch=8))
+    assert all(np.array_equal(full[k], again[k]) for k in full)
+    reseeded = parse_config({**cfg.model_dump(mode="python"), "train": {"seed": 4}})
+    other = _rows(train_dataset(prep, reseeded, global_batch=8))
+    assert not np.array_equal(full["input_ids"], other["input_ids"])  # unlocked phase: seed from train.seed
+    resumed = _rows(train_dataset(prep, cfg, global_batch=8, start_step=17))
+    assert np.array_equal(resumed["input_ids"], full["input_ids"][17 * 8 :])
+    assert np.array_equal(resumed["step"], full["step"][17 * 8 :]) and resumed["step"][0] == 17
+    # no padding and no cross-document target ever reaches the loss
+    x, y = full["input_ids"], full["labels"]
+    assert np.all(y[x == prep.eos_id] == IGNORE) and np.all(y[x == prep.pad_id] == IGNORE)
+    assert not np.any(y == prep.pad_id)
+    # every kept label is the next input token (the last position's target is the window's end)
+    assert np.all((y == IGNORE) | (y == np.roll(x, -1, axis=1)) | (np.arange(y.shape[1]) == y.shape[1] - 1))
+
+
+@pytest.mark.integration
+def test_two_train_workers_read_disjoint_slices_of_every_batch(ray_session, tmp_path, tiny_prepared):
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    cfg, prep = tiny_prepared
+    ds = train_dataset(prep, cfg, global_batch=8, start_step=0, end_step=6)
+
+    def loop(config):
+        import ray.train
+
+        from hydra_ray.data.pipeline import rank_batches
+
+        ctx = ray.train.get_context()
+        rank, world = ctx.get_world_rank(), ctx.get_world_size()
+        seen = []
+        for batch in rank_batches(ray.train.get_dataset_shard("train"), rank, world, 8):
+            assert batch["input_ids"].shape == (4, 64)
+            seen += [(int(s), int(k)) for s, k in zip(batch["step"], batch["slot"])]
+        Path(config["out"], f"rank{rank}.json").write_text(json.dumps(seen))
+
+    trainer = TorchTrainer(
+        loop, train_loop_config={"out": str(tmp_path)},
+        scaling_config=ScalingConfig(num_workers=2),
+        datasets={"train": ds}, dataset_config=data_config(),
+        run_config=RunConfig(storage_path=str(tmp_path / "store"), name="disjoint"),
+    )
+    trainer.fit()
+    a = {tuple(x) for x in json.loads((tmp_path / "rank0.json").read_text())}
+    b = {tuple(x) for x in json.loads((tmp_path / "rank1.json").read_text())}
+    assert a and b and not (a & b)
+    assert a | b == {(s, k) for s in range(6) for k in range(8)}
+    assert {k for _, k in a} == {0, 1, 2, 3} and {k for _, k in b} == {4, 5, 6, 7}
