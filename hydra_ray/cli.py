@@ -59,6 +59,12 @@ def _smoke(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.name == "data":
+        from hydra_ray.benchmarks import data
+
+        res = data.run(config=args.config, steps=args.steps)
+        if args.json:
+            print(json.dumps(res))
     if args.name == "dispatch":
         from hydra_ray.benchmarks import dispatch
 
@@ -175,7 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_data_stats)
 
     s = sub.add_parser("bench", help="benchmarks that print side-by-side ratios")
-    s.add_argument("name", choices=["dispatch"])
+    s.add_argument("name", choices=["dispatch", "data"])
+    s.add_argument("--config", default="small", help="bench data: the preset whose pipeline and model are timed")
+    s.add_argument("--steps", type=int, default=60, help="bench data: training steps of data to stream")
     s.add_argument("--tokens", type=int, default=4096)
     s.add_argument("--d-model", type=int, default=256)
     s.add_argument("--hidden", type=int, default=704)

@@ -206,3 +206,13 @@ def test_two_train_workers_read_disjoint_slices_of_every_batch(ray_session, tmp_
     assert a and b and not (a & b)
     assert a | b == {(s, k) for s in range(6) for k in range(8)}
     assert {k for _, k in a} == {0, 1, 2, 3} and {k for _, k in b} == {4, 5, 6, 7}
+
+
+@pytest.mark.integration
+def test_data_benchmark_reports_pipeline_against_training_throughput(ray_session, builtin_cache, monkeypatch):
+    from hydra_ray.benchmarks import data
+
+    monkeypatch.setattr(data, "load_config", lambda name: _cfg(builtin_cache))
+    res = data.run(config="test", steps=3, train_steps=1, log=lambda *_: None)
+    assert res["data_tokens"] == 3 * 8 * 64
+    assert res["data_vs_train"] > 0
