@@ -135,18 +135,25 @@ def _data_stats(args: argparse.Namespace) -> int:
 
 
 def _ray_init() -> None:
-    """Join the cluster named by RAY_ADDRESS, else start a local Ray."""
-    import os
+    from hydra_ray.train.driver import ray_init
 
-    import ray
+    ray_init()
 
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=False)
-    else:
-        ray.init(include_dashboard=False, log_to_driver=False)
+
+def _train(args: argparse.Namespace) -> int:
+    from hydra_ray.data.corpus import CorpusError
+    from hydra_ray.train.driver import train
+
+    cfg = load_config(args.config)
+    try:
+        res = train(cfg, args.config, workers=args.workers, gpu=args.gpu, storage=args.storage, name=args.name,
+                    max_steps=args.max_steps, resume=args.resume, cpus_per_worker=args.cpus_per_worker)
+    except CorpusError as e:
+        raise ConfigError(str(e)) from None
+    if res.get("error"):
+        print(f"error: training failed: {res['error']}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -163,6 +170,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=None, help="compress the curriculum into N steps")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_smoke)
+
+    s = sub.add_parser("train", help="train a config on Ray Train (local Ray, or the cluster of RAY_ADDRESS)")
+    s.add_argument("--config", required=True)
+    s.add_argument("--workers", default="2", help="N, or MIN-MAX for elastic training")
+    s.add_argument("--gpu", action="store_true", help="one GPU per worker, NCCL")
+    s.add_argument("--storage", default="runs", help="run directories go to STORAGE/NAME (local path or URI)")
+    s.add_argument("--name", default=None, help="run name (default: the config file's stem)")
+    s.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
+    s.add_argument("--resume", action="store_true", help="continue an existing run from its last checkpoint")
+    s.add_argument("--cpus-per-worker", type=float, default=1.0)
+    s.set_defaults(func=_train)
 
     d = sub.add_parser("data", help="corpus preparation and tokenizers").add_subparsers(dest="data_command", required=True)
     s = d.add_parser("prepare", help="write the built-in corpus (no network): one Parquet folder per domain")

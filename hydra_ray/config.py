@@ -264,7 +264,7 @@ class CurriculumConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    batch_size: int = Field(8, ge=1)  # sequences per worker per micro-step
+    batch_size: int = Field(8, ge=1)  # global batch: sequences per optimizer step over all workers
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(3e-3, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
@@ -277,6 +277,10 @@ class TrainConfig(_Strict):
     eval_every: int = Field(100, ge=1)
     save_every: int = Field(100, ge=1)
     keep_checkpoints: int = Field(3, ge=1)
+    eval_batches: int = Field(4, ge=1)  # held-out batches per domain at each eval
+    eval_batch_size: int = Field(8, ge=1)
+    max_nan_skips: int = Field(3, ge=1)  # this many NaN/Inf steps in a row roll back to the last checkpoint
+    max_failures: int = Field(3, ge=0)  # worker-group restarts Ray Train may attempt
     seed: int = 0
     dtype: Literal["float32", "bfloat16"] = "float32"  # bfloat16 autocast is for GPUs
 

@@ -216,3 +216,13 @@ def test_data_benchmark_reports_pipeline_against_training_throughput(ray_session
     res = data.run(config="test", steps=3, train_steps=1, log=lambda *_: None)
     assert res["data_tokens"] == 3 * 8 * 64
     assert res["data_vs_train"] > 0
+
+
+def test_corpus_reads_through_a_filesystem_uri(tmp_path):
+    root = tmp_path / "corpus"
+    _user_corpus(root)
+    files = list_corpus(f"file://{root}", DOMAINS)
+    from hydra_ray.data.corpus import read_records
+
+    recs = [r for f in files["finefineweb"] for r in read_records(f, set(DOMAINS))]
+    assert len(recs) == 15 and all(r["error"] is None for r in recs)

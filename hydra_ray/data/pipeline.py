@@ -259,10 +259,12 @@ def train_dataset(prepared: PreparedData, cfg: HydraConfig, global_batch: int, s
     sizes = {L: prepared.train_sizes(L) for L in lens}
     n = (end_step - start_step) * global_batch
     ds = ray.data.range(n, override_num_blocks=max(1, min(64, n // max(global_batch, 1024) + 1)))
-    return ds.map_batches(_gather, batch_format="numpy", batch_size=max(global_batch, 256),
-                          fn_kwargs={"spans": spans, "refs": refs, "sizes": sizes, "G": global_batch,
-                                     "eos": prepared.eos_id, "pad": prepared.pad_id,
-                                     "offset": start_step * global_batch})
+    ds = ds.map_batches(_gather, batch_format="numpy", batch_size=max(global_batch, 256),
+                        fn_kwargs={"spans": spans, "refs": refs, "sizes": sizes, "G": global_batch,
+                                   "eos": prepared.eos_id, "pad": prepared.pad_id,
+                                   "offset": start_step * global_batch})
+    ds.context.execution_options.preserve_order = True  # rows must arrive in position order
+    return ds
 
 
 def data_config():

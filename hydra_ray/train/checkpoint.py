@@ -1,0 +1,161 @@
+"""Checkpoints: RUN/checkpoints/step_XXXXXXXX/ with full weights, optimizer state, trainer state,
+the config, and a manifest of checksums written last.
+
+Layout of one checkpoint
+- `model.safetensors`: the full state dict, experts under their global index, so any number of
+  workers can load it (parallelize() slices experts after loading).
+- `optimizer.safetensors`: AdamW state per parameter *name* (`<name>::exp_avg`, ...), experts
+  gathered to their global index like the weights.
+- `trainer_state.json`: step, phase, data position, world size, RNG state, metrics at save time.
+- `config.yaml`: the full config the run was started with.
+- `manifest.json`, written last: every other file with its size and sha256.
+
+Design choices
+- Loading never unpickles: safetensors for tensors, JSON/YAML for the rest.
+- A checkpoint counts only if its manifest exists and every file matches it; `latest_valid`
+  walks back from the newest and skips incomplete or corrupt ones with a warning.
+- Storage is addressed through pyarrow filesystems, so RUN may be local, NFS or s3://.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+log = logging.getLogger(__name__)
+STEP_DIR = re.compile(r"^step_(\d{8})$")
+FILES = ("model.safetensors", "optimizer.safetensors", "trainer_state.json", "config.yaml")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _fs(path: str):
+    import pyarrow.fs as pafs
+
+    if "://" in path:
+        return pafs.FileSystem.from_uri(path)
+    return pafs.LocalFileSystem(), str(Path(path).expanduser().resolve())
+
+
+def optimizer_tensors(opt: torch.optim.Optimizer, names: dict[int, str]) -> dict[str, torch.Tensor]:
+    out = {}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            for key, value in opt.state.get(p, {}).items():
+                if torch.is_tensor(value):
+                    out[f"{names[id(p)]}::{key}"] = value.detach()
+    return out
+
+
+def load_optimizer_tensors(opt: torch.optim.Optimizer, named: dict[str, torch.nn.Parameter],
+                           tensors: dict[str, torch.Tensor], slices: dict[str, slice] | None = None) -> int:
+    """Restore AdamW state by parameter name; `slices` cuts global expert state to this rank."""
+    slices = slices or {}
+    loaded = 0
+    for key, value in tensors.items():
+        name, _, field = key.rpartition("::")
+        p = named.get(name)
+        if p is None:
+            continue
+        if name in slices and value.dim() > 0:
+            value = value[slices[name]]
+        opt.state[p][field] = value.to(p.device, value.dtype if field == "step" else p.dtype).clone()
+        loaded += 1
+    return loaded
+
+
+def write(path: Path, model_state: dict[str, torch.Tensor], opt_state: dict[str, torch.Tensor],
+          trainer_state: dict, config_yaml: str) -> Path:
+    """Write a complete checkpoint folder at `path` (a local directory), manifest last."""
+    path.mkdir(parents=True, exist_ok=True)
+    blobs = {
+        "model.safetensors": st_save({k: v.contiguous().cpu() for k, v in model_state.items()}),
+        "optimizer.safetensors": st_save({k: v.contiguous().cpu() for k, v in opt_state.items()}),
+        "trainer_state.json": json.dumps(trainer_state, indent=1).encode(),
+        "config.yaml": config_yaml.encode(),
+    }
+    manifest = {}
+    for name, data in blobs.items():
+        (path / name).write_bytes(data)
+        manifest[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (path / "manifest.json").write_text(json.dumps({"files": manifest, "step": trainer_state["step"]}, indent=1))
+    return path
+
+
+@dataclass
+class Loaded:
+    path: str
+    step: int
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, torch.Tensor]
+    trainer_state: dict
+    config_yaml: str
+
+
+def _read_verified(fs, ckpt: str) -> Loaded:
+    with fs.open_input_stream(f"{ckpt}/manifest.json") as fh:
+        manifest = json.loads(fh.read())
+    data = {}
+    for name in FILES:
+        entry = manifest["files"][name]
+        with fs.open_input_stream(f"{ckpt}/{name}") as fh:
+            blob = fh.read()
+        if len(blob) != entry["bytes"] or hashlib.sha256(blob).hexdigest() != entry["sha256"]:
+            raise ValueError(f"{name} does not match the manifest")
+        data[name] = blob
+    state = json.loads(data["trainer_state.json"])
+    return Loaded(ckpt, int(state["step"]), st_load(data["model.safetensors"]),
+                  st_load(data["optimizer.safetensors"]), state, data["config.yaml"].decode())
+
+
+def list_steps(run_dir: str) -> list[tuple[int, str]]:
+    import pyarrow.fs as pafs
+
+    fs, base = _fs(run_dir)
+    root = f"{base}/checkpoints"
+    if fs.get_file_info(root).type != pafs.FileType.Directory:
+        return []
+    out = []
+    for info in fs.get_file_info(pafs.FileSelector(root)):
+        m = STEP_DIR.match(info.base_name)
+        if m and info.type == pafs.FileType.Directory:
+            out.append((int(m.group(1)), info.path))
+    return sorted(out)
+
+
+def latest_valid(run_dir: str, before: int | None = None) -> Loaded | None:
+    """The newest checkpoint whose files all match its manifest (optionally older than `before`)."""
+    fs, _ = _fs(run_dir)
+    for step, path in reversed(list_steps(run_dir)):
+        if before is not None and step >= before:
+            continue
+        try:
+            return _read_verified(fs, path)
+        except Exception as e:  # missing manifest, truncated or corrupt file, bad JSON
+            log.warning("skipping checkpoint %s: incomplete or corrupt (%s)", path, e)
+    return None
+
+
+def save_local(run_dir: str, step: int, keep: int, **parts) -> Path:
+    """Without Ray Train: write next to the final place, rename into it, keep the newest `keep`."""
+    root = Path(run_dir) / "checkpoints"
+    final = root / step_dir_name(step)
+    tmp = root / f".tmp_{step_dir_name(step)}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp, **parts)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    for _, old in list_steps(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final

@@ -1,0 +1,180 @@
+"""`hydra-ray train`: validate, prepare data, build the Ray Train v2 TorchTrainer, show progress.
+
+Design choices
+- Joins the cluster named by RAY_ADDRESS (or the one `ray job submit` runs in), else starts a
+  local Ray. The run directory is STORAGE/NAME: metrics.jsonl, events.jsonl, checkpoints/.
+- `--workers N` or `MIN-MAX` (elastic: Ray Train starts as many as the cluster has room for,
+  between the two, and restarts the group from the last checkpoint when workers die or join).
+- An existing run is only continued with `--resume`, so a typo in --name cannot silently mix
+  two runs. Checkpoints are reported to Ray Train (which keeps the last K) under
+  RUN/checkpoints/step_XXXXXXXX.
+- Progress: a thread tails metrics.jsonl and prints a line per log interval (step, phase, loss,
+  tokens/s, ETA); worker stdout is not forwarded, so the console stays readable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from hydra_ray.config import ConfigError, HydraConfig, dump_config
+from hydra_ray.train import checkpoint as ckpt
+from hydra_ray.train.curriculum import segments
+
+
+@dataclass
+class WorkerSpec:
+    min_workers: int
+    max_workers: int
+
+    @classmethod
+    def parse(cls, text: str) -> "WorkerSpec":
+        try:
+            if "-" in text:
+                lo, hi = (int(x) for x in text.split("-", 1))
+            else:
+                lo = hi = int(text)
+        except ValueError:
+            raise ConfigError(f"--workers {text!r}: expected N or MIN-MAX (e.g. 2 or 1-4)") from None
+        if lo < 1 or hi < lo:
+            raise ConfigError(f"--workers {text!r}: need 1 <= MIN <= MAX")
+        return cls(lo, hi)
+
+    @property
+    def num_workers(self):
+        return self.min_workers if self.min_workers == self.max_workers else (self.min_workers, self.max_workers)
+
+
+def ray_init(log=print, min_cpus: float = 0) -> None:
+    """Join RAY_ADDRESS's cluster, else start a local Ray. Locally, declare at least `min_cpus`
+    logical CPUs: Ray Data's map tasks need a CPU beside the train workers, or they wait forever."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # reports wait for the Train controller's poll: poll faster than the 2 s default (local runs)
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=False, configure_logging=False)
+    else:
+        cpus = max(os.cpu_count() or 1, int(min_cpus + 0.999))
+        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+
+
+class Progress(threading.Thread):
+    """Prints new metrics lines as they appear: step, phase, loss, tokens/s, ETA."""
+
+    def __init__(self, path: Path, end_step: int, log=print, interval: float = 1.0):
+        super().__init__(daemon=True)
+        self.path, self.end, self.log, self.interval = path, end_step, log, interval
+        self.stop = threading.Event()
+        self.offset = 0
+
+    def poll(self) -> None:
+        if not self.path.exists():
+            return
+        with self.path.open() as f:
+            f.seek(self.offset)
+            chunk = f.read()
+        if "\n" not in chunk:
+            return
+        complete = chunk[: chunk.rfind("\n") + 1]
+        self.offset += len(complete.encode())
+        for line in complete.splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            tps = r.get("tokens_per_s") or 0
+            tokens_per_step = r.get("tokens", 0) / max(r["step"], 1)
+            eta = (self.end - r["step"]) * tokens_per_step / tps if tps else 0.0
+            loss = r.get("loss")
+            ev = r.get("eval", {}).get("loss") if r.get("eval") else None
+            self.log(f"step {r['step']:>6}/{self.end}  {r['phase']:<11} loss {loss if loss is None else f'{loss:.4f}'}"
+                     f"  ce {r.get('ce') or 0:.4f}  {tps:9,.0f} tok/s  world {r.get('world_size')}"
+                     f"  ETA {eta / 60:5.1f} min" + (f"  eval {ev:.4f}" if ev is not None else ""))
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            self.poll()
+            self.stop.wait(self.interval)
+        self.poll()
+
+
+def train(cfg: HydraConfig, config_path: str, workers: str = "2", gpu: bool = False, storage: str = "runs",
+          name: str | None = None, max_steps: int | None = None, resume: bool = False,
+          cpus_per_worker: float = 1.0, log=print) -> dict:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from hydra_ray.data.pipeline import data_config, prepare_data, train_dataset
+    from hydra_ray.train.loop import train_loop_per_worker
+
+    spec = WorkerSpec.parse(workers)
+    G = cfg.train.batch_size
+    for w in range(spec.min_workers, spec.max_workers + 1):
+        if G % (w * cfg.train.grad_accum):
+            raise ConfigError(f"train.batch_size {G} does not split over {w} workers x grad_accum "
+                              f"{cfg.train.grad_accum}; pick a batch size divisible by every worker count in --workers")
+    name = name or Path(config_path).stem
+    storage = str(Path(storage).expanduser().resolve()) if "://" not in storage else storage
+    run_dir = f"{storage}/{name}"
+    existing = ckpt.list_steps(run_dir)
+    if existing and not resume:
+        raise ConfigError(f"run {run_dir} already has checkpoints (last step {existing[-1][0]}): "
+                          "pass --resume to continue it, or choose another --name")
+    end_step = min(cfg.curriculum.total_steps, max_steps or cfg.curriculum.total_steps)
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    (Path(run_dir) / "config.yaml").write_text(dump_config(cfg))
+
+    ray_init(log, min_cpus=spec.max_workers * cpus_per_worker + 2)
+    prepared = prepare_data(cfg, log=log)
+    (Path(run_dir) / "data_report.txt").write_text(prepared.report() + "\n")
+    log(f"[data] {prepared.extra['corpus']} tokenizer {prepared.tokenizer}\n{prepared.report()}")
+    latest = ckpt.latest_valid(run_dir) if resume else None
+    start = latest.step if latest else 0
+    if start >= end_step:
+        log(f"run {run_dir} is already at step {start} (target {end_step}): nothing to do")
+        return {"run_dir": run_dir, "step": start}
+    segs = segments(cfg, start, end_step)
+    datasets = {f"train_{i}": train_dataset(prepared, cfg, G, a, b) for i, (_, a, b) in enumerate(segs)}
+    loop_config = {"config": cfg.model_dump(mode="python"), "run_dir": run_dir, "end_step": end_step,
+                   "segments": segs, "datasets": list(datasets), "prepared": prepared, "use_gpu": gpu}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=spec.num_workers, use_gpu=gpu,
+                                     resources_per_worker=None if gpu else {"CPU": cpus_per_worker}),
+        run_config=RunConfig(
+            storage_path=storage, name=name,
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            worker_runtime_env={"env_vars": {k: v for k, v in os.environ.items()
+                                             if k.startswith(("HYDRA_", "OMP_NUM_THREADS"))}},
+        ),
+        datasets=datasets,
+        dataset_config=data_config(),
+    )
+    log(f"[train] {run_dir}: steps {start}..{end_step} on {workers} worker(s) "
+        f"({'GPU' if gpu else 'CPU'}), global batch {G}")
+    progress = Progress(Path(run_dir) / "metrics.jsonl", end_step, log)
+    progress.offset = (Path(run_dir) / "metrics.jsonl").stat().st_size if (Path(run_dir) / "metrics.jsonl").exists() else 0
+    progress.start()
+    t0 = time.time()
+    try:
+        result = trainer.fit()
+    finally:
+        progress.stop.set()
+        progress.join()
+    last = ckpt.list_steps(run_dir)
+    log(f"[train] done in {time.time() - t0:.0f}s. metrics: {run_dir}/metrics.jsonl  "
+        f"checkpoints: {run_dir}/checkpoints ({', '.join(os.path.basename(p) for _, p in last)})")
+    return {"run_dir": run_dir, "step": last[-1][0] if last else None, "error": getattr(result, "error", None)}
