@@ -19,10 +19,13 @@ $(VENV)/.installed: pyproject.toml
 test: install
 	$(BIN)/python -m pytest
 
+# The main job: the built-in corpus, then the tiny 7-phase curriculum on a local Ray with 2 workers.
 demo: install
 	$(BIN)/hydra-ray summary --config configs/tiny.yaml
-	$(BIN)/hydra-ray summary --config configs/hydra-500m.yaml
-	$(BIN)/hydra-ray smoke --config configs/tiny.yaml
+	$(BIN)/hydra-ray data prepare --out runs/corpus-tiny --size tiny --quiet
+	rm -rf runs/demo
+	$(BIN)/hydra-ray train --config configs/tiny.yaml --workers 2 --storage runs --name demo
+	@echo "demo run: runs/demo (metrics.jsonl, events.jsonl, checkpoints/)"
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -46,7 +46,7 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, object_store_memory=256 * 1024 * 1024,
+        ray.init(address="local", num_cpus=4, include_dashboard=False, object_store_memory=256 * 1024 * 1024,
                  log_to_driver=False, configure_logging=False)
         from ray.data import DataContext
 

@@ -23,6 +23,7 @@ import functools
 import hashlib
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -74,7 +75,8 @@ def builtin_corpus(cfg: HydraConfig, log=print) -> str:
     """The built-in corpus of the configured size, generated once into the cache folder."""
     from hydra_ray.data import builtin
 
-    root = Path(cfg.data.cache_dir).expanduser() / f"builtin-{cfg.data.builtin_size}-seed{cfg.data.builtin_seed}"
+    base = os.environ.get("HYDRA_CACHE_DIR") or cfg.data.cache_dir  # the env var wins (tests, CI)
+    root = Path(base).expanduser() / f"builtin-{cfg.data.builtin_size}-seed{cfg.data.builtin_seed}"
     marker = root / "summary.json"
     if not marker.exists():
         log(f"[data] building the built-in corpus ({cfg.data.builtin_size}) in {root}")

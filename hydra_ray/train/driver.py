@@ -62,8 +62,12 @@ def ray_init(log=print, min_cpus: float = 0) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=False, configure_logging=False)
     else:
-        cpus = max(os.cpu_count() or 1, int(min_cpus + 0.999))
-        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        try:  # a local cluster started with `ray start` is joined ...
+            ray.init(address="auto", log_to_driver=False, configure_logging=False)
+        except ConnectionError:  # ... else an embedded one is started
+            cpus = max(os.cpu_count() or 1, int(min_cpus + 0.999))
+            ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False,
+                     configure_logging=False)
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False

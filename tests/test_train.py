@@ -1,0 +1,257 @@
+"""Training on Ray Train: checkpoints, exact resume, NaN handling, the elastic two-worker curriculum
+with a worker killed mid-run, resharding checkpoints between worker counts, and `ray job submit`."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hydra_ray.config import load_config, parse_config
+from hydra_ray.train import checkpoint as ckpt
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _tiny(cache, **train):
+    cfg = load_config("tiny")
+    data = cfg.model_dump(mode="python")
+    data["data"]["cache_dir"] = cache
+    data["train"].update(train)
+    return parse_config(data)
+
+
+def _metrics(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def _events(run_dir):
+    path = Path(run_dir) / "events.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+# --------------------------------------------------------------------------- checkpoints (no Ray)
+def test_checkpoints_skip_incomplete_and_corrupt_ones(tmp_path, caplog):
+    run = tmp_path / "run"
+    for step in (10, 20, 30):
+        ckpt.save_local(str(run), step, keep=5, model_state={"w": torch.full((3,), float(step))},
+                        opt_state={"w::exp_avg": torch.zeros(3)}, trainer_state={"step": step}, config_yaml="a: 1\n")
+    assert [s for s, _ in ckpt.list_steps(str(run))] == [10, 20, 30]
+    (run / "checkpoints" / "step_00000030" / "model.safetensors").write_bytes(b"garbage")  # corrupt
+    (run / "checkpoints" / "step_00000020" / "manifest.json").unlink()  # half-written
+    with caplog.at_level("WARNING"):
+        loaded = ckpt.latest_valid(str(run))
+    assert loaded.step == 10 and torch.equal(loaded.model["w"], torch.full((3,), 10.0))
+    assert "step_00000030" in caplog.text and "step_00000020" in caplog.text
+    ckpt.save_local(str(run), 40, keep=2, model_state={"w": torch.zeros(1)}, opt_state={},
+                    trainer_state={"step": 40}, config_yaml="")
+    assert [s for s, _ in ckpt.list_steps(str(run))] == [30, 40]  # keeps the last K
+
+
+# --------------------------------------------------------------------------- in-process loop
+@pytest.fixture(scope="module")
+def tiny_data(ray_session, builtin_cache):
+    from hydra_ray.data.pipeline import prepare_data
+
+    cfg = _tiny(builtin_cache)
+    return prepare_data(cfg, log=lambda *_: None)
+
+
+@pytest.mark.integration
+def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tmp_path, builtin_cache, tiny_data):
+    from hydra_ray.train.loop import run_local
+
+    cfg = _tiny(builtin_cache, log_every=1, save_every=50, eval_every=1000)
+    run_local(cfg, str(tmp_path / "A"), tiny_data, end_step=120)
+    run_local(cfg, str(tmp_path / "B"), tiny_data, end_step=100)  # stops at S = 100 ...
+    run_local(cfg, str(tmp_path / "B"), tiny_data, end_step=120)  # ... and resumes to 2S (MoE switches on at 104)
+    a = {m["step"]: m for m in _metrics(tmp_path / "A")}
+    b = {m["step"]: m for m in _metrics(tmp_path / "B")}
+    assert sorted(b) == sorted(a) == list(range(1, 121))
+    for step in range(101, 121):
+        assert (a[step]["loss"], a[step]["ce"]) == (b[step]["loss"], b[step]["ce"]), step
+        assert a[step]["expert_util"] == b[step]["expert_util"]
+    assert any(e["event"] == "restored" and e["step"] == 100 for e in _events(tmp_path / "B"))
+
+
+@pytest.mark.integration
+def test_nan_steps_are_skipped_and_repeated_nans_roll_back(tmp_path, builtin_cache, tiny_data, monkeypatch):
+    from hydra_ray.train.loop import run_local
+
+    cfg = _tiny(builtin_cache, log_every=1, save_every=20, eval_every=1000, max_nan_skips=3)
+    monkeypatch.setenv("HYDRA_INJECT_NAN_AT", "24,44,45,46")  # 0-based step indices
+    run_local(cfg, str(tmp_path / "run"), tiny_data, end_step=60)
+    events = _events(tmp_path / "run")
+    skipped = [e["step"] for e in events if e["event"] == "nan_skipped"]
+    assert skipped == [25, 45, 46, 47]
+    rolled = [e for e in events if e["event"] == "rolled_back"]
+    assert len(rolled) == 1 and rolled[0]["to_step"] == 40
+    metrics = {m["step"]: m for m in _metrics(tmp_path / "run")}
+    assert sorted(metrics) == list(range(1, 61))  # every step present once after the rollback
+    assert metrics[25]["nan_skipped"] and metrics[25]["loss"] is None
+    assert all(np.isfinite(metrics[s]["loss"]) for s in range(41, 61))
+
+
+# --------------------------------------------------------------------------- two workers on Ray Train
+@pytest.fixture(scope="module")
+def elastic_run(tmp_path_factory, ray_session, builtin_cache):
+    """The whole tiny curriculum, --workers 1-3 with room for 2 (4 CPUs, 1.5 per worker), and
+    rank 1 killed by PID once the run is past step 60 with a checkpoint written."""
+    from hydra_ray.train.driver import train
+
+    cfg = _tiny(builtin_cache)
+    storage = tmp_path_factory.mktemp("runs")
+    run_dir = storage / "elastic"
+    killed = {}
+
+    def killer():
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            steps = ckpt.list_steps(str(run_dir))
+            metrics = _metrics(run_dir) if (run_dir / "metrics.jsonl").exists() else []
+            pid_file = run_dir / "workers" / "rank1.pid"
+            if steps and steps[-1][0] >= 60 and metrics and metrics[-1]["step"] >= 65 and pid_file.exists():
+                killed["step"] = metrics[-1]["step"]
+                killed["pid"] = int(pid_file.read_text())
+                os.kill(killed["pid"], signal.SIGKILL)
+                return
+            time.sleep(0.2)
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    res = train(cfg, "tiny", workers="1-3", storage=str(storage), name="elastic", cpus_per_worker=1.5,
+                log=lambda *_: None)
+    t.join(timeout=5)
+    return cfg, run_dir, res, killed
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_elastic_two_workers_survive_a_killed_worker_and_follow_the_curriculum(elastic_run):
+    cfg, run_dir, res, killed = elastic_run
+    assert res["step"] == 180 and res.get("error") is None
+    assert "pid" in killed, "the worker was never killed"
+    metrics = _metrics(run_dir)
+    steps = [m["step"] for m in metrics]
+    assert len(steps) == len(set(steps)), "a step was logged twice"
+    assert set(range(5, 181, 5)) <= set(steps)  # every logged step, once, despite the restart
+    assert {m["world_size"] for m in metrics} == {2}  # elastic 1-3 with room for 2
+    restored = [e for e in _events(run_dir) if e["event"] == "restored"]
+    assert restored and killed["step"] - restored[0]["step"] <= cfg.train.save_every + cfg.train.log_every
+    phases = {p.name: p for p in cfg.curriculum.phases}
+    for m in metrics:
+        p = phases[m["phase"]]
+        assert m["routing_mode"] == (p.routing if p.moe else None)
+        if p.routing == "forced":
+            assert m["domain_expert_agreement"] == 1.0
+        if p.moe:
+            assert abs(sum(m["expert_util"]) - 1.0) < 1e-6
+    switches = [m["switch_on"] for m in metrics if "switch_on" in m]
+    assert {f for s in switches for f in s["features"]} == {"mor", "mod", "moe"}
+    for s in switches:
+        assert abs(s["ce_after"] - s["ce_before"]) / s["ce_before"] < 0.05, s
+    final = metrics[-1]
+    assert final["eval"]["loss"] is not None and set(final["eval"]["by_domain"]) == set(cfg.model.domains)
+
+
+@pytest.mark.integration
+def test_checkpoints_reshard_between_two_workers_and_one(elastic_run, tmp_path, builtin_cache, tiny_data):
+    """The 2-worker checkpoint loads on 1 process, and a 1-process checkpoint on 2 workers: the
+    logits of a fixed batch agree with what the other worker count computes."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from hydra_ray.models import HydraLM
+    from hydra_ray.train.loop import run_local
+
+    cfg, two_worker_run, _, _ = elastic_run
+    one_worker_run = tmp_path / "one"
+    run_local(_tiny(builtin_cache, eval_every=1000), str(one_worker_run), tiny_data, end_step=120)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (4, 32), generator=g)
+    dom = torch.randint(0, 4, (4, 32), generator=g)
+
+    def logits_on_one(run):
+        loaded = ckpt.latest_valid(str(run))
+        model = HydraLM(parse_config(__import__("yaml").safe_load(loaded.config_yaml)).model)
+        model.load_state_dict(loaded.model)
+        return model.eval()(x, x, dom).logits.detach().numpy()
+
+    def loop(config):
+        import ray.train
+        import yaml
+
+        from hydra_ray.config import parse_config as parse
+        from hydra_ray.models import HydraLM as Model
+        from hydra_ray.parallel.parallelize import parallelize as par
+        from hydra_ray.train import checkpoint as ck
+        from hydra_ray.train.loop import Env, restore
+
+        ctx = ray.train.get_context()
+        env = Env(rank=ctx.get_world_rank(), world=ctx.get_world_size())
+        for name in ("two", "one"):
+            loaded = ck.latest_valid(config[name])
+            model = Model(parse(yaml.safe_load(loaded.config_yaml)).model)
+            wrapped = par(model)
+            restore(model, None, loaded, env)
+            out = model.eval()(config["x"], config["x"], config["dom"]).logits.detach().numpy()
+            if env.rank == 0:
+                np.save(Path(config["out"]) / f"{name}.npy", out)
+
+    TorchTrainer(loop, train_loop_config={"two": str(two_worker_run), "one": str(one_worker_run), "x": x,
+                                          "dom": dom, "out": str(tmp_path)},
+                 scaling_config=ScalingConfig(num_workers=2),
+                 run_config=RunConfig(storage_path=str(tmp_path / "store"), name="reshard")).fit()
+    for name, run in (("two", two_worker_run), ("one", one_worker_run)):
+        on_two = np.load(tmp_path / f"{name}.npy")
+        on_one = logits_on_one(run)
+        assert np.abs(on_two - on_one).max() < 1e-5, (name, np.abs(on_two - on_one).max())
+
+
+# --------------------------------------------------------------------------- ray job submit
+@pytest.mark.integration
+def test_ray_job_submit_trains_on_a_ray_head(tmp_path):
+    """`ray start --head` + `ray job submit --working-dir . -- hydra-ray train ...` (its own cluster,
+    on its own ports, stopped by killing its process group: `ray stop` would stop every Ray here)."""
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+           "PATH": bin_dir + os.pathsep + os.environ["PATH"], "HYDRA_CACHE_DIR": str(tmp_path / "cache")}
+    ray = str(Path(bin_dir) / "ray")
+    port, dash = 6400 + os.getpid() % 500, 8300 + os.getpid() % 500
+    head = subprocess.Popen([ray, "start", "--head", "--block", f"--port={port}", "--num-cpus=4",
+                             f"--dashboard-port={dash}", "--include-dashboard=true", "--disable-usage-stats",
+                             "--object-store-memory=268435456"],
+                            env=env, start_new_session=True, stdout=open(tmp_path / "head.log", "w"),
+                            stderr=subprocess.STDOUT)
+    try:
+        for _ in range(90):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{dash}/api/version", timeout=1)
+                break
+            except Exception:
+                time.sleep(1)
+        storage = tmp_path / "runs"
+        for _ in range(30):  # the dashboard answers before the job agent is ready
+            r = subprocess.run([ray, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir",
+                                str(ROOT), "--", "hydra-ray", "train", "--config", "configs/tiny.yaml",
+                                "--max-steps", "40", "--workers", "2", "--storage", str(storage)],
+                               env=env, capture_output=True, text=True, timeout=600)
+            if "No available agent" not in r.stdout + r.stderr:
+                break
+            time.sleep(2)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        assert "succeeded" in r.stdout + r.stderr
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=60)
+    metrics = _metrics(storage / "tiny")
+    assert metrics[-1]["step"] == 40 and metrics[-1]["world_size"] == 2
+    assert [s for s, _ in ckpt.list_steps(str(storage / "tiny"))] == [20, 40]
