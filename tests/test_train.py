@@ -252,6 +252,9 @@ def test_ray_job_submit_trains_on_a_ray_head(tmp_path):
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         head.wait(timeout=60)
+        current = Path("/tmp/ray/ray_current_cluster")  # don't leave a dead address for `ray.init("auto")`
+        if current.exists() and str(port) in current.read_text():
+            current.unlink()
     metrics = _metrics(storage / "tiny")
     assert metrics[-1]["step"] == 40 and metrics[-1]["world_size"] == 2
     assert [s for s, _ in ckpt.list_steps(str(storage / "tiny"))] == [20, 40]

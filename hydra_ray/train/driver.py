@@ -59,15 +59,12 @@ def ray_init(log=print, min_cpus: float = 0) -> None:
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
     if ray.is_initialized():
         return
-    if os.environ.get("RAY_ADDRESS"):
+    if os.environ.get("RAY_ADDRESS"):  # a cluster (set by `ray job submit`, or by the user)
         ray.init(log_to_driver=False, configure_logging=False)
-    else:
-        try:  # a local cluster started with `ray start` is joined ...
-            ray.init(address="auto", log_to_driver=False, configure_logging=False)
-        except ConnectionError:  # ... else an embedded one is started
-            cpus = max(os.cpu_count() or 1, int(min_cpus + 0.999))
-            ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False,
-                     configure_logging=False)
+    else:  # an embedded local Ray: never a stale `ray start` left on this machine
+        cpus = max(os.cpu_count() or 1, int(min_cpus + 0.999))
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False
