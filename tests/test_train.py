@@ -217,6 +217,18 @@ def test_checkpoints_reshard_between_two_workers_and_one(elastic_run, tmp_path, 
 
 
 # --------------------------------------------------------------------------- ray job submit
+def _free_ports(n):
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    for sock in socks:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in socks]
+    for sock in socks:
+        sock.close()
+    return ports
+
+
 @pytest.mark.integration
 def test_ray_job_submit_trains_on_a_ray_head(tmp_path):
     """`ray start --head` + `ray job submit --working-dir . -- hydra-ray train ...` (its own cluster,
@@ -225,9 +237,12 @@ def test_ray_job_submit_trains_on_a_ray_head(tmp_path):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
            "PATH": bin_dir + os.pathsep + os.environ["PATH"], "HYDRA_CACHE_DIR": str(tmp_path / "cache")}
     ray = str(Path(bin_dir) / "ray")
-    port, dash = 6400 + os.getpid() % 500, 8300 + os.getpid() % 500
+    # every port its own: the test session's Ray already holds the defaults (agent 52365, ...)
+    port, dash, agent, agent_grpc, metrics, runtime_env = _free_ports(6)
     head = subprocess.Popen([ray, "start", "--head", "--block", f"--port={port}", "--num-cpus=4",
                              f"--dashboard-port={dash}", "--include-dashboard=true", "--disable-usage-stats",
+                             f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+                             f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}",
                              "--object-store-memory=268435456"],
                             env=env, start_new_session=True, stdout=open(tmp_path / "head.log", "w"),
                             stderr=subprocess.STDOUT)
