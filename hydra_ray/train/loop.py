@@ -319,6 +319,7 @@ def train_loop_per_worker(config: dict, env: Env | None = None) -> dict:
         opt.zero_grad(set_to_none=True)
         loss_sum = torch.zeros(2, dtype=torch.float64)  # loss, ce
         aux_sum: dict[str, float] = {}
+        stat_sum: dict[str, float] = {}  # MoD/MoR causal predictor accuracy
         trace, trace_dom = None, None
         for m in range(cfg.train.grad_accum):
             sl = slice(m * micro, (m + 1) * micro)
@@ -335,6 +336,8 @@ def train_loop_per_worker(config: dict, env: Env | None = None) -> dict:
             loss_sum += torch.tensor([loss.item(), out.ce.item()], dtype=torch.float64) / cfg.train.grad_accum
             for k, v in out.aux.items():
                 aux_sum[k] = aux_sum.get(k, 0.0) + v.item() / cfg.train.grad_accum
+            for k, v in out.stats.items():
+                stat_sum[k] = stat_sum.get(k, 0.0) + v / cfg.train.grad_accum
             if want_trace:
                 trace, trace_dom = out.trace, dom_BT
         inject.discard(step)
@@ -374,11 +377,11 @@ def train_loop_per_worker(config: dict, env: Env | None = None) -> dict:
             rec = {"step": step, "phase": p.phase.name, "loss": float(loss_sum[0]) if ok else None,
                    "ce": float(loss_sum[1]) if ok else None,
                    "aux": {k: v for k, v in sorted(aux_sum.items())}, "lr": p.lr,
-                   "grad_norm": grad_norm, "grad_norm_clipped": clipped, "tokens": tokens_total_global(start, step, G, cfg),
+                   "grad_norm": grad_norm, "grad_norm_clipped": clipped, "tokens": step * G * cfg.model.seq_len,
                    "tokens_per_s": (tokens_total - last_log_tokens) / max(now - last_log_t, 1e-9),
                    "world_size": env.world, "routing_mode": p.routing if p.moe else None,
                    "mod_capacity": p.mod_capacity if p.mod else None, "nan_skipped": not ok,
-                   "seed_locked": p.phase.seed is not None, "time": now}
+                   "seed_locked": p.phase.seed is not None, "time": now, **stat_sum}
             rec.update(_routing_metrics(trace, trace_dom, model, env))
             if switch is not None:
                 rec["switch_on"] = switch
@@ -414,11 +417,6 @@ def _batch_ce(model: HydraLM, batch: dict, env: Env, amp) -> float:
         ce = model(x, y, dom[:, None].expand_as(x)).ce.double().cpu().view(1)
     model.train(was)
     return float(env.all_sum(ce) / env.world)
-
-
-def tokens_total_global(start: int, step: int, G: int, cfg: HydraConfig) -> int:
-    """Tokens seen by the run up to `step` (input positions, padding included), restart-proof."""
-    return step * G * cfg.model.seq_len
 
 
 def _flat(rec: dict) -> dict:
