@@ -28,7 +28,6 @@ def run(tokens: int = 4096, d_model: int = 256, hidden: int = 704, experts: int 
     w = torch.rand(T, top_k, device=dev)
     routing = kernels.route(idx, experts)
     A = routing.num_rows
-    y = torch.randn(A, D, device=dev, dtype=dt)
     elem = x.element_size()
     # permute reads A token rows and writes A rows; combine reads A rows and writes T rows
     moved = (2 * A + A + T) * D * elem

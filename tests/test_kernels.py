@@ -28,6 +28,13 @@ def _ids(T, K, E, drop=0.1, seed=0, avoid=()):
     return idx
 
 
+def _routed(T, K, E, seed):
+    """Expert ids with ~10% dropped slots, their destination rows, and the number of kept rows."""
+    idx = _ids(T, K, E, seed=seed)
+    _, _, dest = ref.route(idx, E)
+    return idx, dest, int((idx >= 0).sum())
+
+
 CASES = [  # (T, K, E, D): odd token counts, every top-k, hidden sizes that are not powers of two
     (1, 1, 4, 100),
     (100, 2, 8, 72),
@@ -60,9 +67,7 @@ def test_kernel_route_handles_everything_dropped_and_one_hot_expert():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("T,K,E,D", CASES)
 def test_kernel_permute_and_unweighted_combine_move_data_exactly(T, K, E, D, dtype):
-    idx = _ids(T, K, E, seed=1)
-    _, _, dest = ref.route(idx, E)
-    A = int((idx >= 0).sum())
+    _, dest, A = _routed(T, K, E, seed=1)
     x = torch.randn(T, D).to(dtype)
     got = tri.permute(x, dest, A)
     assert got.dtype == dtype
@@ -77,9 +82,7 @@ def test_kernel_permute_and_unweighted_combine_move_data_exactly(T, K, E, D, dty
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("T,K,E,D", CASES)
 def test_kernel_weighted_combine_scaled_permute_and_slot_dot_within_tolerance(T, K, E, D, dtype):
-    idx = _ids(T, K, E, seed=2)
-    _, _, dest = ref.route(idx, E)
-    A = int((idx >= 0).sum())
+    _, dest, A = _routed(T, K, E, seed=2)
     y = torch.randn(A, D).to(dtype)
     w = torch.rand(T, K)
     torch.testing.assert_close(tri.gather_sum(y, dest, w), ref.gather_sum_loop(y, dest, w), **TOL[dtype])

@@ -200,7 +200,7 @@ def test_checkpoints_reshard_between_two_workers_and_one(elastic_run, tmp_path, 
         for name in ("two", "one"):
             loaded = ck.latest_valid(config[name])
             model = Model(parse(yaml.safe_load(loaded.config_yaml)).model)
-            wrapped = par(model)
+            par(model)  # experts sharded over the two workers before the checkpoint is loaded
             restore(model, None, loaded, env)
             out = model.eval()(config["x"], config["x"], config["dom"]).logits.detach().numpy()
             if env.rank == 0:

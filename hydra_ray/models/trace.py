@@ -78,8 +78,14 @@ class RoutingTrace:
 
     def domain_expert_agreement(self, domain_BT: torch.Tensor | None, domain_expert: list[int]) -> float | None:
         """Fraction of (token, MoE layer) pairs with a mapped domain whose first expert is the mapped one."""
+        hit, tot = self.domain_expert_hits(domain_BT, domain_expert)
+        return hit / tot if tot else None
+
+    def domain_expert_hits(self, domain_BT: torch.Tensor | None, domain_expert: list[int]) -> tuple[int, int]:
+        """(pairs routed to their domain's expert, pairs that ran with a mapped domain): the counts
+        behind the agreement, so several ranks can add theirs up."""
         if domain_BT is None or not self.moe or not domain_expert:
-            return None
+            return 0, 0
         table = torch.tensor(domain_expert, device=domain_BT.device)
         known = (domain_BT >= 0) & (domain_BT < len(domain_expert))
         mapped_BT = torch.where(known, table[domain_BT.clamp(0, len(domain_expert) - 1)], -1)
@@ -88,7 +94,7 @@ class RoutingTrace:
             ran = (exp_BTK >= 0).any(-1) & (mapped_BT >= 0)
             hit += int((exp_BTK[..., 0][ran] == mapped_BT[ran]).sum())
             tot += int(ran.sum())
-        return hit / tot if tot else None
+        return hit, tot
 
     def tokens(self, row: int = 0) -> list[dict]:
         """Per-token records for one row: {'moe': {layer: {experts, gates}}, 'mod': {...}, 'mor': {...}}."""

@@ -77,7 +77,7 @@ class Progress(threading.Thread):
         super().__init__(daemon=True)
         self.path, self.end, self.log, self.interval = path, end_step, log, interval
         self.stop = threading.Event()
-        self.offset = 0
+        self.offset = path.stat().st_size if path.exists() else 0  # a resumed run: only new lines
 
     def poll(self) -> None:
         if not self.path.exists():
@@ -167,7 +167,6 @@ def train(cfg: HydraConfig, config_path: str, workers: str = "2", gpu: bool = Fa
     log(f"[train] {run_dir}: steps {start}..{end_step} on {workers} worker(s) "
         f"({'GPU' if gpu else 'CPU'}), global batch {G}")
     progress = Progress(Path(run_dir) / "metrics.jsonl", end_step, log)
-    progress.offset = (Path(run_dir) / "metrics.jsonl").stat().st_size if (Path(run_dir) / "metrics.jsonl").exists() else 0
     progress.start()
     t0 = time.time()
     try:

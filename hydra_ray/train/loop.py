@@ -37,7 +37,7 @@ import torch.distributed as dist
 
 from hydra_ray.config import HydraConfig, dump_config, parse_config
 from hydra_ray.models import HydraLM
-from hydra_ray.parallel.parallelize import expert_param_names, gather_expert_state, parallelize, unwrap
+from hydra_ray.parallel.parallelize import expert_param_names, gather_expert_state, parallelize
 from hydra_ray.train import checkpoint as ckpt
 from hydra_ray.train.curriculum import plan, segments
 
@@ -201,15 +201,8 @@ def _routing_metrics(trace, domain_BT, model: HydraLM, env: Env) -> dict:
     by_layer = trace.expert_counts_by_layer() if trace is not None else {}
     names = sorted(by_layer)
     counts = torch.stack([by_layer[n] for n in names]).double() if names else torch.zeros(0, E, dtype=torch.float64)
-    hits = torch.zeros(2, dtype=torch.float64)
-    if trace is not None and trace.moe:
-        table = torch.tensor(model.domain_to_expert, device=domain_BT.device)
-        known = (domain_BT >= 0) & (domain_BT < len(table))
-        mapped = torch.where(known, table[domain_BT.clamp(0, len(table) - 1)], -1)
-        for exp_BTK, _ in trace.moe.values():
-            ran = (exp_BTK >= 0).any(-1) & (mapped >= 0)
-            hits[0] += float((exp_BTK[..., 0][ran] == mapped[ran]).sum())
-            hits[1] += float(ran.sum())
+    hits = torch.tensor(trace.domain_expert_hits(domain_BT, model.domain_to_expert) if trace is not None
+                        else (0, 0), dtype=torch.float64)
     mod = trace.mod_selected_frac() if trace is not None else None
     mor = trace.mor_mean_depth() if trace is not None else None
     extra = torch.tensor([mod if mod is not None else 0.0, mor if mor is not None else 0.0], dtype=torch.float64)

@@ -16,6 +16,7 @@ import torch
 
 from hydra_ray.config import HydraConfig, PhaseConfig
 from hydra_ray.data import builtin
+from hydra_ray.train.curriculum import plan
 from hydra_ray.models import HydraLM
 
 
@@ -77,21 +78,24 @@ def run_smoke(cfg: HydraConfig, steps: int | None = None, seed: int = 0, log=pri
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                             betas=tuple(cfg.train.betas))
     per_phase: dict[str, list[float]] = {}
+    phases = cfg.curriculum.phases
     current, t0 = None, time.time()
     for step in range(steps):
         phase = schedule[step]
         if phase is not current:
-            current, phase_start = phase, step
-            model.set_features(mor=phase.mor, mod=phase.mod, moe=phase.moe, routing=phase.routing)
+            current, smoke_start = phase, step
+            i = phases.index(phase)
+            real_start = phases[i - 1].until_step if i else 0
             log(f"[smoke] step {step:4d}  phase {phase.name:<11} mor={phase.mor} mod={phase.mod} "
                 f"moe={phase.moe} routing={phase.routing}")
-        if phase.mod:  # anneal MoD capacity from 1.0 so switching MoD on costs no loss cliff
-            warm = max(1, round(cfg.model.mod.capacity_warmup_steps / scale))
-            frac = min(1.0, (step - phase_start + 1) / warm)
-            model.set_features(mod_capacity=1.0 - frac * (1.0 - cfg.model.mod.capacity))
-        lr = cfg.train.lr * min(1.0, (step + 1) / max(1, cfg.train.warmup_steps)) * phase.lr_scale
+        # the step of the real curriculum this smoke step stands for: features, MoD warm-up and LR
+        # come from the trainer's own plan
+        real = min(phase.until_step - 1, real_start + round((step - smoke_start) * scale))
+        p = plan(cfg, real, total)
+        model.set_features(mor=p.mor, mod=p.mod, moe=p.moe, routing=p.routing,
+                           mod_capacity=p.mod_capacity if p.mod else None)
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = p.lr
         x, y, dom = data.batch(cfg.train.batch_size, phase.seq_len or cfg.model.seq_len, phase.mixture)
         out = model(x, y, dom)
         opt.zero_grad(set_to_none=True)
