@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # CPU build for this machine and CI; GPU clusters install the project into their image's torch.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test demo clean
+.PHONY: install browser test demo clean
 
 install: $(VENV)/.installed
 
@@ -16,8 +16,14 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	touch $@
 
-test: install
+test: install browser
 	$(BIN)/python -m pytest
+
+# The inspector page's test drives Debian's Chromium through Playwright (no browser download).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
 
 # The main job: the built-in corpus, then the tiny 7-phase curriculum on a local Ray with 2 workers.
 demo: install

@@ -65,6 +65,14 @@ def _bench(args: argparse.Namespace) -> int:
         res = data.run(config=args.config, steps=args.steps)
         if args.json:
             print(json.dumps(res))
+    if args.name == "serve":
+        from hydra_ray.benchmarks import serve as serve_bench
+
+        if not args.run:
+            raise ConfigError("bench serve needs --run RUN_DIR (a run with checkpoints)")
+        res = serve_bench.run(args.run, seconds=args.seconds)
+        if args.json:
+            print(json.dumps(res))
     if args.name == "dispatch":
         from hydra_ray.benchmarks import dispatch
 
@@ -199,7 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_data_stats)
 
     s = sub.add_parser("bench", help="benchmarks that print side-by-side ratios")
-    s.add_argument("name", choices=["dispatch", "data"])
+    s.add_argument("name", choices=["dispatch", "data", "serve"])
+    s.add_argument("--run", default=None, help="bench serve: the run whose newest checkpoint is served")
+    s.add_argument("--seconds", type=float, default=10.0, help="bench serve: seconds per client count")
     s.add_argument("--config", default="small", help="bench data: the preset whose pipeline and model are timed")
     s.add_argument("--steps", type=int, default=60, help="bench data: training steps of data to stream")
     s.add_argument("--tokens", type=int, default=4096)
@@ -212,6 +222,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rounds", type=int, default=15)
     s.add_argument("--json", action="store_true", help="also print each result as one JSON line")
     s.set_defaults(func=_bench)
+
+    # analyze / tune / serve own their arguments; their modules import nothing heavy at the top.
+    from hydra_ray import tune
+    from hydra_ray.analysis import report
+    from hydra_ray.serve import cli as serve_cli
+
+    for name, mod, help_ in (("analyze", report, "training-analysis report (report.md, plots, summary.json) of runs or HYDRA logs"),
+                             ("tune", tune, "Ray Tune sweep of routing hyper-parameters"),
+                             ("serve", serve_cli, "serve checkpoints over HTTP with Ray Serve (generation, routing inspection)")):
+        s = sub.add_parser(name, help=help_)
+        mod.add_arguments(s)
+        s.set_defaults(func=mod.run)
     return p
 
 

@@ -59,3 +59,39 @@ def ray_session():
 def builtin_cache(tmp_path_factory):
     """The built-in tiny corpus, generated once per test session (never in the user's cache)."""
     return str(tmp_path_factory.mktemp("hydra-cache"))
+
+
+def tiny_config(cache, **train):
+    """The `tiny` preset reading the session's built-in corpus cache, with train.* overrides."""
+    from hydra_ray.config import load_config, parse_config
+
+    data = load_config("tiny").model_dump(mode="python")
+    data["data"]["cache_dir"] = cache
+    data["train"].update(train)
+    return parse_config(data)
+
+
+@pytest.fixture(scope="session")
+def tiny_prepared(ray_session, builtin_cache):
+    """The tiny preset's data, prepared once per session with Ray Data."""
+    from hydra_ray.data.pipeline import prepare_data
+
+    return prepare_data(tiny_config(builtin_cache), log=lambda *_: None)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, builtin_cache, tiny_prepared):
+    """A real run of the whole tiny curriculum (180 steps, one worker in-process): metrics.jsonl,
+    events.jsonl and checkpoints at steps 140, 160 and 180, shared by analysis and serving tests.
+    Returns (config, run directory)."""
+    from pathlib import Path
+
+    from hydra_ray.config import dump_config
+    from hydra_ray.train.loop import run_local
+
+    cfg = tiny_config(builtin_cache)
+    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
+    run_dir.mkdir()
+    (Path(run_dir) / "config.yaml").write_text(dump_config(cfg))
+    run_local(cfg, str(run_dir), tiny_prepared)
+    return cfg, run_dir

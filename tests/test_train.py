@@ -58,11 +58,8 @@ def test_checkpoints_skip_incomplete_and_corrupt_ones(tmp_path, caplog):
 
 # --------------------------------------------------------------------------- in-process loop
 @pytest.fixture(scope="module")
-def tiny_data(ray_session, builtin_cache):
-    from hydra_ray.data.pipeline import prepare_data
-
-    cfg = _tiny(builtin_cache)
-    return prepare_data(cfg, log=lambda *_: None)
+def tiny_data(tiny_prepared):
+    return tiny_prepared
 
 
 @pytest.mark.integration

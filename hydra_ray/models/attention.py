@@ -83,6 +83,15 @@ class KVCache:
         self.batch, self.max_len = batch, max_len
         self.layers: dict[tuple[int, int], LayerKV] = {}
 
+    def keep_prefix(self, length_B: torch.Tensor) -> None:
+        """Forget every slot at or after row b's `length_B[b]`: after a right-padded prefill of
+        ragged prompts, the padding's keys must not outlive it (a later real token that skips a
+        block would otherwise leave a padding key visible in that slot)."""
+        for layer in self.layers.values():
+            if layer.valid_BL is not None:
+                slot_L = torch.arange(layer.max_len, device=layer.valid_BL.device)
+                layer.valid_BL &= slot_L[None, :] < length_B.to(layer.valid_BL.device)[:, None]
+
     def layer(self, key: tuple[int, int]) -> LayerKV:
         if key not in self.layers:
             self.layers[key] = LayerKV(self.batch, self.max_len)

@@ -187,11 +187,12 @@ class HydraLM(nn.Module):
         *,
         causal: bool = False,
         cache: KVCache | None = None,
-        start_pos: int = 0,
+        start_pos: int | torch.Tensor = 0,
         return_trace: bool = False,
     ) -> HydraOutput:
         """`targets_BT` uses -100 for positions that must not reach the loss (padding, boundaries).
-        `domain_BT` holds per-token domain ids (index into cfg.domains, -1 unknown)."""
+        `domain_BT` holds per-token domain ids (index into cfg.domains, -1 unknown).
+        `start_pos`: position of column 0, one int for the batch or a [B] tensor per row."""
         B, T = idx_BT.shape
         if cache is not None and not causal:
             raise ValueError("a KV cache needs causal routing (causal=True)")
@@ -203,7 +204,9 @@ class HydraLM(nn.Module):
             cache=cache,
             trace=RoutingTrace(self.cfg.moe.num_experts) if return_trace else None,
         )
-        pos_BT = (start_pos + torch.arange(T, device=idx_BT.device)).expand(B, T)
+        # a tensor start_pos gives every row its own offset (batched decoding of ragged prompts)
+        offset = start_pos[:, None] if torch.is_tensor(start_pos) else start_pos
+        pos_BT = (offset + torch.arange(T, device=idx_BT.device)).expand(B, T)
         x_BTD = self.embed(idx_BT)
         for unit in self.units:
             x_BTD = unit(x_BTD, pos_BT, ctx)

@@ -103,11 +103,14 @@ class Loaded:
     config_yaml: str
 
 
-def _read_verified(fs, ckpt: str) -> Loaded:
+INFERENCE_FILES = ("model.safetensors", "trainer_state.json", "config.yaml")
+
+
+def _read_verified(fs, ckpt: str, files: tuple[str, ...] = FILES) -> Loaded:
     with fs.open_input_stream(f"{ckpt}/manifest.json") as fh:
         manifest = json.loads(fh.read())
     data = {}
-    for name in FILES:
+    for name in files:
         entry = manifest["files"][name]
         with fs.open_input_stream(f"{ckpt}/{name}") as fh:
             blob = fh.read()
@@ -115,8 +118,19 @@ def _read_verified(fs, ckpt: str) -> Loaded:
             raise ValueError(f"{name} does not match the manifest")
         data[name] = blob
     state = json.loads(data["trainer_state.json"])
-    return Loaded(ckpt, int(state["step"]), st_load(data["model.safetensors"]),
-                  st_load(data["optimizer.safetensors"]), state, data["config.yaml"].decode())
+    optimizer = st_load(data["optimizer.safetensors"]) if "optimizer.safetensors" in data else {}
+    return Loaded(ckpt, int(state["step"]), st_load(data["model.safetensors"]), optimizer, state,
+                  data["config.yaml"].decode())
+
+
+def read_for_inference(ckpt_dir: str) -> Loaded:
+    """Weights, trainer state and config of one checkpoint, checked against its manifest; the
+    optimizer state is neither read nor verified (serving never needs it). Raises ValueError."""
+    fs, path = _fs(ckpt_dir)
+    try:
+        return _read_verified(fs, path, INFERENCE_FILES)
+    except Exception as e:  # missing manifest, truncated or corrupt file, bad JSON
+        raise ValueError(f"checkpoint {ckpt_dir} is incomplete or corrupt ({e})") from None
 
 
 def list_steps(run_dir: str) -> list[tuple[int, str]]:

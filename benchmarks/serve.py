@@ -1,0 +1,103 @@
+"""`hydra-ray bench serve`: serving ratios measured side by side in one run.
+
+1. Engine, no Ray: greedy decode tokens/s with the KV cache against recomputing the prefix every
+   step, and 8 requests decoded as one batch against the same 8 one after another.
+2. The real Serve app on a local Ray: /v1/routing requests/s with 1 client against 16 concurrent
+   clients (Serve batches concurrent traces into one forward).
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+
+import torch
+
+
+def engine_ratios(engine, prompt_tokens: int = 256, new_tokens: int = 64, rounds: int = 3, log=print) -> dict:
+    from hydra_ray.benchmarks.common import compare
+    from hydra_ray.serve.engine import GenRequest
+
+    text = ("Solve 12 * 7 = 84. def add(a, b): return a + b. " * 64)
+    ids = engine.encode(text)[:prompt_tokens]
+    one = [GenRequest(ids, max_tokens=new_tokens, temperature=0.0)]
+    eight = [GenRequest(ids[: prompt_tokens - 7 * i], max_tokens=new_tokens, temperature=0.0) for i in range(8)]
+    times = compare({
+        "cache": lambda: engine.complete(one, use_cache=True),
+        "recompute": lambda: engine.complete(one, use_cache=False),
+        "batched8": lambda: engine.complete(eight),
+        "sequential8": lambda: [engine.complete([r]) for r in eight],
+    }, torch.device("cpu"), rounds=rounds, warmup=1)
+    res = {
+        "decode_tokens_per_s_cache": new_tokens / times["cache"],
+        "decode_tokens_per_s_recompute": new_tokens / times["recompute"],
+        "batched8_tokens_per_s": 8 * new_tokens / times["batched8"],
+        "sequential8_tokens_per_s": 8 * new_tokens / times["sequential8"],
+    }
+    res["cache_vs_recompute"] = res["decode_tokens_per_s_cache"] / res["decode_tokens_per_s_recompute"]
+    res["batched_vs_sequential"] = times["sequential8"] / times["batched8"]
+    log(f"[decode] prompt {len(ids)} tokens, {new_tokens} new, greedy, batch 1: "
+        f"KV cache {res['decode_tokens_per_s_cache']:.0f} tok/s vs recompute {res['decode_tokens_per_s_recompute']:.0f} "
+        f"tok/s = {res['cache_vs_recompute']:.2f}x")
+    log(f"[decode] 8 requests: one batch {res['batched8_tokens_per_s']:.0f} tok/s vs one after another "
+        f"{res['sequential8_tokens_per_s']:.0f} tok/s = {res['batched_vs_sequential']:.2f}x")
+    return res
+
+
+def routing_throughput(url: str, clients: int, seconds: float, headers: dict | None = None) -> dict:
+    import httpx
+
+    done, errors, lat = [0], [0], []
+    stop = time.perf_counter() + seconds
+    lock = threading.Lock()
+
+    def client(i: int) -> None:
+        with httpx.Client(base_url=url, headers=headers or {}, timeout=60) as c:
+            n = 0
+            while time.perf_counter() < stop:
+                t0 = time.perf_counter()
+                r = c.post("/v1/routing", json={"text": f"Solve {i} * {n} = {i * n}; def f(x): return x + {n}"})
+                with lock:
+                    if r.status_code == 200:
+                        done[0] += 1
+                        lat.append(time.perf_counter() - t0)
+                    else:
+                        errors[0] += 1
+                n += 1
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    wall = time.perf_counter() - t0
+    return {"clients": clients, "requests": done[0], "errors": errors[0], "req_per_s": done[0] / wall,
+            "p50_ms": 1000 * statistics.median(lat) if lat else None}
+
+
+def run(run_dir: str, seconds: float = 10.0, port: int = 8765, log=print) -> dict:
+    from ray import serve
+
+    from hydra_ray.serve.app import ServeArgs, build_app
+    from hydra_ray.serve.engine import CheckpointStore, Engine
+    from hydra_ray.train.driver import ray_init
+
+    store, model_id = CheckpointStore.for_run(run_dir)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    res = {"model": model_id, **engine_ratios(Engine.from_store(store, model_id), log=log)}
+    ray_init(log, min_cpus=3)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(build_app(ServeArgs(run=run_dir, max_batch_size=16, batch_wait_timeout_s=0.005)),
+                  name="hydra-bench", route_prefix="/")
+        url = f"http://127.0.0.1:{port}"
+        routing_throughput(url, 4, 2.0)  # warm-up: model loaded, batch queue running
+        one = routing_throughput(url, 1, seconds)
+        many = routing_throughput(url, 16, seconds)
+    finally:
+        serve.shutdown()
+    res.update(routing_1_client=one, routing_16_clients=many, routing_16_vs_1=many["req_per_s"] / one["req_per_s"])
+    log(f"[routing] /v1/routing: 1 client {one['req_per_s']:.1f} req/s (p50 {one['p50_ms']:.0f} ms), "
+        f"16 clients {many['req_per_s']:.1f} req/s (p50 {many['p50_ms']:.0f} ms) = {res['routing_16_vs_1']:.2f}x; "
+        f"errors {one['errors'] + many['errors']}")
+    return res

@@ -1,0 +1,491 @@
+"""The serving engine: checkpoint -> batched generation with the KV cache, and routing traces.
+No Ray here: the Serve deployments (app.py) wrap it, tests drive it directly.
+
+Design choices
+- Loading reads safetensors and JSON/YAML only, verified against the checkpoint's manifest; the
+  optimizer state is never read. The config stored in the checkpoint rebuilds the model and its
+  tokenizer; the feature switches (MoR/MoD/MoE, routing mode) come back with the weights.
+- A model id names a checkpoint inside one store folder: `RUN` (its newest valid checkpoint) or
+  `RUN@STEP`, RUN being a run directory's path relative to the store. Ids are checked twice:
+  syntactically (no absolute paths, no `..`, no odd characters) and after resolving symlinks
+  (every path we open must still lie inside the store). A violation is an `EngineError(400)`.
+- Generation is batched across requests of different lengths and sampling settings: prompts are
+  right-padded and prefilled in one forward, each row decodes at its own position (a per-row
+  `start_pos`), and the padding's cache slots are forgotten after the prefill. Every routing
+  decision at generation is causal and per token, so a row's tokens do not depend on the other
+  rows; each row samples from its own seeded generator, so the same seed gives the same text.
+- Generation is a generator of per-step events, so streaming and non-streaming requests share
+  one path. Stop strings are matched on the decoded text; text that could still become a stop
+  string is held back from the stream until it cannot.
+- Expert load counters are updated from the traces of every forward the engine runs (prompt
+  and generated tokens, routing requests), per MoE layer.
+
+Shape legend: B batch, T sequence.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from hydra_ray.config import HydraConfig, parse_config
+from hydra_ray.data.tokenizer import load_tokenizer
+from hydra_ray.models import HydraLM
+from hydra_ray.models.attention import KVCache
+from hydra_ray.models.hydra import sample
+from hydra_ray.train import checkpoint as ckpt
+
+log = logging.getLogger(__name__)
+_ID = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*(@[0-9]{1,12})?$")
+
+
+class EngineError(Exception):
+    """A request the engine refuses; `status` is the HTTP status the ingress answers with."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+    def __reduce__(self):  # travels between Ray processes intact
+        return EngineError, (self.status, self.message)
+
+
+def context_of(cfg: HydraConfig) -> int:
+    """Longest prompt + completion served: RoPE positions extrapolate, but quality beyond a few
+    training lengths is not worth the memory of the cache."""
+    return 8 * cfg.model.seq_len
+
+
+# --------------------------------------------------------------------------- checkpoint store
+@dataclass(frozen=True)
+class CheckpointRef:
+    model_id: str  # canonical: RUN@STEP
+    run: str
+    step: int
+    path: Path
+
+    def as_dict(self) -> dict:
+        return {"id": self.model_id, "run": self.run, "step": self.step}
+
+
+class CheckpointStore:
+    """Checkpoints under one folder: ROOT/RUN/checkpoints/step_XXXXXXXX (RUN may be nested)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser().resolve()
+        if not self.root.is_dir():
+            raise EngineError(400, f"checkpoint store {root} is not a directory")
+
+    def _inside(self, p: Path, model_id: str) -> Path:
+        real = p.resolve()
+        if real != self.root and self.root not in real.parents:
+            raise EngineError(400, f"model {model_id!r} points outside the checkpoint store")
+        return real
+
+    def resolve(self, model_id: str) -> CheckpointRef:
+        if not isinstance(model_id, str) or not _ID.match(model_id) or len(model_id) > 512:
+            raise EngineError(400, f"model {model_id!r} is not a valid model id (RUN or RUN@STEP, "
+                                   "a relative path inside the checkpoint store)")
+        run, _, step_s = model_id.partition("@")
+        if any(part in (".", "..") for part in run.split("/")):
+            raise EngineError(400, f"model {model_id!r} may not contain '.' or '..' path segments")
+        run_dir = self._inside(self.root / run, model_id)
+        if step_s:
+            step = int(step_s)
+            path = run_dir / "checkpoints" / ckpt.step_dir_name(step)
+        else:
+            steps = ckpt.list_steps(str(run_dir))
+            if not steps:
+                raise EngineError(404, f"model {model_id!r}: no checkpoints in run {run!r}")
+            step, p = steps[-1]
+            path = Path(p)
+        path = self._inside(path, model_id)
+        if not (path / "manifest.json").is_file():
+            raise EngineError(404, f"model {model_id!r}: no such checkpoint in the store")
+        for name in ckpt.INFERENCE_FILES + ("manifest.json",):  # a symlinked file must not leave either
+            self._inside(path / name, model_id)
+        return CheckpointRef(f"{run}@{step}", run, step, path)
+
+    def list(self) -> list[CheckpointRef]:
+        out = []
+        for checkpoints in sorted(self.root.rglob("checkpoints")):
+            run = checkpoints.parent.relative_to(self.root).as_posix()
+            if not checkpoints.is_dir() or not _ID.match(run):
+                continue
+            for step, _ in ckpt.list_steps(str(checkpoints.parent)):
+                try:
+                    out.append(self.resolve(f"{run}@{step}"))
+                except EngineError:
+                    continue
+        return out
+
+    @staticmethod
+    def for_run(run_dir: str | Path) -> tuple["CheckpointStore", str]:
+        """The store around a run directory and the id of its newest checkpoint."""
+        run = Path(run_dir).expanduser().resolve()
+        if not (run / "checkpoints").is_dir():
+            raise EngineError(400, f"{run_dir} is not a run directory (no checkpoints/ folder)")
+        store = CheckpointStore(run.parent)
+        return store, store.resolve(run.name).model_id
+
+    @staticmethod
+    def for_checkpoint(ckpt_dir: str | Path) -> tuple["CheckpointStore", str]:
+        """The store around RUN/checkpoints/step_XXXXXXXX and that checkpoint's id."""
+        p = Path(ckpt_dir).expanduser().resolve()
+        m = ckpt.STEP_DIR.match(p.name)
+        if not m or p.parent.name != "checkpoints":
+            raise EngineError(400, f"{ckpt_dir} is not a checkpoint directory (RUN/checkpoints/step_XXXXXXXX)")
+        store = CheckpointStore(p.parent.parent.parent)
+        return store, store.resolve(f"{p.parent.parent.name}@{int(m.group(1))}").model_id
+
+
+# --------------------------------------------------------------------------- requests
+@dataclass
+class GenRequest:
+    prompt_ids: list[int]
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float | None = None
+    top_k: int | None = None
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    domain: str | None = None
+
+
+@dataclass
+class GenEvent:
+    """What one row produced at one decode step: new text to emit (possibly empty while a stop
+    string may be forming) and, on the last event, the finish reason."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None  # "stop" | "length"
+    expert_counts: dict[str, list[int]] | None = None  # on the last event: this request's expert load
+
+
+class _Row:
+    """Decoding state of one request inside a batch."""
+
+    def __init__(self, req: GenRequest, tokenizer):
+        self.req, self.tok = req, tokenizer
+        self.ids: list[int] = []
+        self.emitted = 0  # characters of the completion already sent
+        self.done = False
+        self.counts: dict[str, list[int]] = {}  # MoE layer -> tokens per expert (prompt + completion)
+        self.gen = torch.Generator()
+        if req.seed is None:
+            self.gen.seed()
+        else:
+            self.gen.manual_seed(req.seed)
+
+    def add(self, token: int) -> GenEvent:
+        if token == self.tok.eos_id:
+            self.done = True
+            return self._flush(self._text(), "stop")
+        self.ids.append(token)
+        text = self._text()
+        for s in self.req.stop:
+            at = text.find(s)
+            if at >= 0:
+                self.done = True
+                return self._flush(text[:at], "stop")
+        if len(self.ids) >= self.req.max_tokens:
+            self.done = True
+            return self._flush(text, "length")
+        # hold back a tail that may be the start of a stop string, and a split UTF-8 character
+        safe = len(text)
+        if text.endswith("\ufffd"):
+            safe = len(text.rstrip("\ufffd"))
+        for s in self.req.stop:
+            for k in range(min(len(s) - 1, safe), 0, -1):
+                if text[:safe].endswith(s[:k]):
+                    safe -= k
+                    break
+        return self._flush(text[:safe], None)
+
+    def _text(self) -> str:
+        return self.tok.decode(self.ids)
+
+    def _flush(self, text: str, reason: str | None) -> GenEvent:
+        new = text[self.emitted:] if len(text) > self.emitted else ""
+        self.emitted = max(self.emitted, len(text))
+        return GenEvent(new, [], reason)
+
+
+# --------------------------------------------------------------------------- engine
+class Engine:
+    def __init__(self, model: HydraLM, cfg: HydraConfig, model_id: str = "model", step: int = 0,
+                 max_context: int | None = None):
+        self.model = model.eval()
+        self.cfg = cfg
+        self.model_id, self.step = model_id, step
+        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
+        self.domains = list(cfg.model.domains)
+        self.domain_expert = model.domain_to_expert
+        self.num_experts = cfg.model.moe.num_experts
+        self.max_context = max_context or context_of(cfg)
+        self.pad_id = self.tokenizer.pad_id
+        self._lock = threading.Lock()
+        self.counts: dict[str, list[int]] = {}  # MoE layer -> tokens per expert
+        self.requests = 0
+
+    # ----------------------------------------------------------------- loading
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, model_id: str | None = None, **kw) -> "Engine":
+        try:
+            loaded = ckpt.read_for_inference(str(path))
+        except ValueError as e:
+            raise EngineError(404, str(e)) from None
+        import yaml
+
+        cfg = parse_config(yaml.safe_load(loaded.config_yaml))
+        model = HydraLM(cfg.model)
+        model.load_state_dict(loaded.model)  # feature switches come back with the weights
+        return cls(model, cfg, model_id or Path(path).name, loaded.step, **kw)
+
+    @classmethod
+    def from_store(cls, store: CheckpointStore, model_id: str, **kw) -> "Engine":
+        ref = store.resolve(model_id)
+        return cls.from_checkpoint(ref.path, ref.model_id, **kw)
+
+    @property
+    def info(self) -> dict:
+        return {"id": self.model_id, "step": self.step, "features": self.model.features,
+                "domains": self.domains, "num_experts": self.num_experts,
+                "domain_expert": dict(zip(self.domains, self.domain_expert)),
+                "tokenizer": self.tokenizer.name, "max_context": self.max_context}
+
+    # ----------------------------------------------------------------- text
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode_batch([text])[0]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+    def piece(self, token: int) -> str:
+        return self.tokenizer.decode([token])
+
+    def domain_id(self, domain: str | None) -> int | None:
+        if domain is None:
+            return None
+        if domain not in self.domains:
+            raise EngineError(400, f"unknown domain {domain!r}; this model knows {self.domains}")
+        return self.domains.index(domain)
+
+    # ----------------------------------------------------------------- counters
+    def _count(self, trace, valid_BT: torch.Tensor) -> list[dict[str, list[int]]]:
+        """Tokens per expert and MoE layer of each row's valid positions; also added to the
+        engine's running totals."""
+        rows: list[dict[str, list[int]]] = [{} for _ in range(valid_BT.shape[0])]
+        for (b, r), (exp_BTK, _) in sorted(trace.moe.items()):
+            for row, out in enumerate(rows):
+                e = exp_BTK[row][valid_BT[row].expand(exp_BTK.shape[1])]
+                out[f"b{b}r{r}"] = torch.bincount(e[e >= 0], minlength=self.num_experts).tolist()
+        with self._lock:
+            for out in rows:
+                add_counts(self.counts, out)
+        return rows
+
+    def stats(self) -> dict:
+        with self._lock:
+            by_layer = {k: list(v) for k, v in self.counts.items()}
+        total = [sum(v[i] for v in by_layer.values()) for i in range(self.num_experts)]
+        s = sum(total)
+        return {"model": self.model_id, "requests": self.requests, "tokens_by_expert": total,
+                "fraction_by_expert": [t / s if s else 0.0 for t in total], "by_layer": by_layer}
+
+    # ----------------------------------------------------------------- routing traces
+    def check_context(self, n_tokens: int) -> None:
+        if n_tokens > self.max_context:
+            raise EngineError(413, f"{n_tokens} tokens exceed this model's context of {self.max_context}")
+
+    @torch.no_grad()
+    def trace_ids(self, batch: list[list[int]], domains: list[str | None] | None = None) -> list[dict]:
+        """Per-token routing of several token sequences in one forward (right-padded; causal
+        routing makes every row independent of the others)."""
+        domains = domains or [None] * len(batch)
+        dom_ids = [self.domain_id(d) for d in domains]
+        lens = [len(ids) for ids in batch]
+        for n in lens:
+            self.check_context(n)
+        if not batch:
+            return []
+        B, T = len(batch), max(max(lens), 1)
+        idx_BT = torch.full((B, T), self.pad_id, dtype=torch.long)
+        dom_BT = torch.full((B, T), -1, dtype=torch.long)
+        for b, ids in enumerate(batch):
+            idx_BT[b, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+            if dom_ids[b] is not None:
+                dom_BT[b] = dom_ids[b]
+        valid_BT = torch.arange(T)[None, :] < torch.tensor(lens)[:, None]
+        out = self.model.trace(idx_BT, dom_BT if any(d is not None for d in dom_ids) else None)
+        self._count(out.trace, valid_BT)
+        with self._lock:
+            self.requests += B
+        return [self._routing_json(out.trace, b, batch[b], dom_ids[b]) for b in range(B)]
+
+    def trace_text(self, text: str, domain: str | None = None) -> dict:
+        return self.trace_ids([self.encode(text)], [domain])[0]
+
+    def _routing_json(self, trace, row: int, ids: list[int], dom: int | None) -> dict:
+        per_token = trace.tokens(row)[:len(ids)] if ids else []
+        for rec in per_token:  # float noise of batched matmuls stays below the 6th decimal
+            for d in rec["mod"].values():
+                d["score"] = round(d["score"], 6)
+        tokens = [{"index": i, "id": t, "text": self.piece(t), **rec} for i, (t, rec) in enumerate(zip(ids, per_token))]
+        counts = [0] * self.num_experts
+        by_layer: dict[str, list[int]] = {}
+        for rec in tokens:
+            for layer, d in rec["moe"].items():
+                row_c = by_layer.setdefault(layer, [0] * self.num_experts)
+                for e in d["experts"]:
+                    counts[e] += 1
+                    row_c[e] += 1
+        total = sum(counts)
+        experts = [{"expert": e, "tokens": counts[e], "fraction": counts[e] / total if total else 0.0,
+                    "domain": next((d for d, x in zip(self.domains, self.domain_expert) if x == e), None)}
+                   for e in range(self.num_experts)]
+        # per domain: how much of this text went to the expert that domain was trained onto
+        domains = {d: {"expert": x, "fraction": counts[x] / total if total and x >= 0 else 0.0}
+                   for d, x in zip(self.domains, self.domain_expert)}
+        mod = [r["selected"] for rec in tokens for r in rec["mod"].values()]
+        mor = [v for rec in tokens for v in rec["mor"].values()]
+        summary = {
+            "tokens": len(ids),
+            "experts": experts,
+            "expert_tokens_by_layer": by_layer,
+            "domains": domains,
+            "closest_domain": max(domains, key=lambda d: domains[d]["fraction"]) if total and domains else None,
+            "mod_selected_frac": sum(mod) / len(mod) if mod else None,
+            "mor_mean_depth": sum(mor) / len(mor) if mor else None,
+        }
+        if dom is not None:
+            hit, tot = _row_hits(trace, row, len(ids), self.domain_expert[dom])
+            summary["domain"] = self.domains[dom]
+            summary["domain_expert_agreement"] = hit / tot if tot else None
+        return {"model": self.model_id, "step": self.step, "features": self.model.features,
+                "moe_layers": sorted(by_layer) or trace.moe_layers(), "tokens": tokens, "summary": summary}
+
+    # ----------------------------------------------------------------- generation
+    def check_request(self, req: GenRequest) -> None:
+        if not req.prompt_ids:
+            raise EngineError(400, "the prompt is empty")
+        if req.max_tokens < 1:
+            raise EngineError(400, "max_tokens must be at least 1")
+        self.check_context(len(req.prompt_ids) + req.max_tokens)
+        self.domain_id(req.domain)
+
+    @torch.no_grad()
+    def generate(self, reqs: list[GenRequest], use_cache: bool = True) -> Iterator[list[GenEvent | None]]:
+        """Decode a batch of requests together; yields, per step, one event per row (None for rows
+        that finished earlier). Every row ends with an event that carries its finish reason."""
+        for r in reqs:
+            self.check_request(r)
+        model, B = self.model, len(reqs)
+        rows = [_Row(r, self.tokenizer) for r in reqs]
+        seqs = [list(r.prompt_ids) for r in reqs]
+        dom_ids = [self.domain_id(r.domain) for r in reqs]
+        use_dom = any(d is not None for d in dom_ids)
+        with self._lock:
+            self.requests += B
+
+        def dom_BT(T: int) -> torch.Tensor | None:
+            if not use_dom:
+                return None
+            return torch.tensor([-1 if d is None else d for d in dom_ids])[:, None].expand(B, T)
+
+        def padded() -> tuple[torch.Tensor, torch.Tensor]:
+            lens = torch.tensor([len(s) for s in seqs])
+            idx = torch.full((B, int(lens.max())), self.pad_id, dtype=torch.long)
+            for b, s in enumerate(seqs):
+                idx[b, :len(s)] = torch.tensor(s, dtype=torch.long)
+            return idx, lens
+
+        idx_BT, len_B = padded()
+        valid = torch.arange(idx_BT.shape[1])[None, :] < len_B[:, None]
+        cache = KVCache(B, int(max(len(s) + r.max_tokens for s, r in zip(seqs, reqs)))) if use_cache else None
+        out = model(idx_BT, domain_BT=dom_BT(idx_BT.shape[1]), causal=True, cache=cache, return_trace=True)
+        for row, c in zip(rows, self._count(out.trace, valid)):
+            add_counts(row.counts, c)
+        if cache is not None:
+            cache.keep_prefix(len_B)
+        logits_BV = out.logits[torch.arange(B), len_B - 1]
+        while True:
+            events: list[GenEvent | None] = []
+            for b, row in enumerate(rows):
+                if row.done:
+                    events.append(None)
+                    continue
+                tok = int(sample(logits_BV[b:b + 1], row.req.temperature, row.req.top_k, row.req.top_p, row.gen))
+                ev = row.add(tok)
+                ev.token_ids = [tok]
+                if ev.finish_reason:
+                    ev.expert_counts = row.counts
+                seqs[b].append(tok)
+                events.append(ev)
+            yield events
+            if all(r.done for r in rows):
+                return
+            live = torch.tensor([not r.done for r in rows])
+            if cache is not None:
+                # finished rows re-feed their last token at its own position: a harmless rewrite
+                pos_B = torch.tensor([len(s) - 1 for s in seqs])
+                nxt_B1 = torch.tensor([s[-1] for s in seqs])[:, None]
+                out = model(nxt_B1, domain_BT=dom_BT(1), causal=True, cache=cache, start_pos=pos_B,
+                            return_trace=True)
+                for row, c in zip(rows, self._count(out.trace, live[:, None])):
+                    add_counts(row.counts, c)
+                logits_BV = out.logits[:, -1]
+            else:
+                idx_BT, len_B = padded()
+                out = model(idx_BT, domain_BT=dom_BT(idx_BT.shape[1]), causal=True, return_trace=True)
+                last_BT = torch.zeros(idx_BT.shape, dtype=torch.bool)
+                last_BT[torch.arange(B), len_B - 1] = live  # count each new token once
+                for row, c in zip(rows, self._count(out.trace, last_BT)):
+                    add_counts(row.counts, c)
+                logits_BV = out.logits[torch.arange(B), len_B - 1]
+
+    def complete(self, reqs: list[GenRequest], use_cache: bool = True) -> list[dict]:
+        """Run `generate` to the end: per request its text, token ids and finish reason."""
+        res = [{"text": "", "token_ids": [], "finish_reason": None} for _ in reqs]
+        for events in self.generate(reqs, use_cache):
+            for r, ev in zip(res, events):
+                if ev is not None:
+                    r["text"] += ev.text
+                    r["token_ids"] += ev.token_ids
+                    r["finish_reason"] = ev.finish_reason or r["finish_reason"]
+        return res
+
+
+def add_counts(total: dict[str, list[int]], more: dict[str, list[int]]) -> None:
+    for layer, c in more.items():
+        row = total.setdefault(layer, [0] * len(c))
+        for i, v in enumerate(c):
+            row[i] += v
+
+
+def _row_hits(trace, row: int, n: int, expert: int) -> tuple[int, int]:
+    """(MoE layer, token) pairs of one row whose first expert is `expert`, and all that ran."""
+    hit = tot = 0
+    for exp_BTK, _ in trace.moe.values():
+        e = exp_BTK[row, :n]
+        ran = (e >= 0).any(-1)
+        hit += int((e[..., 0][ran] == expert).sum())
+        tot += int(ran.sum())
+    return hit, tot
+
+
+def timed_decode(engine: Engine, prompt_ids: list[int], new_tokens: int, use_cache: bool, batch: int = 1) -> float:
+    """Decode tokens/s of greedy generation (the benchmark behind `hydra-ray bench serve`)."""
+    reqs = [GenRequest(prompt_ids, max_tokens=new_tokens, temperature=0.0) for _ in range(batch)]
+    t0 = time.perf_counter()
+    res = engine.complete(reqs, use_cache=use_cache)
+    dt = time.perf_counter() - t0
+    return sum(len(r["token_ids"]) for r in res) / dt

@@ -1,0 +1,423 @@
+"""Serving: the engine on its own, then the real Serve app (ingress + multiplexed model deployment)
+on the session's local Ray, against checkpoints of a real tiny run; and the inspector page in a
+real headless Chromium."""
+
+import json
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from hydra_ray.serve.engine import CheckpointStore, Engine, EngineError, GenRequest
+
+ROOT = Path(__file__).resolve().parent.parent
+KEY = "test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def store(tiny_run, tmp_path_factory):
+    """A checkpoint store holding the tiny run (checkpoints 140, 160, 180), plus traps: a symlink
+    to a run outside the store and a run whose checkpoint is corrupt."""
+    _, run_dir = tiny_run
+    root = tmp_path_factory.mktemp("store")
+    shutil.copytree(run_dir / "checkpoints", root / "tiny" / "checkpoints")
+    outside = tmp_path_factory.mktemp("outside")
+    shutil.copytree(run_dir / "checkpoints" / "step_00000180", outside / "secret" / "checkpoints" / "step_00000180")
+    (root / "escape").symlink_to(outside / "secret")
+    bad = root / "broken" / "checkpoints" / "step_00000010"
+    shutil.copytree(run_dir / "checkpoints" / "step_00000180", bad)
+    (bad / "model.safetensors").write_bytes(b"not a safetensors file")
+    return root
+
+
+@pytest.fixture(scope="module")
+def engines(store):
+    s = CheckpointStore(store)
+    return {m: Engine.from_store(s, m) for m in ("tiny@160", "tiny@180")}
+
+
+# --------------------------------------------------------------------------- engine (no Ray)
+def test_engine_loads_a_checkpoint_with_its_features_and_generates_deterministically(engines):
+    e = engines["tiny@180"]
+    assert e.model_id == "tiny@180" and e.step == 180
+    assert e.model.features["moe"] and e.model.features["mod"] and e.model.features["mor"]
+    ids = e.encode("def add(a, b):")
+    req = dict(max_tokens=24, temperature=0.9, top_p=0.95, top_k=50)
+    a = e.complete([GenRequest(ids, seed=3, **req)])[0]
+    b = e.complete([GenRequest(ids, seed=3, **req)])[0]
+    c = e.complete([GenRequest(ids, seed=4, **req)])[0]
+    assert a == b and len(a["token_ids"]) == 24 and a["finish_reason"] == "length"
+    assert a["token_ids"] != c["token_ids"]
+
+
+def test_engine_batches_ragged_requests_exactly_and_the_cache_equals_recompute(engines):
+    e = engines["tiny@180"]
+    reqs = [GenRequest(e.encode(p), max_tokens=n, temperature=t, seed=s)
+            for p, n, t, s in [("Solve 12 * 7 = ", 20, 0.0, None), ("x", 9, 0.8, 1), ("def f(x):\n    return", 14, 1.0, 2)]]
+    alone = [e.complete([r])[0] for r in reqs]
+    together = e.complete(reqs)
+    recompute = e.complete(reqs, use_cache=False)
+    for a, b, c in zip(alone, together, recompute):
+        assert a["token_ids"] == b["token_ids"] == c["token_ids"]
+        assert a["text"] == b["text"]
+
+
+def test_engine_stop_strings_end_generation_and_are_never_emitted(engines):
+    e = engines["tiny@180"]
+    ids = e.encode("The answer is ")
+    full = e.complete([GenRequest(ids, max_tokens=40, temperature=0.0)])[0]["text"]
+    stop = full[5:7]  # a string the greedy continuation certainly produces
+    events = list(e.generate([GenRequest(ids, max_tokens=40, temperature=0.0, stop=[stop])]))
+    text = "".join(ev[0].text for ev in events if ev[0] is not None)
+    assert events[-1][0].finish_reason == "stop"
+    assert text == full[:full.find(stop)] and stop not in text
+
+
+def test_engine_trace_is_per_token_and_batched_traces_match_single_ones(engines):
+    e = engines["tiny@180"]
+    texts = ["Solve 12 * 7 = ", "def add(a, b):\n    return a + b", "hi"]
+    single = [e.trace_text(t) for t in texts]
+    batched = e.trace_ids([e.encode(t) for t in texts])
+    for s, b, t in zip(single, batched, texts):
+        assert len(s["tokens"]) == len(e.encode(t))
+        _same_routing(s["tokens"], b["tokens"])
+    tok = single[0]["tokens"][0]
+    assert set(tok) == {"index", "id", "text", "moe", "mod", "mor"}
+    assert set(tok["moe"]) == {"b0r0", "b0r1", "b0r2", "b1r0", "b1r1", "b1r2"} & set(tok["moe"]) and tok["mor"]
+    fr = [x["fraction"] for x in single[1]["summary"]["experts"]]
+    assert abs(sum(fr) - 1) < 1e-9
+
+
+def _same_routing(a: list[dict], b: list[dict]) -> None:
+    """Same decisions; scores and gates equal up to float noise of differently shaped matmuls."""
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert (x["id"], x["mor"]) == (y["id"], y["mor"])
+        assert {k: v["experts"] for k, v in x["moe"].items()} == {k: v["experts"] for k, v in y["moe"].items()}
+        for k in x["moe"]:
+            assert x["moe"][k]["gates"] == pytest.approx(y["moe"][k]["gates"], abs=1e-4)
+        assert {k: v["selected"] for k, v in x["mod"].items()} == {k: v["selected"] for k, v in y["mod"].items()}
+        for k in x["mod"]:
+            assert x["mod"][k]["score"] == pytest.approx(y["mod"][k]["score"], abs=1e-4)
+
+
+def test_store_rejects_ids_that_leave_it_and_reports_missing_or_corrupt_checkpoints(store, tmp_path):
+    s = CheckpointStore(store)
+    for bad in ("../x", "/etc/passwd", "tiny/../../etc", "tiny/./checkpoints", "escape", "escape@180", "a\\b",
+                "tiny@-1", "", "tiny@180/../x", "~root"):
+        with pytest.raises(EngineError) as e:
+            s.resolve(bad)
+        assert e.value.status == 400, bad
+    with pytest.raises(EngineError) as e:
+        s.resolve("tiny@999")
+    assert e.value.status == 404
+    assert s.resolve("tiny").model_id == "tiny@180"  # newest
+    with pytest.raises(EngineError) as e:  # a corrupt checkpoint never loads
+        Engine.from_store(s, "broken@10")
+    assert e.value.status == 404
+    # a checkpoint whose weights file is a symlink out of the store
+    link = store / "linked" / "checkpoints" / "step_00000001"
+    link.mkdir(parents=True)
+    for f in (store / "tiny" / "checkpoints" / "step_00000180").iterdir():
+        (link / f.name).write_bytes(f.read_bytes())
+    outside = tmp_path / "weights.safetensors"
+    outside.write_bytes((link / "model.safetensors").read_bytes())
+    (link / "model.safetensors").unlink()
+    (link / "model.safetensors").symlink_to(outside)
+    with pytest.raises(EngineError) as e:
+        s.resolve("linked@1")
+    assert e.value.status == 400
+    assert {r.model_id for r in s.list()} >= {"tiny@140", "tiny@160", "tiny@180"}
+    assert not any(r.model_id.startswith(("escape", "linked")) for r in s.list())
+    shutil.rmtree(store / "linked")
+
+
+# --------------------------------------------------------------------------- the Serve app
+@pytest.fixture(scope="module")
+def app(ray_session, store):
+    from ray import serve
+
+    from hydra_ray.serve.app import ServeArgs, build_app
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    args = dict(store=str(store), default_model="tiny", api_key=KEY, num_cpus=0.5, max_tokens=64,
+                max_prompt_tokens=200, max_batch_size=8, batch_wait_timeout_s=0.02, max_models_per_replica=2)
+    serve.run(build_app(ServeArgs(**args)), name="hydra", route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    with httpx.Client(base_url=url, headers=AUTH, timeout=120) as client:
+        yield {"url": url, "client": client, "args": args}
+    serve.shutdown()
+
+
+def _sse(text: str) -> list:
+    events = [line[len("data: "):] for line in text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
+def test_completions_are_openai_shaped_streamed_or_not_and_seeded(app, engines):
+    c = app["client"]
+    body = {"prompt": "def add(a, b):", "max_tokens": 20, "temperature": 0.8, "top_p": 0.9, "seed": 11}
+    r1, r2 = c.post("/v1/completions", json=body), c.post("/v1/completions", json=body)
+    assert r1.status_code == 200, r1.text
+    out = r1.json()
+    assert out["object"] == "text_completion" and out["id"].startswith("cmpl-") and isinstance(out["created"], int)
+    assert out["model"] == "tiny@180"
+    ch = out["choices"][0]
+    assert set(ch) >= {"text", "index", "logprobs", "finish_reason"} and ch["finish_reason"] == "length"
+    assert out["usage"] == {"prompt_tokens": 14, "completion_tokens": 20, "total_tokens": 34}
+    assert r2.json()["choices"][0]["text"] == ch["text"]  # same seed, same text
+    # the engine in this process agrees token for token
+    e = engines["tiny@180"]
+    ref = e.complete([GenRequest(e.encode(body["prompt"]), max_tokens=20, temperature=0.8, top_p=0.9, seed=11)])[0]
+    assert ref["text"] == ch["text"]
+
+    r = c.post("/v1/completions", json={**body, "stream": True})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    chunks = _sse(r.text)
+    assert all(k["object"] == "text_completion" and k["id"] == chunks[0]["id"] for k in chunks)
+    assert "".join(k["choices"][0]["text"] for k in chunks) == ch["text"]
+    assert [k["choices"][0]["finish_reason"] for k in chunks][-1] == "length"
+    assert all(k["choices"][0]["finish_reason"] is None for k in chunks[:-1])
+    assert chunks[-1]["usage"]["completion_tokens"] == 20
+
+    stop = ch["text"][3:5]
+    r = c.post("/v1/completions", json={**body, "stop": stop})
+    assert r.json()["choices"][0] == {**r.json()["choices"][0], "text": ch["text"][:ch["text"].find(stop)],
+                                      "finish_reason": "stop"}
+    r = c.post("/v1/completions", content=json.dumps({"prompt": ["a", "bb"], "max_tokens": 3, "temperature": 0}))
+    assert [x["index"] for x in r.json()["choices"]] == [0, 1] and r.json()["usage"]["prompt_tokens"] == 3
+
+
+def test_routing_endpoints_agree_with_the_engine_trace(app, engines):
+    c, e = app["client"], engines["tiny@180"]
+    text = "Solve 12 * 7 = "
+    r = c.post("/v1/routing", json={"text": text})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    ref = e.trace_text(text)
+    _same_routing(out["tokens"], ref["tokens"])
+    assert [t["text"] for t in out["tokens"]] == list(text)
+    s = out["summary"]
+    assert [x["tokens"] for x in s["experts"]] == [x["tokens"] for x in ref["summary"]["experts"]]
+    assert set(s["domains"]) == {"math", "code", "chat", "finefineweb"}
+    assert s["mod_selected_frac"] == pytest.approx(ref["summary"]["mod_selected_frac"])
+    assert s["mor_mean_depth"] == pytest.approx(ref["summary"]["mor_mean_depth"])
+    r = c.post("/v1/routing", json={"text": text, "domain": "math"})
+    assert 0 <= r.json()["summary"]["domain_expert_agreement"] <= 1
+
+    body = {"prompt": "def f(x):", "max_tokens": 12, "temperature": 0, "return_routing": True}
+    ch = c.post("/v1/completions", json=body).json()["choices"][0]
+    ids = e.encode(body["prompt"]) + e.complete([GenRequest(e.encode(body["prompt"]), max_tokens=12, temperature=0)])[0]["token_ids"]
+    _same_routing(ch["routing"]["tokens"], e.trace_ids([ids])[0]["tokens"])
+
+
+def test_two_checkpoints_are_multiplexed_side_by_side(app, engines):
+    c = app["client"]
+    texts = {"tiny@160": "Solve 3 + 4 = ", "tiny@180": "Solve 3 + 4 = "}
+    results = {}
+
+    def ask(model):
+        results[model] = c.post("/v1/routing", json={"text": texts[model], "model": model}).json()
+
+    threads = [threading.Thread(target=ask, args=(m,)) for m in texts for _ in range(2)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    for model, res in results.items():
+        assert res["model"] == model and res["step"] == int(model.split("@")[1])
+        _same_routing(res["tokens"], engines[model].trace_text(texts[model])["tokens"])
+    g = [engines[m].model.units[0].block.attn.wq.weight for m in texts]
+    assert not bool((g[0] == g[1]).all())  # really two different checkpoints
+    models = c.get("/v1/models").json()
+    assert models["object"] == "list"
+    ids = {m["id"]: m for m in models["data"]}
+    assert {"tiny@140", "tiny@160", "tiny@180"} <= set(ids) and ids["tiny@180"]["default"]
+    assert all(m["object"] == "model" for m in models["data"])
+
+
+def test_concurrent_requests_are_batched_and_counted(app):
+    c = app["client"]
+    before = c.get("/v1/experts/stats").json()["models"].get("tiny@180", {"tokens_by_expert": [0] * 4})
+    out = []
+
+    def ask(i):
+        out.append(c.post("/v1/routing", json={"text": f"batch me {i} " * 3}).json())
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert max(o["batch_size"] for o in out) > 1
+    after = c.get("/v1/experts/stats").json()["models"]["tiny@180"]
+    routed = sum(sum(x["summary"]["experts"][e]["tokens"] for x in out) for e in range(4))
+    assert sum(after["tokens_by_expert"]) - sum(before["tokens_by_expert"]) >= routed
+    assert abs(sum(after["fraction_by_expert"]) - 1) < 1e-9
+    metrics = httpx.get(app["url"] + "/metrics").text
+    assert 'hydra_requests_total{endpoint="routing",status="200"}' in metrics
+    assert "hydra_expert_tokens_total" in metrics and "hydra_batch_size_bucket" in metrics
+
+
+def test_hot_swap_under_load_drops_no_request(app):
+    from ray import serve
+
+    from hydra_ray.serve.app import ServeArgs, build_app
+
+    url, errors, seen, stop = app["url"], [], set(), threading.Event()
+
+    def client(i):
+        with httpx.Client(base_url=url, headers=AUTH, timeout=120) as c:
+            while not stop.is_set():
+                try:
+                    if i % 2:
+                        r = c.post("/v1/routing", json={"text": f"client {i}"})
+                    else:
+                        r = c.post("/v1/completions", json={"prompt": f"client {i}", "max_tokens": 4, "seed": i})
+                    if r.status_code != 200:
+                        errors.append((r.status_code, r.text))
+                    else:
+                        seen.add(r.json()["model"])
+                except Exception as e:  # a dropped connection counts as a failure
+                    errors.append(repr(e))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+    [t.start() for t in threads]
+    time.sleep(2)
+    serve.run(build_app(ServeArgs(**{**app["args"], "default_model": "tiny@160"})), name="hydra", route_prefix="/")
+    deadline = time.time() + 60
+    while "tiny@160" not in seen and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(1)
+    stop.set()
+    [t.join() for t in threads]
+    assert errors == []
+    assert seen == {"tiny@180", "tiny@160"}
+    assert app["client"].get("/healthz").json()["default_model"] == "tiny@160"
+    serve.run(build_app(ServeArgs(**app["args"])), name="hydra", route_prefix="/")  # back to the newest
+    assert app["client"].get("/healthz").json()["default_model"] == "tiny@180"
+
+
+def test_bad_requests_are_4xx_json_never_5xx(app):
+    url = app["url"]
+    c = app["client"]
+    assert httpx.get(url + "/healthz").status_code == 200  # no key needed
+    for path, body in (("/v1/completions", {"prompt": "x"}), ("/v1/routing", {"text": "x"})):
+        assert httpx.post(url + path, json=body).status_code == 401
+        r = httpx.post(url + path, json=body, headers={"Authorization": "Bearer wrong"})
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    assert httpx.get(url + "/v1/models").status_code == 401
+
+    cases = [
+        ("/v1/completions", b'{"prompt": "x", "max_tokens": 65}', 400),          # over the max_tokens limit
+        ("/v1/completions", json.dumps({"prompt": "y" * 201}).encode(), 413),    # prompt over the token limit
+        ("/v1/completions", b"x" * (2 << 20), 413),                               # body too large
+        ("/v1/completions", b'{"prompt": "x",', 400),                             # malformed JSON
+        ("/v1/completions", b'[1, 2]', 400),                                      # not an object
+        ("/v1/completions", b'{"max_tokens": 3}', 400),                           # missing prompt
+        ("/v1/completions", b'{"prompt": ""}', 400),                              # empty prompt
+        ("/v1/completions", b'{"prompt": "x", "max_tokens": "ten"}', 400),        # wrong type
+        ("/v1/completions", b'{"prompt": "x", "temperature": 7}', 400),           # out of range
+        ("/v1/completions", b'{"prompt": "x", "n": 2}', 400),                     # unsupported
+        ("/v1/completions", b'{"prompt": "x", "stop": ["", "a"]}', 400),
+        ("/v1/completions", b'{"prompt": "\xff\xfe"}', 400),                      # invalid UTF-8
+        ("/v1/completions", b'{"prompt": "x", "model": "../tiny"}', 400),         # traversal
+        ("/v1/completions", b'{"prompt": "x", "model": "/etc/passwd"}', 400),
+        ("/v1/completions", b'{"prompt": "x", "model": "escape"}', 400),          # symlink out of the store
+        ("/v1/completions", b'{"prompt": "x", "model": "nope@5"}', 404),
+        ("/v1/completions", b'{"prompt": "x", "model": "broken@10"}', 404),       # corrupt checkpoint
+        ("/v1/completions", b'{"prompt": "x", "domain": "poetry"}', 400),
+        ("/v1/routing", b'{"text": ""}', 400),
+        ("/v1/routing", b'{"text": 5}', 400),
+        ("/v1/routing", b'{"text": "x", "model": "tiny/../../x"}', 400),
+        ("/v1/nothing", b"{}", 404),
+    ]
+    for path, raw, status in cases:
+        r = c.post(path, content=raw)
+        assert r.status_code == status, (path, raw[:60], r.status_code, r.text)
+        err = r.json()["error"]
+        assert err["code"] == status and err["message"], raw[:60]
+    r = c.post("/v1/completions", content=b'{"prompt": "x", "max_tokens": 2}',
+               headers={"Content-Type": "application/x-www-form-urlencoded"})  # curl -d
+    assert r.status_code == 200
+    assert 'status="400"' in httpx.get(url + "/metrics").text
+
+
+# --------------------------------------------------------------------------- config and CLI
+def test_serve_config_yaml_is_a_valid_serve_deploy_file_whose_builder_accepts_its_args(store):
+    from ray.serve.schema import ServeDeploySchema
+
+    from hydra_ray.serve.app import ServeArgs
+
+    cfg = yaml.safe_load((ROOT / "serve" / "config.yaml").read_text())
+    ServeDeploySchema.model_validate(cfg)
+    (appcfg,) = cfg["applications"]
+    assert appcfg["import_path"] == "hydra_ray.serve.app:build_app"
+    args = ServeArgs.model_validate({**appcfg["args"], "run": str(store / "tiny")})
+    assert args.locate()[1] == "tiny@180"
+    names = {d["name"] for d in appcfg["deployments"]}
+    assert names == {"HydraIngress", "HydraModel"}
+
+
+def test_serve_cli_validates_before_starting_ray(tmp_path, capsys):
+    from hydra_ray.cli import main
+
+    assert main(["serve", "--run", str(tmp_path / "missing")]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+    assert main(["serve", "--checkpoint", str(tmp_path)]) == 2
+    assert "not a checkpoint directory" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- the inspector page
+CHROMIUM = "/usr/bin/chromium"
+
+
+def test_inspector_page_in_headless_chromium(app, engines):
+    if not os.path.exists(CHROMIUM):
+        pytest.fail(f"{CHROMIUM} is missing: `make test` installs Debian's chromium package (make browser)")
+    from playwright.sync_api import sync_playwright
+
+    text = "def add(a, b):"
+    ref = engines["tiny@180"].trace_text(text)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        try:
+            page = browser.new_page()
+            page.goto(app["url"] + "/")
+            page.fill("#apikey", KEY)
+            page.fill("#text", text)
+            page.click("#submit")
+            page.wait_for_selector("body[data-state=done]", timeout=30_000)
+            spans = page.locator("#tokens .token")
+            assert spans.count() == len(text)
+            assert "".join(spans.all_text_contents()) == text
+            layer = page.input_value("#layer")
+            assert layer == ref["moe_layers"][0]
+            want = [str(t["moe"][layer]["experts"][0]) if layer in t["moe"] else "" for t in ref["tokens"]]
+            assert [spans.nth(i).get_attribute("data-expert") for i in range(len(text))] == want
+            spans.nth(2).hover()
+            detail = page.text_content("#detail")
+            assert detail.startswith("#2") and "MoE b0r0" in detail and "MoR b0" in detail
+            bars = page.locator("#bars .bar-row")
+            assert bars.count() == 4
+            pct = [float(x.rstrip("%")) for x in page.locator("#bars .pct").all_text_contents()]
+            assert pct == pytest.approx([round(100 * e["fraction"], 1) for e in ref["summary"]["experts"]], abs=0.051)
+            page.fill("#apikey", "wrong")
+            page.click("#submit")
+            page.wait_for_selector("body[data-state=error]", timeout=30_000)
+            assert "API key" in page.text_content("#status")
+        finally:
+            browser.close()
