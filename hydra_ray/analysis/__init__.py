@@ -1,1 +1,7 @@
-"""hydra-ray analysis (see DESIGN.md)."""
+"""hydra-ray analysis: `hydra-ray analyze PATH... --out DIR` (report.md, PNG plots, summary.json).
+
+Modules: model (the one record model, phases, parse statistics), metrics_source (hydra-ray runs),
+hydra_logs (the original HYDRA trainer's text logs), stats (every figure -> summary dict),
+plots (matplotlib PNGs), render (report.md from the summary), report (CLI arguments and entry).
+Each module's docstring lists its design choices.
+"""

@@ -1,0 +1,109 @@
+"""`hydra-ray analyze`: metrics.jsonl / HYDRA text logs -> report.md, PNG plots, summary.json.
+
+Design choices
+- This module is imported by the CLI to build its parser, so it imports nothing heavy at the top;
+  the loaders, statistics and matplotlib are imported inside `run`.
+- PATH kinds: a run directory (it holds metrics.jsonl), a metrics.jsonl file, a folder of HYDRA
+  logs, or log files. One run is analysed at a time; any number of log files (of one training
+  run, resumed or rotated) are merged. Mixing a run with text logs is an error, not a guess.
+- User mistakes (missing path, nothing parseable, bad phase file) raise one-line ConfigErrors,
+  which the CLI prints as `error: ...` with exit status 2.
+- Outputs: DIR/summary.json (every figure), DIR/report.md (the same figures as tables, linking the
+  PNGs beside it). `--json` also prints the summary on stdout for scripts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from hydra_ray.config import ConfigError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("paths", nargs="+", metavar="PATH",
+                   help="run directory, metrics.jsonl, or HYDRA trainer text logs (files or folders)")
+    p.add_argument("--out", required=True, help="output folder for report.md, plots and summary.json")
+    p.add_argument("--phases", default=None,
+                   help="YAML list of {name, until_step, routing} (HYDRA logs; for a run it overrides config.yaml). "
+                        "until_step is the last logged step of the phase; routing is learned/forced/teacher/free "
+                        "or omitted while MoE is off")
+    p.add_argument("--no-plots", action="store_true", help="write report.md and summary.json only")
+    p.add_argument("--json", action="store_true", help="also print summary.json on stdout")
+
+
+def load_source(paths: list[str], phase_file: str | None = None):
+    """Resolve PATHs to a `Source` (hydra-ray run or HYDRA logs)."""
+    from hydra_ray.analysis.hydra_logs import list_log_files, load_logs
+    from hydra_ray.analysis.metrics_source import load_run
+    from hydra_ray.analysis.model import load_phase_file, reference_phases
+
+    phases = load_phase_file(phase_file) if phase_file else None
+    runs, logs = [], []
+    for raw in paths:
+        p = Path(raw).expanduser()
+        if not p.exists():
+            raise ConfigError(f"{raw}: no such file or directory")
+        if p.is_dir() and (p / "metrics.jsonl").is_file():
+            runs.append(p)
+        elif p.is_file() and p.name.endswith(".jsonl"):
+            runs.append(p)
+        elif p.is_dir():
+            found = list_log_files(p)
+            if not found:
+                raise ConfigError(f"{raw}: a folder with neither metrics.jsonl nor log files (*.log, *.txt, *.out)")
+            logs += found
+        else:
+            logs.append(p)
+    if runs and logs:
+        raise ConfigError("give either one hydra-ray run (directory or metrics.jsonl) or HYDRA text logs, not both")
+    if len(runs) > 1:
+        raise ConfigError(f"one hydra-ray run at a time, got {len(runs)}: " + ", ".join(map(str, runs)))
+    if runs:
+        return load_run(runs[0], phases)
+    seen, uniq = set(), []
+    for f in logs:
+        key = f.resolve()
+        if key not in seen:
+            seen.add(key)
+            uniq.append(f)
+    return load_logs(uniq, phases or reference_phases())
+
+
+def analyze(paths: list[str], out: str, phase_file: str | None = None, plots: bool = True) -> dict:
+    """Write DIR/summary.json, DIR/report.md and the plots; return the summary."""
+    from hydra_ray.analysis.render import render
+    from hydra_ray.analysis.stats import summarize
+
+    src = load_source(paths, phase_file)
+    if not src.samples() and not any(r.util or r.eval_loss is not None for r in src.records):
+        raise ConfigError("nothing to analyse: no step records in " + ", ".join(paths))
+    summary = summarize(src)
+    dest = Path(out)
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--out {out}: cannot create ({e.strerror or e})") from None
+    written: list[str] = []
+    if plots:
+        from hydra_ray.analysis.plots import write_plots
+
+        written = write_plots(src, summary, dest)
+    summary["plots"] = written
+    (dest / "summary.json").write_text(json.dumps(summary, indent=1, allow_nan=False) + "\n")
+    (dest / "report.md").write_text(render(summary, written) + "\n")
+    return summary
+
+
+def run(args: argparse.Namespace) -> int:
+    summary = analyze(args.paths, args.out, args.phases, plots=not args.no_plots)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        st = summary["last_step"]
+        print(f"wrote {Path(args.out) / 'report.md'}, summary.json and {len(summary['plots'])} plot(s): "
+              f"{summary['run']['n_samples']} samples over {len(summary['phases'])} phases, "
+              f"last step {st.get('step')}, {len(summary['anomalies'])} anomalies, "
+              f"{summary['parse']['unparsed_count']} unparsed line(s)")
+    return 0

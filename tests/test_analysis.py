@@ -1,0 +1,303 @@
+"""`hydra-ray analyze`: summary.json figures checked against values each test computes itself
+(from the fixture generator's ground truth, or straight from a real run's metrics.jsonl), the
+report and plots written through the CLI, and one-line errors for user mistakes."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hydra_ray.cli import main
+
+FIXTURES = Path(__file__).parent / "fixtures" / "hydra_logs"
+LOGS = FIXTURES / "run"
+
+
+def _load_generator():
+    """The fixture generator (ground truth of the log files), loaded by path under its own name."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("hydra_log_fixture_generator", FIXTURES / "generate.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+generate = _load_generator()
+
+# the reference run's phases, written out here independently of hydra_ray.analysis
+REFERENCE = [("foundation", 20_000, None), ("mor", 30_000, None), ("mod", 52_000, None), ("moe", 57_000, "learned"),
+             ("forced_routing", 60_000, "forced"), ("free_routing", 70_000, "free"), ("generalisation", None, "free")]
+PNGS = ["loss.png", "grad_lr.png", "expert_util.png", "mod_mor.png", "eval_by_domain.png"]
+
+
+def _mean(xs):
+    return sum(xs) / len(xs)
+
+
+def _phase(step, phases=REFERENCE):
+    for name, until, routing in phases:
+        if until is None or step <= until:
+            return name, routing
+    return phases[-1][0], phases[-1][2]
+
+
+def _analyze(tmp_path, *paths, extra=()):
+    out = tmp_path / "report"
+    assert main(["analyze", *map(str, paths), "--out", str(out), *extra]) == 0
+    return json.loads((out / "summary.json").read_text()), out
+
+
+@pytest.fixture(scope="module")
+def truth():
+    return generate.build()
+
+
+def test_fixture_logs_match_their_generator(truth):
+    texts, _ = truth
+    for name, text in texts.items():
+        assert (LOGS / name).read_text(encoding="utf-8") == text, f"{name}: re-run generate.py"
+    assert sum(t.count("\n") for t in texts.values()) < 400
+
+
+def test_hydra_logs_figures(tmp_path, truth):
+    _, t = truth
+    # files in non-chronological order: newest first, and the middle one last
+    s, out = _analyze(tmp_path, LOGS / "hydra.log", LOGS / "hydra.log.2", LOGS / "hydra.log.1")
+    steps = t["steps"]
+
+    groups = defaultdict(list)
+    for step in sorted(steps):
+        groups[_phase(step)[0]].append(steps[step])
+    assert [p["name"] for p in s["phases"]] == [n for n, _, _ in REFERENCE]
+    for p in s["phases"]:
+        rs = groups[p["name"]]
+        assert rs, p["name"]
+        losses = [r["loss"] for r in rs if not r["nan"]]
+        grads = [r["grad"] for r in rs if r["grad"] is not None]
+        new = [r for r in rs if r["fmt"] == "new" and not r["nan"]]
+        assert p["n_samples"] == len(rs), p["name"]
+        assert p["n_nan"] == sum(r["nan"] for r in rs)
+        assert p["loss_mean"] == pytest.approx(_mean(losses), rel=1e-12)
+        assert p["loss_start"] == losses[0] and p["loss_end"] == losses[-1]
+        assert p["grad_mean"] == pytest.approx(_mean(grads), rel=1e-12)
+        assert p["grad_max"] == max(grads)
+        assert p["lr_mean"] == pytest.approx(_mean([r["lr"] for r in rs]), rel=1e-12)
+        clip = [r["grad"] > r["grad_post"] for r in new]
+        assert p["clip_rate"] == (pytest.approx(sum(clip) / len(clip)) if clip else None)
+        xs = [(r["step"], r["loss"]) for r in rs if not r["nan"]]
+        mx, my = _mean([x for x, _ in xs]), _mean([y for _, y in xs])
+        slope = sum((x - mx) * (y - my) for x, y in xs) / sum((x - mx) ** 2 for x, _ in xs)
+        assert p["loss_slope_per_1k"] == pytest.approx(slope * 1000, rel=1e-9)
+    assert sum(p["n_samples"] for p in s["phases"]) == len(steps)  # re-logged steps counted once
+
+    # the resumed run's values win for the re-logged range
+    assert s["parse"]["relogged"] == t["relogged"] == 4
+    b = next(b for b in s["boundaries"] if b["to"] == "mor")
+    assert b["loss_jump"] == pytest.approx(steps[21_000]["loss"] - steps[20_000]["loss"])
+    b = next(b for b in s["boundaries"] if b["to"] == "free_routing")
+    assert b["loss_after"] == steps[60_500]["loss"]
+
+    util = defaultdict(list)
+    for step in sorted(t["util"]):
+        util[_phase(step)[1]].append(t["util"][step])
+    assert [u["routing_mode"] for u in s["utilisation"]] == list(util)
+    for u in s["utilisation"]:
+        us = util[u["routing_mode"]]
+        assert u["n_samples"] == len(us)
+        means = [sum(x[i] for x in us) / len(us) for i in range(4)]
+        assert u["per_expert_pct"] == [round(m * 100, 1) for m in means]
+        assert u["max_min_ratio"] == pytest.approx(max(means) / min(means))
+        mu = _mean(means)  # logged percentages are rounded: they need not sum to exactly 100
+        assert u["cv"] == pytest.approx(math.sqrt(sum((m - mu) ** 2 for m in means) / 4) / mu)
+
+    last_eval = t["eval"][max(t["eval"])]
+    assert s["eval"]["last"] == {"step": max(t["eval"]), "loss": last_eval["eval_loss"]}
+    assert s["eval"]["train_eval_gap"] == pytest.approx(last_eval["eval_loss"] - last_eval["train_loss"])
+    assert s["eval"]["n"] == len(t["eval"])
+    assert s["agreement"]["available"] is False and s["mod_mor"]["mod_available"] is False
+
+    kinds = defaultdict(list)
+    for a in s["anomalies"]:
+        kinds[a["kind"]].append(a["step"])
+    assert kinds["nan_step"] == [generate.NAN_STEP]
+    assert kinds["grad_spike"] == [generate.SPIKE_STEP]
+    assert kinds["utilisation_collapse"] == [generate.COLLAPSE_STEPS[0]]
+    assert {21_000, 52_500} <= set(kinds["loss_rise_at_boundary"])
+
+    ps = s["parse"]
+    assert ps["unparsed_count"] == sum(generate.GARBAGE.values())
+    assert ps["unparsed_by_reason"] == generate.GARBAGE
+    assert ps["formats"] == {f: sum(r["fmt"] == f for r in steps.values()) for f in ("new", "old")}
+    assert ps["lines_read"] == sum(1 for f in LOGS.iterdir() for _ in f.open(encoding="utf-8"))
+    assert s["last_step"]["step"] == generate.MAX and s["last_step"]["last_checkpoint"]["step"] == generate.MAX
+    assert s["run"]["tokens_per_step"] == generate.TOKENS_PER_STEP
+
+    report = (out / "report.md").read_text()
+    assert "N/A" not in report and "Appendix B: unparsed lines" in report
+    assert "Traceback (most recent call last):" in report
+    for name in ("loss.png", "grad_lr.png", "expert_util.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG" and f"]({name})" in report
+
+    # the folder (sorted newest-first by name) and any file order give the same figures
+    s2, _ = _analyze(tmp_path / "again", LOGS, extra=["--no-plots"])
+    for key in ("phases", "boundaries", "utilisation", "eval", "anomalies"):
+        assert s2[key] == s[key], key
+
+
+def test_phase_file_for_logs(tmp_path, truth):
+    _, t = truth
+    phases = [("dense", 50_000, None), ("guided", 65_000, "teacher"), ("open", None, "free")]
+    f = tmp_path / "phases.yaml"
+    f.write_text("- {name: dense, until_step: 50000}\n- {name: guided, until_step: 65000, routing: teacher}\n"
+                 "- {name: open, routing: free, seed: null}\n")
+    s, _ = _analyze(tmp_path, LOGS, extra=["--phases", str(f), "--no-plots"])
+    assert [p["name"] for p in s["phases"]] == ["dense", "guided", "open"]
+    counts = defaultdict(int)
+    for step in t["steps"]:
+        counts[_phase(step, phases)[0]] += 1
+    assert {p["name"]: p["n_samples"] for p in s["phases"]} == counts
+    modes = defaultdict(int)
+    for step in t["util"]:
+        modes[_phase(step, phases)[1]] += 1
+    assert {u["routing_mode"]: u["n_samples"] for u in s["utilisation"]} == modes
+    assert s["phases"][2]["seed_locked"] is False and s["phases"][1]["features"] == ["moe"]
+
+
+def test_tiny_run_figures(tmp_path, tiny_run):
+    cfg, run_dir = tiny_run
+    s, out = _analyze(tmp_path, run_dir)
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    samples = [r for r in recs if "loss" in r]
+    by_phase = defaultdict(list)
+    for r in samples:
+        by_phase[r["phase"]].append(r)
+
+    assert [p["name"] for p in s["phases"]] == [p.name for p in cfg.curriculum.phases]
+    for p, planned in zip(s["phases"], cfg.curriculum.phases):
+        rs = by_phase[p["name"]]
+        assert rs and p["n_samples"] == len(rs), p["name"]  # no phase left empty
+        losses = [r["loss"] for r in rs if r["loss"] is not None]
+        grads = [r["grad_norm"] for r in rs if r["grad_norm"] is not None and math.isfinite(r["grad_norm"])]
+        assert p["loss_mean"] == pytest.approx(_mean(losses), rel=1e-12)
+        assert p["grad_mean"] == pytest.approx(_mean(grads), rel=1e-12)
+        assert p["lr_mean"] == pytest.approx(_mean([r["lr"] for r in rs]), rel=1e-12)
+        assert p["clip_rate"] == pytest.approx(sum(g > cfg.train.grad_clip for g in grads) / len(grads))
+        assert p["grad_p95"] == pytest.approx(float(np.percentile(grads, 95)))
+        assert p["routing_mode"] == (planned.routing if planned.moe else None)
+        assert p["seed_locked"] == (planned.seed is not None)
+        assert p["mixture"] == planned.mixture
+        assert (p["first_step"], p["last_step"]) == (rs[0]["step"], rs[-1]["step"])
+        mod = [r["mod_selected_frac"] for r in rs if r["mod_selected_frac"] is not None]
+        assert p["mod_frac_mean"] == (pytest.approx(_mean(mod)) if mod else None)
+        mor = [r["mor_mean_depth"] for r in rs if r["mor_mean_depth"] is not None]
+        assert p["mor_depth_mean"] == (pytest.approx(_mean(mor)) if mor else None)
+    assert s["phases"][1]["features_switched_on"] == ["mor"] and s["phases"][1]["switch_on"]["features"] == ["mor"]
+
+    for b in s["boundaries"]:
+        before, after = by_phase[b["from"]][-1], by_phase[b["to"]][0]
+        assert b["loss_jump"] == pytest.approx(after["loss"] - before["loss"])
+        assert b["ce_jump"] == pytest.approx(after["ce"] - before["ce"])
+
+    util = defaultdict(list)
+    for r in samples:
+        if r["expert_util"] is not None:
+            util[r["routing_mode"]].append(r)
+    assert [u["routing_mode"] for u in s["utilisation"]] == ["learned", "forced", "teacher", "free"] == list(util)
+    E = cfg.model.moe.num_experts
+    for u in s["utilisation"]:
+        rs = util[u["routing_mode"]]
+        assert u["n_samples"] == len(rs)
+        assert u["per_expert_pct"] == [round(sum(r["expert_util"][i] for r in rs) / len(rs) * 100, 1) for i in range(E)]
+        agr = [r["domain_expert_agreement"] for r in rs if r["domain_expert_agreement"] is not None]
+        assert u["agreement_mean"] == pytest.approx(_mean(agr))
+    assert s["agreement"]["by_routing_mode"]["forced"]["mean"] == pytest.approx(1.0)
+
+    evals = [r for r in recs if "eval" in r]
+    last = evals[-1]
+    assert s["eval"]["n"] == len(evals)
+    assert s["eval"]["last"] == {"step": last["step"], "loss": pytest.approx(last["eval"]["loss"])}
+    assert s["eval"]["by_domain"] == pytest.approx(last["eval"]["by_domain"])
+    assert s["eval"]["train_eval_gap"] == pytest.approx(last["eval"]["loss"] - last["ce"])
+    assert s["last_step"]["step"] == samples[-1]["step"] == cfg.curriculum.total_steps
+    assert s["last_step"]["last_checkpoint"]["step"] == cfg.curriculum.total_steps
+    assert s["parse"]["unparsed_count"] == 0 and s["parse"]["lines_parsed"] == len(recs)
+    assert s["recommendations"] and s["observations"]
+
+    report = (out / "report.md").read_text()
+    assert s["plots"] == PNGS
+    for name in PNGS:
+        assert (out / name).read_bytes()[:4] == b"\x89PNG" and f"]({name})" in report
+    for p in s["phases"]:
+        assert f"| {p['name']} | {p['n_samples']} | {p['loss_mean']:.4f} |" in report
+    assert "N/A" not in report
+    for u in s["utilisation"]:
+        assert " | ".join(f"{x:.1f}%" for x in u["per_expert_pct"]) in report
+
+
+def test_metrics_corrupt_and_relogged_lines(tmp_path, tiny_run, capsys):
+    """A torn line is skipped with a warning and listed; a re-logged range counts once, later wins."""
+    _, run_dir = tiny_run
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(run_dir / "config.yaml", run / "config.yaml")
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    tail = [json.loads(x) for x in lines[-3:]]
+    for r in tail:
+        r["loss"] += 1.0
+    (run / "metrics.jsonl").write_text("\n".join(lines[:-1] + ['{"step": 999, "loss": 3.1', ""]
+                                                 + [json.dumps(r) for r in tail]) + "\n")
+    s, _ = _analyze(tmp_path, run / "metrics.jsonl", extra=["--no-plots"])
+    err = capsys.readouterr().err
+    assert "warning:" in err and "metrics.jsonl:" in err
+    assert s["parse"]["unparsed_count"] == 1 and s["parse"]["unparsed"][0]["line"] == len(lines)
+    assert s["parse"]["relogged"] == 2  # the first copies of the two steps that were written again
+    assert s["run"]["n_samples"] == len(lines)
+    general = s["phases"][-1]
+    assert general["loss_end"] == pytest.approx(tail[-1]["loss"])
+    assert s["plots"] == [] and not (tmp_path / "report" / "loss.png").exists()
+
+
+def test_user_mistakes_are_one_line_errors(tmp_path, capsys):
+    assert main(["analyze", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'nope'}: no such file or directory"
+
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "train.log").write_text("hello\n2024-01-01 00:00:00,000 - HYDRA - INFO - starting\n")
+    assert main(["analyze", str(junk), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no HYDRA Step") and err.count("\n") == 1
+
+    bad = tmp_path / "phases.yaml"
+    bad.write_text("- {name: a, until_step: 10}\n- {name: b, until_step: 5}\n")
+    assert main(["analyze", str(LOGS), "--out", str(tmp_path / "o"), "--phases", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "until_step 5 is not after" in err and err.count("\n") == 1
+
+    bad.write_text("- {name: a, until_step: 10, routing: sideways}\n")
+    assert main(["analyze", str(LOGS), "--out", str(tmp_path / "o"), "--phases", str(bad)]) == 2
+    assert "routing 'sideways'" in capsys.readouterr().err
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("{not json\n")
+    assert main(["analyze", str(run), str(LOGS / "hydra.log"), "--out", str(tmp_path / "o")]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert main(["analyze", str(run), "--out", str(tmp_path / "o")]) == 2
+    assert "no parseable step records" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_report_module_imports_light():
+    code = ("import sys, hydra_ray.analysis.report as r; "
+            "assert not {'matplotlib', 'torch', 'ray'} & set(sys.modules), sorted(sys.modules)")
+    subprocess.run([sys.executable, "-c", code], check=True)
