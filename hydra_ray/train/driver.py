@@ -113,11 +113,7 @@ class Progress(threading.Thread):
 def train(cfg: HydraConfig, config_path: str, workers: str = "2", gpu: bool = False, storage: str = "runs",
           name: str | None = None, max_steps: int | None = None, resume: bool = False,
           cpus_per_worker: float = 1.0, log=print) -> dict:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from hydra_ray.data.pipeline import data_config, prepare_data, train_dataset
-    from hydra_ray.train.loop import train_loop_per_worker
+    from hydra_ray.data.pipeline import prepare_data
 
     spec = WorkerSpec.parse(workers)
     G = cfg.train.batch_size
@@ -145,25 +141,8 @@ def train(cfg: HydraConfig, config_path: str, workers: str = "2", gpu: bool = Fa
     if start >= end_step:
         log(f"run {run_dir} is already at step {start} (target {end_step}): nothing to do")
         return {"run_dir": run_dir, "step": start}
-    segs = segments(cfg, start, end_step)
-    datasets = {f"train_{i}": train_dataset(prepared, cfg, G, a, b) for i, (_, a, b) in enumerate(segs)}
-    loop_config = {"config": cfg.model_dump(mode="python"), "run_dir": run_dir, "end_step": end_step,
-                   "segments": segs, "datasets": list(datasets), "prepared": prepared, "use_gpu": gpu}
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=spec.num_workers, use_gpu=gpu,
-                                     resources_per_worker=None if gpu else {"CPU": cpus_per_worker}),
-        run_config=RunConfig(
-            storage_path=storage, name=name,
-            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-            worker_runtime_env={"env_vars": {k: v for k, v in os.environ.items()
-                                             if k.startswith(("HYDRA_", "OMP_NUM_THREADS"))}},
-        ),
-        datasets=datasets,
-        dataset_config=data_config(),
-    )
+    trainer = build_trainer(cfg, prepared, run_dir, storage, name, start, end_step, spec.num_workers, gpu,
+                            cpus_per_worker, keep=cfg.train.keep_checkpoints)
     log(f"[train] {run_dir}: steps {start}..{end_step} on {workers} worker(s) "
         f"({'GPU' if gpu else 'CPU'}), global batch {G}")
     progress = Progress(Path(run_dir) / "metrics.jsonl", end_step, log)
@@ -178,3 +157,37 @@ def train(cfg: HydraConfig, config_path: str, workers: str = "2", gpu: bool = Fa
     log(f"[train] done in {time.time() - t0:.0f}s. metrics: {run_dir}/metrics.jsonl  "
         f"checkpoints: {run_dir}/checkpoints ({', '.join(os.path.basename(p) for _, p in last)})")
     return {"run_dir": run_dir, "step": last[-1][0] if last else None, "error": getattr(result, "error", None)}
+
+
+def build_trainer(cfg: HydraConfig, prepared, run_dir: str, storage: str, name: str, start: int, end_step: int,
+                  num_workers, gpu: bool = False, cpus_per_worker: float = 1.0, keep: int = 3,
+                  callbacks: list | None = None):
+    """The TorchTrainer of one run (steps start..end_step of its curriculum): datasets per
+    curriculum segment, elastic scaling, failure and checkpoint policies. Also used by Tune trials
+    with more than one worker (with a TuneReportCallback in `callbacks`)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from hydra_ray.data.pipeline import data_config, train_dataset
+    from hydra_ray.train.loop import train_loop_per_worker
+
+    segs = segments(cfg, start, end_step)
+    datasets = {f"train_{i}": train_dataset(prepared, cfg, cfg.train.batch_size, a, b) for i, (_, a, b) in enumerate(segs)}
+    loop_config = {"config": cfg.model_dump(mode="python"), "run_dir": run_dir, "end_step": end_step,
+                   "segments": segs, "datasets": list(datasets), "prepared": prepared, "use_gpu": gpu}
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=gpu,
+                                     resources_per_worker=None if gpu else {"CPU": cpus_per_worker}),
+        run_config=RunConfig(
+            storage_path=storage, name=name,
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=keep),
+            callbacks=callbacks or [],
+            worker_runtime_env={"env_vars": {k: v for k, v in os.environ.items()
+                                             if k.startswith(("HYDRA_", "OMP_NUM_THREADS"))}},
+        ),
+        datasets=datasets,
+        dataset_config=data_config(),
+    )

@@ -1,0 +1,232 @@
+"""`hydra-ray tune`: the space file and its errors, a 4-trial ASHA sweep on a tiny budget whose
+best.yaml trains, and `--resume` of an interrupted sweep."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from hydra_ray import tune
+from hydra_ray.cli import build_parser, main
+from hydra_ray.config import ConfigError, dump_config, load_config, parse_config
+
+ROOT = Path(__file__).resolve().parent.parent
+ROUTING = ROOT / "configs" / "sweeps" / "routing.yaml"
+SCRIPT = Path(sys.executable).parent / "hydra-ray"
+# The ASHA sweep adds a learning-rate grid to the routing space: two good rates and two hopeless
+# ones, in that order. Trials run two at a time, so each hopeless trial starts only after a good
+# one has reported at the first rung (step 6, MoE still off: only the rate matters there), and its
+# eval loss is then far worse than the rung's median: ASHA must stop it, whatever the timing.
+LR_GRID = [3.0e-3, 1.0e-3, 1.0e-5, 1.0e-6]
+HOPELESS = {1.0e-5, 1.0e-6}
+
+
+def _args(*argv: str):
+    return build_parser().parse_args(["tune", *argv])
+
+
+def _rows(path: Path) -> list[dict]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def base_yaml(tmp_path_factory, builtin_cache) -> Path:
+    """configs/tune-tiny.yaml reading the session's built-in corpus cache."""
+    data = load_config(ROOT / "configs" / "tune-tiny.yaml").model_dump(mode="python")
+    data["data"]["cache_dir"] = builtin_cache
+    path = tmp_path_factory.mktemp("tune-config") / "tune-tiny.yaml"
+    path.write_text(dump_config(parse_config(data)))
+    return path
+
+
+# --------------------------------------------------------------------------- the space file
+def test_routing_space_covers_the_routing_knobs_and_fits_the_presets():
+    entries = {e.key: e for e in tune.load_space(str(ROUTING))}
+    assert {"model.moe.aux_weight", "model.moe.z_loss", "model.moe.capacity_factor", "model.moe.top_k",
+            "model.moe.jitter", "model.moe.teacher_weight", "model.mod.capacity",
+            "model.mor.recursions"} <= set(entries)
+    assert entries["model.moe.aux_weight"].kind == entries["model.moe.z_loss"].kind == "loguniform"
+    assert entries["model.moe.aux_weight"].values == (1e-4, 1e-1)  # `1e-4` is a float, not YAML 1.1's string
+    for preset in ("tiny", ROOT / "configs" / "tune-tiny.yaml"):
+        tune.validate_space(list(entries.values()), load_config(preset).model_dump(mode="python"), str(ROUTING))
+
+
+@pytest.mark.parametrize("text, names", [
+    ("model.moe.aux_weight: {normal: [0.0, 1.0]}", ["model.moe.aux_weight", "unknown distribution 'normal'"]),
+    ("model.moe.aux_wieght: {loguniform: [1e-4, 1e-1]}", ["model.moe.aux_wieght", "not a config field",
+                                                          "did you mean model.moe.aux_weight"]),
+    ("model.moe.jitter: {uniform: [0.2, 0.1]}", ["model.moe.jitter", "low < high"]),
+    ("model.moe.aux_weight: {loguniform: [0.0, 0.1]}", ["model.moe.aux_weight", "0 < low"]),
+    ("model.moe.top_k: {choice: []}", ["model.moe.top_k", "non-empty list"]),
+    ("model.moe.top_k: {choice: [1, 8]}", ["model.moe.top_k = 8", "less than or equal to 4"]),
+    ("model.mor.recursions: {uniform: [1, 4]}", ["model.mor.recursions", "integer field"]),
+    ("model.moe: {choice: [1]}", ["model.moe", "section"]),
+    ("model.moe.top_k: 2", ["model.moe.top_k", "expected one distribution"]),
+    ("data.mixture.math: {uniform: [0.1, 0.9]}", ["data.mixture.math", "prepared data"]),
+    ("model.d_model: {choice: [128, 120]}\nmodel.n_heads: {choice: [4, 8]}",  # each fine alone, not together
+     ["the combination", "model.d_model=120", "model.n_heads=8", "must be even"]),
+    ("", ["no entries"]),
+    ("[model.moe.top_k]", ["expected a mapping"]),
+    ("model.moe.top_k: {choice: [1, 2]", ["not valid YAML"]),
+    ("model.moe.top_k: {choice: [1, 2]}\nmodel.moe.top_k: {grid: [1, 2]}", ["line 2", "model.moe.top_k is listed twice"]),
+])
+def test_bad_space_files_are_one_clear_error(tmp_path, base_yaml, text, names):
+    space = tmp_path / "bad.yaml"
+    space.write_text(text + "\n")
+    with pytest.raises(ConfigError) as err:
+        tune.run(_args("--config", str(base_yaml), "--space", str(space), "--samples", "2",
+                       "--storage", str(tmp_path / "store")))
+    msg = str(err.value)
+    assert "\n" not in msg and str(space) in msg
+    for n in names:
+        assert n in msg, (n, msg)
+    assert not (tmp_path / "store").exists()  # refused before anything was started or written
+
+
+def test_bad_space_file_on_the_command_line(tmp_path, base_yaml):
+    space = tmp_path / "bad.yaml"
+    space.write_text("model.moe.capacity_factor: {choice: [1.0, -1.0]}\n")
+    cmd = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "hydra_ray.cli"]
+    r = subprocess.run(cmd + ["tune", "--config", str(base_yaml), "--space", str(space), "--samples", "2",
+                              "--storage", str(tmp_path / "store")],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
+    assert "model.moe.capacity_factor = -1.0" in r.stderr and "greater than 0" in r.stderr
+
+
+# --------------------------------------------------------------------------- a 4-trial ASHA sweep
+@pytest.fixture(scope="module")
+def asha_sweep(tmp_path_factory, ray_session, base_yaml):
+    """routing.yaml + the learning-rate grid: 4 trials of 48 steps, 2 at once on the session's
+    4 CPUs, ASHA with its first rung at step 6 (the first eval). Returns (rc, sweep dir, seconds)."""
+    tmp = tmp_path_factory.mktemp("tune")
+    space = tmp / "space.yaml"
+    space.write_text(ROUTING.read_text() + f"train.lr: {{grid: {LR_GRID}}}\n")
+    t0 = time.time()
+    rc = tune.run(_args("--config", str(base_yaml), "--space", str(space), "--samples", "1",
+                        "--scheduler", "asha", "--grace-period", "6", "--storage", str(tmp), "--name", "asha",
+                        "--seed", "0"))
+    return rc, tmp / "asha", time.time() - t0
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_asha_sweep_completes_and_stops_weak_trials_early(asha_sweep):
+    rc, sweep, _ = asha_sweep
+    assert rc == 0
+    rows = _rows(sweep / "trials.csv")
+    assert len(rows) == 4 and not any(r["status"] == "error" for r in rows), rows
+    by_lr = {float(r["train.lr"]): r for r in rows}
+    assert sorted(by_lr) == sorted(LR_GRID)
+    for lr in HOPELESS:  # stopped at the first rung: one eval reported, at step 6 of 48
+        r = by_lr[lr]
+        assert (r["status"], int(r["step"]), int(r["iters"])) == ("stopped", 6, 1), r
+    done = [r for r in rows if r["status"] == "completed"]
+    assert done and all((int(r["step"]), int(r["iters"])) == (48, 8) for r in done)
+    # Tune's own record agrees: the stopped trials' result.json ends after 1 iteration
+    for r in rows:
+        lines = (sweep / f"trial_{r['trial']}" / "result.json").read_text().splitlines()
+        results = [json.loads(line) for line in lines]
+        assert results[-1]["training_iteration"] == int(r["iters"]) and results[-1]["step"] == int(r["step"])
+    for r in done:  # MoE routed for 30 of the 48 steps: the imbalance is a real number
+        assert math.isfinite(float(r["eval_loss"])) and 0 <= float(r["imbalance"]) <= math.sqrt(4 - 1)
+    front = _rows(sweep / "pareto.csv")
+    assert front and {r["trial"] for r in front} <= {r["trial"] for r in done}
+
+
+@pytest.mark.integration
+def test_best_yaml_is_the_best_complete_config_and_trains(asha_sweep, tmp_path):
+    rc, sweep, _ = asha_sweep
+    rows = _rows(sweep / "trials.csv")
+    best = min((r for r in rows if r["status"] == "completed"), key=lambda r: float(r["eval_loss"]))
+    cfg = load_config(sweep / "best.yaml")
+    assert cfg.train.lr == float(best["train.lr"])
+    assert cfg.model.moe.aux_weight == pytest.approx(float(best["model.moe.aux_weight"]), rel=1e-12)
+    assert cfg.model.mor.recursions == int(best["model.mor.recursions"])
+    assert cfg.curriculum.total_steps == 48
+    # `hydra-ray train --config best.yaml` takes it as it is (a couple of steps on Ray Train)
+    rc = main(["train", "--config", str(sweep / "best.yaml"), "--workers", "1", "--max-steps", "2",
+               "--storage", str(tmp_path), "--name", "best"])
+    assert rc == 0
+    assert (tmp_path / "best" / "checkpoints" / "step_00000002").is_dir()
+
+
+# --------------------------------------------------------------------------- --resume
+@pytest.mark.integration
+@pytest.mark.slow
+def test_resume_continues_an_interrupted_sweep_without_rerunning_finished_trials(tmp_path, ray_session, base_yaml):
+    """A sweep of 2 trials, one at a time, is interrupted (SIGINT, as Ctrl+C) once the second has
+    started; `--resume` then finishes the second and leaves the first alone."""
+    space = tmp_path / "space.yaml"
+    space.write_text("model.moe.aux_weight: {loguniform: [1e-4, 1e-1]}\nmodel.moe.top_k: {choice: [1, 2]}\n")
+    argv = ["tune", "--config", str(base_yaml), "--space", str(space), "--samples", "2", "--scheduler", "none",
+            "--max-concurrent", "1", "--max-steps", "12", "--storage", str(tmp_path), "--name", "sweep", "--seed", "1"]
+    sweep, runs = tmp_path / "sweep", tmp_path / "sweep" / "runs"
+    cmd = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "hydra_ray.cli"]
+    log = (tmp_path / "first.log").open("w")
+    proc = subprocess.Popen(cmd + argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            if runs.is_dir() and len(list(runs.iterdir())) >= 2:  # the first trial ended, the second began
+                proc.send_signal(signal.SIGINT)
+                break
+            time.sleep(0.05)
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert rc == tune.EXIT_INTERRUPTED, (tmp_path / "first.log").read_text()[-3000:]
+    first = {r["trial"]: r for r in _rows(sweep / "trials.csv")}
+    assert sorted(r["status"] for r in first.values()) == ["completed", "unfinished"]
+    finished = next(t for t, r in first.items() if r["status"] == "completed")
+    before = {p: p.read_bytes() for p in [runs / finished / "events.jsonl", runs / finished / "metrics.jsonl",
+                                          sweep / f"trial_{finished}" / "result.json"]}
+
+    with pytest.raises(ConfigError, match="--samples"):  # a resume must be the same sweep
+        tune.run(build_parser().parse_args([*argv[:6], "3", *argv[7:], "--resume"]))
+    with pytest.raises(ConfigError, match="--resume"):  # and an existing sweep is only continued on request
+        tune.run(build_parser().parse_args(argv))
+
+    assert tune.run(build_parser().parse_args([*argv, "--resume"])) == 0
+    rows = {r["trial"]: r for r in _rows(sweep / "trials.csv")}
+    assert set(rows) == set(first) and all(r["status"] == "completed" and int(r["step"]) == 12 for r in rows.values())
+    for p, data in before.items():  # the finished trial was not run again
+        assert p.read_bytes() == data, p
+    ended = [json.loads(line)["trial"] for line in (sweep / "trial_status.jsonl").read_text().splitlines()]
+    assert sorted(ended) == sorted(first)  # each trial ended exactly once
+    assert (sweep / "best.yaml").exists()
+
+
+# --------------------------------------------------------------------------- K > 1
+@pytest.mark.integration
+@pytest.mark.slow
+def test_two_worker_trials_run_ray_train_inside_tune(asha_sweep, tmp_path, ray_session, base_yaml):
+    """--workers-per-trial 2: each trial is a Train v2 run of 2 workers launched from the Tune
+    function, reporting through TuneReportCallback. It trains the model the one-worker trial of the
+    same learning rate trained: the same eval loss at step 6 (MoE is still off there)."""
+    _, one_worker_sweep, _ = asha_sweep
+    space = tmp_path / "space.yaml"
+    space.write_text("model.moe.aux_weight: {loguniform: [1e-4, 1e-1]}\n")
+    rc = tune.run(_args("--config", str(base_yaml), "--space", str(space), "--samples", "1", "--scheduler", "none",
+                        "--workers-per-trial", "2", "--max-steps", "6", "--storage", str(tmp_path), "--name", "k2"))
+    assert rc == 0
+    (row,) = _rows(tmp_path / "k2" / "trials.csv")
+    assert (row["status"], int(row["step"]), int(row["iters"])) == ("completed", 6, 1)
+    (result,) = [json.loads(line) for line in
+                 (tmp_path / "k2" / f"trial_{row['trial']}" / "result.json").read_text().splitlines()]
+    assert result["world_size"] == 2  # reported by rank 0 of the Train run, forwarded to Tune
+    assert (Path(row["run_dir"]) / "checkpoints" / "step_00000006").is_dir()
+    one = next(r for r in _rows(one_worker_sweep / "trials.csv") if float(r["train.lr"]) == 3.0e-3)
+    first = json.loads((one_worker_sweep / f"trial_{one['trial']}" / "result.json").read_text().splitlines()[0])
+    assert first["step"] == 6 and abs(first["eval_loss"] - float(row["eval_loss"])) < 1e-3
