@@ -25,13 +25,18 @@ browser:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
 
-# The main job: the built-in corpus, then the tiny 7-phase curriculum on a local Ray with 2 workers.
+DEMO_PORT ?= 8765
+
+# The main job: the built-in corpus, the tiny 7-phase curriculum on a local Ray with 2 workers,
+# the training-analysis report of that run, then its last checkpoint served and queried over HTTP.
 demo: install
 	$(BIN)/hydra-ray summary --config configs/tiny.yaml
 	$(BIN)/hydra-ray data prepare --out runs/corpus-tiny --size tiny --quiet
 	rm -rf runs/demo
 	$(BIN)/hydra-ray train --config configs/tiny.yaml --workers 2 --storage runs --name demo
-	@echo "demo run: runs/demo (metrics.jsonl, events.jsonl, checkpoints/)"
+	$(BIN)/hydra-ray analyze runs/demo --out runs/demo/report
+	$(BIN)/hydra-ray serve --run runs/demo --port $(DEMO_PORT) --smoke
+	@echo "demo run: runs/demo (metrics.jsonl, events.jsonl, checkpoints/); report: runs/demo/report/report.md"
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
