@@ -69,14 +69,15 @@ def run(args: argparse.Namespace) -> int:
     ray_init(print, min_cpus=a.num_cpus * (a.autoscale[1] if a.autoscale else a.replicas) + 1)
     serve.start(http_options={"host": args.host, "port": args.port})
     stop = threading.Event()
+    if not args.smoke:  # from here on an interrupt, even during start-up, ends in a clean shutdown
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
     try:
         serve.run(build_app(a), name="hydra", route_prefix="/")
         url = f"http://{args.host}:{args.port}"
         print(f"serving {url}  (inspector: {url}/ , OpenAI API: {url}/v1/completions)", flush=True)
         if args.smoke:
             return smoke(url, a.api_key)
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
         stop.wait()
         print("shutting down", flush=True)
         return 0

@@ -257,10 +257,24 @@ def test_concurrent_requests_are_batched_and_counted(app):
     def ask(i):
         out.append(c.post("/v1/routing", json={"text": f"batch me {i} " * 3}).json())
 
+    def complete(i):
+        r = c.post("/v1/completions", json={"prompt": f"request {i}", "max_tokens": 8, "seed": i})
+        out_gen.append(r.status_code)
+
+    out_gen = []
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+    threads += [threading.Thread(target=complete, args=(i,)) for i in range(6)]
     [t.start() for t in threads]
     [t.join() for t in threads]
     assert max(o["batch_size"] for o in out) > 1
+    assert out_gen == [200] * 6
+    lines = httpx.get(app["url"] + "/metrics").text.splitlines()
+
+    def value(prefix):
+        return sum(float(x.rsplit(" ", 1)[1]) for x in lines if x.startswith(prefix))
+
+    # some generations shared a batch: fewer of them fall in the "batch of 1" bucket than ran
+    assert value('hydra_batch_size_bucket{kind="generation",le="1.0"}') < value('hydra_batch_size_count{kind="generation"}')
     after = c.get("/v1/experts/stats").json()["models"]["tiny@180"]
     routed = sum(sum(x["summary"]["experts"][e]["tokens"] for x in out) for e in range(4))
     assert sum(after["tokens_by_expert"]) - sum(before["tokens_by_expert"]) >= routed
@@ -377,6 +391,44 @@ def test_serve_cli_validates_before_starting_ray(tmp_path, capsys):
     assert "not a run directory" in capsys.readouterr().err
     assert main(["serve", "--checkpoint", str(tmp_path)]) == 2
     assert "not a checkpoint directory" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_serve_cli_runs_until_interrupted_and_shuts_down_cleanly(store, tmp_path):
+    """`hydra-ray serve` in its own process (its own embedded Ray), stopped with SIGINT."""
+    import signal
+    import subprocess
+    import sys
+
+    port = _free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HYDRA_API_KEY": "env-key"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen([sys.executable, "-m", "hydra_ray.cli", "serve", "--run", str(store / "tiny"),
+                             "--port", str(port), "--num-cpus", "0.5"], env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        url, deadline, ok = f"http://127.0.0.1:{port}", time.time() + 180, False
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                ok = httpx.get(url + "/healthz", timeout=2).json()["default_model"] == "tiny@180"
+                if ok:
+                    break
+            except (httpx.HTTPError, ValueError):
+                pass
+            time.sleep(0.5)
+        assert ok, proc.stdout.read() if proc.poll() is not None else "not ready"
+        assert httpx.post(url + "/v1/routing", json={"text": "x"}).status_code == 401  # key from HYDRA_API_KEY
+        r = httpx.post(url + "/v1/routing", json={"text": "x"}, headers={"Authorization": "Bearer env-key"})
+        assert r.status_code == 200
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, out
+        assert "shutting down" in out
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(url + "/healthz", timeout=2)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 # --------------------------------------------------------------------------- the inspector page
