@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 import threading
 import time
@@ -71,8 +72,10 @@ def routing_throughput(url: str, clients: int, seconds: float, headers: dict | N
     [t.start() for t in threads]
     [t.join() for t in threads]
     wall = time.perf_counter() - t0
+    if not done[0]:
+        raise RuntimeError(f"/v1/routing answered no request successfully ({errors[0]} errors)")
     return {"clients": clients, "requests": done[0], "errors": errors[0], "req_per_s": done[0] / wall,
-            "p50_ms": 1000 * statistics.median(lat) if lat else None}
+            "p50_ms": 1000 * statistics.median(lat)}
 
 
 def run(run_dir: str, seconds: float = 10.0, port: int = 8765, log=print) -> dict:
@@ -91,9 +94,11 @@ def run(run_dir: str, seconds: float = 10.0, port: int = 8765, log=print) -> dic
         serve.run(build_app(ServeArgs(run=run_dir, max_batch_size=16, batch_wait_timeout_s=0.005)),
                   name="hydra-bench", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
-        routing_throughput(url, 4, 2.0)  # warm-up: model loaded, batch queue running
-        one = routing_throughput(url, 1, seconds)
-        many = routing_throughput(url, 16, seconds)
+        key = os.environ.get("HYDRA_API_KEY")  # the app picks it up too
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        routing_throughput(url, 4, 2.0, headers)  # warm-up: model loaded, batch queue running
+        one = routing_throughput(url, 1, seconds, headers)
+        many = routing_throughput(url, 16, seconds, headers)
     finally:
         serve.shutdown()
     res.update(routing_1_client=one, routing_16_clients=many, routing_16_vs_1=many["req_per_s"] / one["req_per_s"])

@@ -423,7 +423,14 @@ def _train_v2(cfg: HydraConfig, run_dir: str, trial_id: str, setup: dict, prepar
 STATUS_FILE = "trial_status.jsonl"
 
 
-def _status_callback(end_step: int, log=print):
+def _say(msg: str) -> None:
+    """`print` looked up when called: the Tune callback that uses it is pickled with the experiment,
+    and a builtin captured by value fails to pickle once a library has swapped `builtins.print`
+    (Ray's tqdm integration does)."""
+    print(msg, flush=True)
+
+
+def _status_callback(end_step: int, log=_say):
     """A Tune callback that appends each trial's end (finished or stopped by the scheduler:
     "terminated"; or "error") to EXPERIMENT/trial_status.jsonl, and logs it. Tune's in-memory
     statuses cannot tell a trial ASHA stopped from one an interruption stopped (both end up

@@ -21,6 +21,7 @@ Design choices
 
 
 import asyncio
+import hmac
 import json
 import os
 import time
@@ -86,6 +87,14 @@ class ServeArgs(BaseModel):
 
 
 # --------------------------------------------------------------------------- request bodies
+def _encodable(s: str) -> str:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("contains a lone surrogate (not valid Unicode text)") from None
+    return s
+
+
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
@@ -98,7 +107,7 @@ class CompletionBody(_Body):
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63, description="same seed, same text")
     stream: bool = False
     n: int = Field(1, ge=1, le=1, description="one choice per prompt")
     return_routing: bool = False
@@ -113,6 +122,8 @@ class CompletionBody(_Body):
             raise ValueError("prompt must be a non-empty string (or a non-empty list of them)")
         if len(prompts) > 16:
             raise ValueError("at most 16 prompts per request")
+        for p in prompts:
+            _encodable(p)
         return v
 
     @field_validator("stop")
@@ -121,13 +132,18 @@ class CompletionBody(_Body):
         stops = [v] if isinstance(v, str) else (v or [])
         if len(stops) > 4 or any(not s for s in stops):
             raise ValueError("stop: up to 4 non-empty strings")
-        return stops
+        return [_encodable(x) for x in stops]
 
 
 class RoutingBody(_Body):
     text: str = Field(min_length=1)
     model: str | None = None
     domain: str | None = None
+
+    @field_validator("text")
+    @classmethod
+    def _text(cls, v):
+        return _encodable(v)
 
 
 class ApiError(Exception):
@@ -154,7 +170,8 @@ def _engine_error(e: BaseException) -> ApiError | None:
 api = FastAPI(title="hydra-ray", description="HYDRA generation and routing inspection", version="1")
 
 
-_METRICS: list["_Metrics"] = []  # the ingress replica's metrics, for the error handlers
+_METRICS: list["_Metrics"] = []  # the ingress replica's metrics and key, for the error handlers
+_API_KEY: list[str] = []
 
 
 _ENDPOINTS = {"/v1/completions": "completions", "/v1/routing": "routing", "/v1/models": "models",
@@ -174,6 +191,11 @@ async def _api_error(request: Request, e: ApiError):
 
 @api.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, e: StarletteHTTPException):
+    key = _API_KEY[0] if _API_KEY else None
+    if key and request.url.path.startswith("/v1") and not hmac.compare_digest(
+            request.headers.get("authorization", "").encode(), f"Bearer {key}".encode()):
+        _count_error(request, 401)  # unknown /v1 paths do not tell an unauthenticated caller they do not exist
+        return _error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "authentication_error")
     _count_error(request, e.status_code)
     return _error(e.status_code, str(e.detail), "invalid_request_error")
 
@@ -237,11 +259,16 @@ class HydraModel:
 
     async def routing(self, model_id: str, ids: list[int], domain: str | None) -> dict:
         engine = await self._engine(model_id)
-        return await self._trace_batch((engine, ids, domain))
+        res = await self._trace_batch((engine, ids, domain))
+        if isinstance(res, Exception):
+            raise res
+        return res
 
     async def generate(self, model_id: str, req: dict, use_cache: bool = True):
         engine = await self._engine(model_id)
         async for ev, batch_size in self._generate_batch((engine, GenRequest(**req), use_cache)):
+            if isinstance(ev, Exception):
+                raise ev
             if ev is not None:
                 yield {"text": ev.text, "token_ids": ev.token_ids, "finish_reason": ev.finish_reason,
                        "expert_counts": ev.expert_counts, "batch_size": batch_size}
@@ -254,12 +281,16 @@ class HydraModel:
             groups.setdefault(id(engine), []).append(i)
         for idxs in groups.values():
             engine = items[idxs[0]][0]
-            res = await asyncio.to_thread(engine.trace_ids, [items[i][1] for i in idxs], [items[i][2] for i in idxs])
+            try:
+                res = await asyncio.to_thread(engine.trace_ids, [items[i][1] for i in idxs], [items[i][2] for i in idxs])
+            except Exception as e:  # handed to its own callers only: never fail the whole batch
+                res = [e] * len(idxs)
             for i, r in zip(idxs, res):
-                out[i] = {**r, "batch_size": len(idxs)}
+                out[i] = r if isinstance(r, Exception) else {**r, "batch_size": len(idxs)}
         return out
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    # a request arriving while a long generation runs starts the next batch instead of waiting
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005, max_concurrent_batches=2)
     async def _generate_batch(self, items: list[tuple[Engine, GenRequest, bool]]):
         groups: dict[tuple[int, bool], list[int]] = {}
         for i, (engine, _, use_cache) in enumerate(items):
@@ -273,11 +304,15 @@ class HydraModel:
             for idxs, gen in runs:
                 if all(finished[i] for i in idxs):
                     continue
-                for i, ev in zip(idxs, await asyncio.to_thread(next, gen)):
+                try:
+                    events = await asyncio.to_thread(next, gen)
+                except Exception as e:  # this group's callers get the error; other groups go on
+                    events = [e] * len(idxs)
+                for i, ev in zip(idxs, events):
                     out[i] = ev
             yield [StopIteration if finished[i] else (out[i], size[i]) for i in range(len(items))]
             for i, ev in enumerate(out):
-                if ev is not None and ev.finish_reason:
+                if isinstance(ev, Exception) or (ev is not None and ev.finish_reason):
                     finished[i] = True
 
 
@@ -295,6 +330,7 @@ class HydraIngress:
         import hydra_ray.serve.app as module
 
         module._METRICS[:] = [self.metrics]
+        module._API_KEY[:] = [self.api_key] if self.api_key else []
         self.counts: dict[str, dict[str, list[int]]] = {}  # model -> layer -> tokens per expert
         self.served: dict[str, int] = {}
         self._configs: dict[str, Any] = {}
@@ -309,7 +345,8 @@ class HydraIngress:
 
     # ----------------------------------------------------------------- helpers
     def _auth(self, request: Request) -> None:
-        if self.api_key and request.headers.get("authorization", "") != f"Bearer {self.api_key}":
+        if self.api_key and not hmac.compare_digest(request.headers.get("authorization", "").encode(),
+                                                    f"Bearer {self.api_key}".encode()):
             raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
                            "authentication_error")
 
@@ -327,6 +364,8 @@ class HydraIngress:
             raise ApiError(400, "the request body is not valid UTF-8") from None
         except json.JSONDecodeError as e:
             raise ApiError(400, f"the request body is not valid JSON ({e.msg} at position {e.pos})") from None
+        except (ValueError, RecursionError) as e:  # e.g. nesting too deep, an integer too long
+            raise ApiError(400, f"the request body is not acceptable JSON ({type(e).__name__})") from None
         if not isinstance(obj, dict):
             raise ApiError(400, "the request body must be a JSON object")
         try:
@@ -354,7 +393,10 @@ class HydraIngress:
     def _tokenize(self, cfg, text: str) -> list[int]:
         from hydra_ray.data.tokenizer import load_tokenizer
 
-        ids = load_tokenizer(cfg.data.tokenizer).encode_batch([text])[0]
+        try:
+            ids = load_tokenizer(cfg.data.tokenizer).encode_batch([text])[0]
+        except ValueError as e:  # e.g. the checkpoint names a tokenizer.json this node lacks
+            raise ApiError(404, f"this model's tokenizer is not available: {e}", "not_found_error") from None
         if len(ids) > self.s["max_prompt_tokens"]:
             raise ApiError(413, f"{len(ids)} prompt tokens exceed the limit of {self.s['max_prompt_tokens']}")
         return ids
@@ -396,9 +438,10 @@ class HydraIngress:
     @api.get("/v1/models")
     async def models(self, request: Request):
         self._auth(request)
+        refs = await asyncio.to_thread(self.store.list)  # a filesystem walk: off the event loop
         data = [{"id": ref.model_id, "object": "model", "created": int(ref.path.stat().st_mtime),
                  "owned_by": "hydra-ray", "run": ref.run, "step": ref.step, "default": ref.model_id == self.default}
-                for ref in self.store.list()]
+                for ref in refs]
         return {"object": "list", "data": data}
 
     @api.get("/v1/experts/stats")
@@ -421,6 +464,8 @@ class HydraIngress:
         if body.domain is not None and body.domain not in cfg.model.domains:
             raise ApiError(400, f"unknown domain {body.domain!r}; this model knows {list(cfg.model.domains)}")
         ids = self._tokenize(cfg, body.text)
+        if len(ids) > context_of(cfg):
+            raise ApiError(413, f"{len(ids)} tokens exceed the model's context of {context_of(cfg)}")
         try:
             res = await self.model.options(multiplexed_model_id=model_id).routing.remote(model_id, ids, body.domain)
         except Exception as e:

@@ -69,20 +69,34 @@ def run(args: argparse.Namespace) -> int:
     ray_init(print, min_cpus=a.num_cpus * (a.autoscale[1] if a.autoscale else a.replicas) + 1)
     serve.start(http_options={"host": args.host, "port": args.port})
     stop = threading.Event()
-    if not args.smoke:  # from here on an interrupt, even during start-up, ends in a clean shutdown
+    started = threading.Event()
+
+    def on_signal(*_):
+        stop.set()
+        if not started.is_set():  # still starting (maybe waiting for resources): leave serve.run now
+            raise KeyboardInterrupt
+
+    if not args.smoke:
         for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
+            signal.signal(sig, on_signal)
     try:
         serve.run(build_app(a), name="hydra", route_prefix="/")
+        started.set()
         url = f"http://{args.host}:{args.port}"
         print(f"serving {url}  (inspector: {url}/ , OpenAI API: {url}/v1/completions)", flush=True)
         if args.smoke:
             return smoke(url, a.api_key)
         stop.wait()
-        print("shutting down", flush=True)
+        return 0
+    except KeyboardInterrupt:
         return 0
     finally:
-        serve.shutdown()
+        started.set()
+        print("shutting down", flush=True)
+        if os.environ.get("RAY_ADDRESS"):
+            serve.delete("hydra")  # a shared cluster keeps its other Serve applications
+        else:
+            serve.shutdown()
 
 
 def smoke(url: str, api_key: str | None) -> int:

@@ -43,7 +43,7 @@ from hydra_ray.models.hydra import sample
 from hydra_ray.train import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
-_ID = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*(@[0-9]{1,12})?$")
+_ID = re.compile(r"[A-Za-z0-9_.-]{1,128}(/[A-Za-z0-9_.-]{1,128}){0,15}(@[0-9]{1,12})?")
 
 
 class EngineError(Exception):
@@ -90,18 +90,24 @@ class CheckpointStore:
         return real
 
     def resolve(self, model_id: str) -> CheckpointRef:
-        if not isinstance(model_id, str) or not _ID.match(model_id) or len(model_id) > 512:
+        if not isinstance(model_id, str) or not _ID.fullmatch(model_id) or len(model_id) > 512:
             raise EngineError(400, f"model {model_id!r} is not a valid model id (RUN or RUN@STEP, "
                                    "a relative path inside the checkpoint store)")
         run, _, step_s = model_id.partition("@")
         if any(part in (".", "..") for part in run.split("/")):
             raise EngineError(400, f"model {model_id!r} may not contain '.' or '..' path segments")
+        try:
+            return self._resolve(model_id, run, step_s)
+        except OSError as e:  # e.g. a name the filesystem refuses
+            raise EngineError(400, f"model {model_id!r}: {e.strerror or e}") from None
+
+    def _resolve(self, model_id: str, run: str, step_s: str) -> CheckpointRef:
         run_dir = self._inside(self.root / run, model_id)
         if step_s:
             step = int(step_s)
             path = run_dir / "checkpoints" / ckpt.step_dir_name(step)
-        else:
-            steps = ckpt.list_steps(str(run_dir))
+        else:  # the newest complete checkpoint (one still being written has no manifest yet)
+            steps = [(n, p) for n, p in ckpt.list_steps(str(run_dir)) if (Path(p) / "manifest.json").is_file()]
             if not steps:
                 raise EngineError(404, f"model {model_id!r}: no checkpoints in run {run!r}")
             step, p = steps[-1]
@@ -117,7 +123,7 @@ class CheckpointStore:
         out = []
         for checkpoints in sorted(self.root.rglob("checkpoints")):
             run = checkpoints.parent.relative_to(self.root).as_posix()
-            if not checkpoints.is_dir() or not _ID.match(run):
+            if not checkpoints.is_dir() or not _ID.fullmatch(run):
                 continue
             for step, _ in ckpt.list_steps(str(checkpoints.parent)):
                 try:
@@ -183,7 +189,7 @@ class _Row:
         if req.seed is None:
             self.gen.seed()
         else:
-            self.gen.manual_seed(req.seed)
+            self.gen.manual_seed(req.seed % 2**63)  # any integer seeds; the same one gives the same text
 
     def add(self, token: int) -> GenEvent:
         if token == self.tok.eos_id:
@@ -239,16 +245,16 @@ class Engine:
     # ----------------------------------------------------------------- loading
     @classmethod
     def from_checkpoint(cls, path: str | Path, model_id: str | None = None, **kw) -> "Engine":
-        try:
-            loaded = ckpt.read_for_inference(str(path))
-        except ValueError as e:
-            raise EngineError(404, str(e)) from None
         import yaml
 
-        cfg = parse_config(yaml.safe_load(loaded.config_yaml))
-        model = HydraLM(cfg.model)
-        model.load_state_dict(loaded.model)  # feature switches come back with the weights
-        return cls(model, cfg, model_id or Path(path).name, loaded.step, **kw)
+        try:
+            loaded = ckpt.read_for_inference(str(path))
+            cfg = parse_config(yaml.safe_load(loaded.config_yaml))
+            model = HydraLM(cfg.model)
+            model.load_state_dict(loaded.model)  # feature switches come back with the weights
+            return cls(model, cfg, model_id or Path(path).name, loaded.step, **kw)
+        except Exception as e:  # corrupt files, a config or weights that do not fit, a missing tokenizer
+            raise EngineError(404, f"checkpoint {path} cannot be served: {e}") from None
 
     @classmethod
     def from_store(cls, store: CheckpointStore, model_id: str, **kw) -> "Engine":
@@ -336,6 +342,8 @@ class Engine:
 
     def _routing_json(self, trace, row: int, ids: list[int], dom: int | None) -> dict:
         per_token = trace.tokens(row)[:len(ids)] if ids else []
+        # a checkpoint with every feature off records nothing: its tokens still get (empty) records
+        per_token += [{"moe": {}, "mod": {}, "mor": {}} for _ in range(len(ids) - len(per_token))]
         for rec in per_token:  # float noise of batched matmuls stays below the 6th decimal
             for d in rec["mod"].values():
                 d["score"] = round(d["score"], 6)

@@ -101,6 +101,17 @@ def test_engine_trace_is_per_token_and_batched_traces_match_single_ones(engines)
     assert abs(sum(fr) - 1) < 1e-9
 
 
+def test_engine_traces_a_checkpoint_with_every_feature_off(engines):
+    """A foundation-phase model routes nothing, but every token still gets its (empty) record."""
+    from hydra_ray.models import HydraLM
+
+    cfg = engines["tiny@180"].cfg
+    e = Engine(HydraLM(cfg.model), cfg, "dense")
+    out = e.trace_text("abc")
+    assert [t["text"] for t in out["tokens"]] == ["a", "b", "c"]
+    assert all(t["moe"] == t["mod"] == t["mor"] == {} for t in out["tokens"])
+
+
 def _same_routing(a: list[dict], b: list[dict]) -> None:
     """Same decisions; scores and gates equal up to float noise of differently shaped matmuls."""
     assert len(a) == len(b)
@@ -332,6 +343,9 @@ def test_bad_requests_are_4xx_json_never_5xx(app):
         r = httpx.post(url + path, json=body, headers={"Authorization": "Bearer wrong"})
         assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
     assert httpx.get(url + "/v1/models").status_code == 401
+    assert httpx.get(url + "/v1/unknown").status_code == 401  # unknown /v1 paths are guarded too
+    r = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 3, "temperature": 1e-38})
+    assert r.status_code == 200  # a vanishing temperature is greedy, not an overflow
 
     cases = [
         ("/v1/completions", b'{"prompt": "x", "max_tokens": 65}', 400),          # over the max_tokens limit
@@ -352,6 +366,14 @@ def test_bad_requests_are_4xx_json_never_5xx(app):
         ("/v1/completions", b'{"prompt": "x", "model": "nope@5"}', 404),
         ("/v1/completions", b'{"prompt": "x", "model": "broken@10"}', 404),       # corrupt checkpoint
         ("/v1/completions", b'{"prompt": "x", "domain": "poetry"}', 400),
+        ("/v1/completions", b'{"prompt": "x", "seed": 18446744073709551616}', 400),  # seed out of range
+        ("/v1/completions", b'{"prompt": "x", "seed": -1}', 400),
+        ("/v1/completions", b'{"prompt": "\\ud800"}', 400),                     # lone surrogate
+        ("/v1/completions", b"[" * 100_000 + b"]" * 100_000, 400),               # nesting too deep
+        ("/v1/completions", b'{"prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}", 400),  # int too long
+        ("/v1/completions", json.dumps({"prompt": "x", "model": "a" * 300}).encode(), 400),
+        ("/v1/completions", json.dumps({"prompt": "x", "model": "a" * 100 + "/" + "b" * 100 + "@5"}).encode(), 404),
+        ("/v1/routing", b'{"text": "\\udfff x"}', 400),
         ("/v1/routing", b'{"text": ""}', 400),
         ("/v1/routing", b'{"text": 5}', 400),
         ("/v1/routing", b'{"text": "x", "model": "tiny/../../x"}', 400),

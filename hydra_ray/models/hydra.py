@@ -205,7 +205,7 @@ class HydraLM(nn.Module):
             trace=RoutingTrace(self.cfg.moe.num_experts) if return_trace else None,
         )
         # a tensor start_pos gives every row its own offset (batched decoding of ragged prompts)
-        offset = start_pos[:, None] if torch.is_tensor(start_pos) else start_pos
+        offset = start_pos.to(idx_BT.device)[:, None] if torch.is_tensor(start_pos) else start_pos
         pos_BT = (offset + torch.arange(T, device=idx_BT.device)).expand(B, T)
         x_BTD = self.embed(idx_BT)
         for unit in self.units:
@@ -334,7 +334,7 @@ class HydraLM(nn.Module):
 def sample(logits_BV: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
            gen: torch.Generator) -> torch.Tensor:
     logits_BV = upcast(logits_BV)
-    if temperature <= 0:
+    if temperature <= 1e-5:  # greedy; a tinier temperature would overflow the logits to inf
         return logits_BV.argmax(-1)
     logits_BV = logits_BV / temperature
     if top_k is not None and top_k > 0 and top_k < logits_BV.shape[-1]:
