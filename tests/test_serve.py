@@ -406,13 +406,32 @@ def test_serve_config_yaml_is_a_valid_serve_deploy_file_whose_builder_accepts_it
     assert names == {"HydraIngress", "HydraModel"}
 
 
-def test_serve_cli_validates_before_starting_ray(tmp_path, capsys):
+def test_serve_cli_validates_before_starting_ray(store, tmp_path, capsys):
     from hydra_ray.cli import main
 
     assert main(["serve", "--run", str(tmp_path / "missing")]) == 2
     assert "not a run directory" in capsys.readouterr().err
     assert main(["serve", "--checkpoint", str(tmp_path)]) == 2
     assert "not a checkpoint directory" in capsys.readouterr().err
+    for bad in ("3-1", "x", "0-2"):
+        assert main(["serve", "--run", str(store / "tiny"), "--autoscale", bad]) == 2
+        assert "autoscale" in capsys.readouterr().err
+
+
+def test_builder_takes_replicas_autoscaling_and_the_default_from_serve_args(store):
+    from hydra_ray.serve.app import ServeArgs, build_app
+
+    def model_deployment(app):
+        return app._bound_deployment.init_args[0]._bound_deployment
+
+    app = build_app(ServeArgs(run=str(store / "tiny"), autoscale=(1, 3), num_cpus=2, max_batch_size=4))
+    assert app._bound_deployment.user_config == {"default_model": "tiny@180"}
+    model = model_deployment(app)
+    auto = model._deployment_config.autoscaling_config
+    assert (auto.min_replicas, auto.max_replicas) == (1, 3) and model.ray_actor_options["num_cpus"] == 2
+    model = model_deployment(build_app({"checkpoint": str(store / "tiny" / "checkpoints" / "step_00000160"),
+                                        "replicas": 2}))
+    assert model.num_replicas == 2
 
 
 @pytest.mark.integration
