@@ -379,8 +379,11 @@ class HydraIngress:
 
         if self.default is None:
             raise ApiError(503, "no default model configured yet", "server_error")
+        model_id = requested or self.default
+        if model_id in self._configs:  # RUN@STEP ids seen before: no filesystem walk per request
+            return model_id, self._configs[model_id]
         try:
-            ref = self.store.resolve(requested or self.default)
+            ref = self.store.resolve(model_id)
         except EngineError as e:
             raise ApiError(e.status, e.message, "not_found_error" if e.status == 404 else "invalid_request_error")
         if ref.model_id not in self._configs:

@@ -17,8 +17,8 @@ Design choices
 - Generation is a generator of per-step events, so streaming and non-streaming requests share
   one path. Stop strings are matched on the decoded text; text that could still become a stop
   string is held back from the stream until it cannot.
-- Expert load counters are updated from the traces of every forward the engine runs (prompt
-  and generated tokens, routing requests), per MoE layer.
+- Expert load is counted from the traces of every forward (prompt and generated tokens, routing
+  requests), per MoE layer, and returned with each result; the ingress keeps the running totals.
 
 Shape legend: B batch, T sequence.
 """
@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import logging
 import re
-import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -70,9 +68,6 @@ class CheckpointRef:
     run: str
     step: int
     path: Path
-
-    def as_dict(self) -> dict:
-        return {"id": self.model_id, "run": self.run, "step": self.step}
 
 
 class CheckpointStore:
@@ -238,9 +233,6 @@ class Engine:
         self.num_experts = cfg.model.moe.num_experts
         self.max_context = max_context or context_of(cfg)
         self.pad_id = self.tokenizer.pad_id
-        self._lock = threading.Lock()
-        self.counts: dict[str, list[int]] = {}  # MoE layer -> tokens per expert
-        self.requests = 0
 
     # ----------------------------------------------------------------- loading
     @classmethod
@@ -287,25 +279,14 @@ class Engine:
 
     # ----------------------------------------------------------------- counters
     def _count(self, trace, valid_BT: torch.Tensor) -> list[dict[str, list[int]]]:
-        """Tokens per expert and MoE layer of each row's valid positions; also added to the
-        engine's running totals."""
+        """Tokens per expert and MoE layer of each row's valid positions (the serving layer keeps
+        the running totals, across replicas' answers)."""
         rows: list[dict[str, list[int]]] = [{} for _ in range(valid_BT.shape[0])]
         for (b, r), (exp_BTK, _) in sorted(trace.moe.items()):
             for row, out in enumerate(rows):
                 e = exp_BTK[row][valid_BT[row].expand(exp_BTK.shape[1])]
                 out[f"b{b}r{r}"] = torch.bincount(e[e >= 0], minlength=self.num_experts).tolist()
-        with self._lock:
-            for out in rows:
-                add_counts(self.counts, out)
         return rows
-
-    def stats(self) -> dict:
-        with self._lock:
-            by_layer = {k: list(v) for k, v in self.counts.items()}
-        total = [sum(v[i] for v in by_layer.values()) for i in range(self.num_experts)]
-        s = sum(total)
-        return {"model": self.model_id, "requests": self.requests, "tokens_by_expert": total,
-                "fraction_by_expert": [t / s if s else 0.0 for t in total], "by_layer": by_layer}
 
     # ----------------------------------------------------------------- routing traces
     def check_context(self, n_tokens: int) -> None:
@@ -333,8 +314,6 @@ class Engine:
         valid_BT = torch.arange(T)[None, :] < torch.tensor(lens)[:, None]
         out = self.model.trace(idx_BT, dom_BT if any(d is not None for d in dom_ids) else None)
         self._count(out.trace, valid_BT)
-        with self._lock:
-            self.requests += B
         return [self._routing_json(out.trace, b, batch[b], dom_ids[b]) for b in range(B)]
 
     def trace_text(self, text: str, domain: str | None = None) -> dict:
@@ -401,8 +380,6 @@ class Engine:
         seqs = [list(r.prompt_ids) for r in reqs]
         dom_ids = [self.domain_id(r.domain) for r in reqs]
         use_dom = any(d is not None for d in dom_ids)
-        with self._lock:
-            self.requests += B
 
         def dom_BT(T: int) -> torch.Tensor | None:
             if not use_dom:
@@ -489,11 +466,3 @@ def _row_hits(trace, row: int, n: int, expert: int) -> tuple[int, int]:
         tot += int(ran.sum())
     return hit, tot
 
-
-def timed_decode(engine: Engine, prompt_ids: list[int], new_tokens: int, use_cache: bool, batch: int = 1) -> float:
-    """Decode tokens/s of greedy generation (the benchmark behind `hydra-ray bench serve`)."""
-    reqs = [GenRequest(prompt_ids, max_tokens=new_tokens, temperature=0.0) for _ in range(batch)]
-    t0 = time.perf_counter()
-    res = engine.complete(reqs, use_cache=use_cache)
-    dt = time.perf_counter() - t0
-    return sum(len(r["token_ids"]) for r in res) / dt

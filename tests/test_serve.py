@@ -96,7 +96,9 @@ def test_engine_trace_is_per_token_and_batched_traces_match_single_ones(engines)
         _same_routing(s["tokens"], b["tokens"])
     tok = single[0]["tokens"][0]
     assert set(tok) == {"index", "id", "text", "moe", "mod", "mor"}
-    assert set(tok["moe"]) == {"b0r0", "b0r1", "b0r2", "b1r0", "b1r1", "b1r2"} & set(tok["moe"]) and tok["mor"]
+    layers = {"b0r0", "b0r1", "b0r2", "b1r0", "b1r1", "b1r2"}  # 2 blocks x 3 recursions, MoE in both
+    assert all(set(t["moe"]) <= layers for t in single[0]["tokens"])
+    assert set().union(*(t["moe"] for t in single[0]["tokens"])) >= {"b0r0"} and set(tok["mor"]) == {"b0", "b1"}
     fr = [x["fraction"] for x in single[1]["summary"]["experts"]]
     assert abs(sum(fr) - 1) < 1e-9
 

@@ -15,18 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from hydra_ray.config import load_config, parse_config
+from hydra_ray.config import parse_config
 from hydra_ray.train import checkpoint as ckpt
 
+from conftest import tiny_config
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _tiny(cache, **train):
-    cfg = load_config("tiny")
-    data = cfg.model_dump(mode="python")
-    data["data"]["cache_dir"] = cache
-    data["train"].update(train)
-    return parse_config(data)
 
 
 def _metrics(run_dir):
@@ -66,7 +60,7 @@ def tiny_data(tiny_prepared):
 def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tmp_path, builtin_cache, tiny_data):
     from hydra_ray.train.loop import run_local
 
-    cfg = _tiny(builtin_cache, log_every=1, save_every=50, eval_every=1000)
+    cfg = tiny_config(builtin_cache, log_every=1, save_every=50, eval_every=1000)
     run_local(cfg, str(tmp_path / "A"), tiny_data, end_step=120)
     run_local(cfg, str(tmp_path / "B"), tiny_data, end_step=100)  # stops at S = 100 ...
     run_local(cfg, str(tmp_path / "B"), tiny_data, end_step=120)  # ... and resumes to 2S (MoE switches on at 104)
@@ -83,7 +77,7 @@ def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tmp_path, builtin_c
 def test_nan_steps_are_skipped_and_repeated_nans_roll_back(tmp_path, builtin_cache, tiny_data, monkeypatch):
     from hydra_ray.train.loop import run_local
 
-    cfg = _tiny(builtin_cache, log_every=1, save_every=20, eval_every=1000, max_nan_skips=3)
+    cfg = tiny_config(builtin_cache, log_every=1, save_every=20, eval_every=1000, max_nan_skips=3)
     monkeypatch.setenv("HYDRA_INJECT_NAN_AT", "24,44,45,46")  # 0-based step indices
     run_local(cfg, str(tmp_path / "run"), tiny_data, end_step=60)
     events = _events(tmp_path / "run")
@@ -104,7 +98,7 @@ def elastic_run(tmp_path_factory, ray_session, builtin_cache):
     rank 1 killed by PID once the run is past step 60 with a checkpoint written."""
     from hydra_ray.train.driver import train
 
-    cfg = _tiny(builtin_cache)
+    cfg = tiny_config(builtin_cache)
     storage = tmp_path_factory.mktemp("runs")
     run_dir = storage / "elastic"
     killed = {}
@@ -171,7 +165,7 @@ def test_checkpoints_reshard_between_two_workers_and_one(elastic_run, tmp_path, 
 
     cfg, two_worker_run, _, _ = elastic_run
     one_worker_run = tmp_path / "one"
-    run_local(_tiny(builtin_cache, eval_every=1000), str(one_worker_run), tiny_data, end_step=120)
+    run_local(tiny_config(builtin_cache, eval_every=1000), str(one_worker_run), tiny_data, end_step=120)
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (4, 32), generator=g)
     dom = torch.randint(0, 4, (4, 32), generator=g)
