@@ -115,7 +115,7 @@ def _data_tokenizer(args: argparse.Namespace) -> int:
         for fs in files.values():
             for f in fs:
                 for rec in read_records(f, set(domains)):
-                    if rec["error"] is None:
+                    if not rec["error"]:
                         yield rec["text"]
 
     try:
@@ -164,9 +164,17 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+RAY_COMMANDS = ("train", "data", "tune", "serve", "bench")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hydra-ray", description=__doc__.splitlines()[0])
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="show Ray's own start-up and progress messages")
+    p = argparse.ArgumentParser(prog="hydra-ray", description=__doc__.splitlines()[0], parents=[common])
     sub = p.add_subparsers(dest="command", required=True)
+    _add_parser = sub.add_parser
+    sub.add_parser = lambda *a, **k: _add_parser(*a, parents=[common], **k)  # --verbose after any command
 
     s = sub.add_parser("summary", help="parameter counts and FLOPs of a config")
     s.add_argument("--config", required=True, help="YAML path or preset name (tiny, small, hydra-500m)")
@@ -191,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_train)
 
     d = sub.add_parser("data", help="corpus preparation and tokenizers").add_subparsers(dest="data_command", required=True)
+    _add_data = d.add_parser
+    d.add_parser = lambda *a, **k: _add_data(*a, parents=[common], **k)
     s = d.add_parser("prepare", help="write the built-in corpus (no network): one Parquet folder per domain")
     s.add_argument("--out", required=True)
     s.add_argument("--size", default="tiny", choices=["tiny", "small", "full"])
@@ -245,6 +255,10 @@ def _cuda() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in RAY_COMMANDS and not getattr(args, "verbose", False):
+        from hydra_ray.train.driver import quiet_ray
+
+        quiet_ray()
     try:
         return args.func(args)
     except ConfigError as e:

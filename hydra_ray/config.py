@@ -12,7 +12,9 @@ Design choices
 
 from __future__ import annotations
 
+import difflib
 import math
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -283,6 +285,8 @@ class TrainConfig(_Strict):
     max_failures: int = Field(3, ge=0)  # worker-group restarts Ray Train may attempt
     seed: int = 0
     dtype: Literal["float32", "bfloat16"] = "float32"  # bfloat16 autocast is for GPUs
+    run_name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=200)
+    # default run name (--name wins; else the config file's stem): a tuned best.yaml names its sweep
 
 
 class DataConfig(_Strict):
@@ -291,6 +295,7 @@ class DataConfig(_Strict):
     builtin_seed: int = 0
     cache_dir: str = "~/.cache/hydra-ray"  # where the built-in corpus is generated once
     tokenizer: str = "byte"  # "byte" or a path to a Hugging Face tokenizer.json
+    tokenizer_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")  # set by training: the file it used
     mixture: dict[str, float] = Field(default_factory=lambda: {d: 1.0 for d in DEFAULT_DOMAINS})
     eval_fraction: float = Field(0.05, ge=0, lt=1)
 
@@ -318,6 +323,37 @@ class HydraConfig(_Strict):
         return self
 
 
+def did_you_mean(word: str, choices, cutoff: float = 0.6) -> str:
+    """' (did you mean X?)' for the closest of `choices`, or '' when none is close."""
+    near = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=cutoff)
+    return f" (did you mean {near[0]}?)" if near else ""
+
+
+def _section_model(annotation) -> type[BaseModel] | None:
+    """The pydantic model inside an annotation such as `ModelConfig` or `list[PhaseConfig]`."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _section_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    """Field names of the section at `loc` (('model', 'moe') -> MoEConfig's fields); list indexes
+    step into the item model."""
+    model: type[BaseModel] | None = HydraConfig
+    for part in loc:
+        if model is None:
+            return []
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part))
+        model = _section_model(field.annotation) if field is not None else None
+    return list(model.model_fields) if model is not None else []
+
+
 def _format(err: ValidationError) -> str:
     parts = []
     for e in err.errors():
@@ -326,6 +362,8 @@ def _format(err: ValidationError) -> str:
         if isinstance(cause, FieldError):
             loc.append(cause.path)
         msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden" and e["loc"]:  # a typo of a field name, most likely
+            msg += did_you_mean(e["loc"][-1], _fields_at(tuple(e["loc"][:-1])))
         parts.append(f"{'.'.join(loc)}: {msg}" if loc else msg)
     return " ".join("; ".join(parts).split())  # always one line
 
@@ -364,9 +402,11 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Hy
         where = f" at line {mark.line + 1}" if mark is not None else ""
         what = " ".join(str(getattr(e, "problem", None) or e).split())
         raise ConfigError(f"{p}: not valid YAML{where}: {what}") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping at the top level, got {type(data).__name__}")
+    if not data:  # an empty file would silently train every default: almost surely a mistake
+        raise ConfigError(f"{p}: the config is empty (expected sections model, curriculum, train, data)")
     if overrides:
-        if data is not None and not isinstance(data, dict):
-            raise ConfigError(f"{p}: expected a mapping at the top level, got {type(data).__name__}")
         data = dict(data or {})
         for key, value in overrides.items():
             node = data

@@ -57,7 +57,6 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
-import difflib
 import json
 import math
 import os
@@ -70,7 +69,7 @@ from typing import Any
 
 import yaml
 
-from hydra_ray.config import ConfigError, HydraConfig, dump_config, load_config, parse_config
+from hydra_ray.config import ConfigError, HydraConfig, did_you_mean, dump_config, load_config, parse_config
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform")
 METRIC = "eval_loss"
@@ -171,8 +170,7 @@ def parse_entry(key: Any, spec: Any, source: str) -> Entry:
         raise ConfigError(f"{where}: expected one distribution, {forms}; got {spec!r}")
     (kind, args), = spec.items()
     if kind not in DISTRIBUTIONS:
-        near = difflib.get_close_matches(str(kind), DISTRIBUTIONS, n=1, cutoff=0.75)
-        hint = f" (did you mean {near[0]}?)" if near else ""
+        hint = did_you_mean(kind, DISTRIBUTIONS, cutoff=0.75)
         raise ConfigError(f"{where}: unknown distribution {kind!r}{hint}; use {', '.join(DISTRIBUTIONS)}")
     if kind in ("choice", "grid"):
         if not isinstance(args, list) or not args:
@@ -238,8 +236,7 @@ def _locate(data: dict, key: str, source: str) -> tuple[Any, Any]:
         elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
             container, idx = node, int(part)
         else:
-            near = difflib.get_close_matches(key, _field_paths(data), n=1)
-            hint = f" (did you mean {near[0]}?)" if near else ""
+            hint = did_you_mean(key, _field_paths(data))
             what = "not a config field" if here == key else f"{here} is not a config field"
             raise ConfigError(f"{source}: {key}: {what}{hint}")
         node = container[idx]
@@ -672,6 +669,9 @@ def write_outputs(sweep_dir: Path, rows: list[dict], entries: list[Entry], base:
         _write_csv(sweep_dir / "pareto.csv", front, entries, front_ids)
     if best is not None:
         cfg = parse_config(apply_values(base, best["values"]), "best config")
+        # `hydra-ray train --config .../best.yaml` trains into a run named after the sweep, so
+        # the best configs of two sweeps never share (and refuse to resume) one run folder
+        cfg.train.run_name = f"{sweep_dir.name}-best"
         values = ", ".join(f"{k}={_fmt(v, 6)}" for k, v in best["values"].items())
         header = (f"# hydra-ray tune: best of sweep {sweep_dir.name} ({len(done)} completed trial(s)):\n"
                   f"# trial {best['trial']}, eval_loss {_fmt(best[METRIC])} at step {best['step']}, "

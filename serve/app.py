@@ -238,13 +238,13 @@ class _Metrics:
 class HydraModel:
     """Engines by model id (LRU via serve.multiplexed); batched traces and generation."""
 
-    def __init__(self, store: str, max_models_per_replica: int = 3, max_batch_size: int = 8,
+    def __init__(self, store: dict, max_models_per_replica: int = 3, max_batch_size: int = 8,
                  batch_wait_timeout_s: float = 0.005, torch_threads: int | None = None):
         import torch
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
-        self.store = CheckpointStore(store)
+        self.store = CheckpointStore(**store)
 
         async def load(model_id: str) -> Engine:
             return await asyncio.to_thread(Engine.from_store, self.store, model_id)
@@ -319,9 +319,9 @@ class HydraModel:
 # --------------------------------------------------------------------------- ingress
 @serve.ingress(api)
 class HydraIngress:
-    def __init__(self, model, store: str, settings: dict):
+    def __init__(self, model, store: dict, settings: dict):
         self.model = model
-        self.store = CheckpointStore(store)
+        self.store = CheckpointStore(**store)
         self.s = settings
         self.api_key = settings.get("api_key") or os.environ.get("HYDRA_API_KEY") or None
         self.default: str | None = None
@@ -375,7 +375,7 @@ class HydraIngress:
 
     def _model(self, requested: str | None):
         """(canonical id, its config) for the request's model field (default when absent)."""
-        from hydra_ray.config import load_config
+        from hydra_ray.train import checkpoint as ckpt
 
         if self.default is None:
             raise ApiError(503, "no default model configured yet", "server_error")
@@ -388,7 +388,7 @@ class HydraIngress:
             raise ApiError(e.status, e.message, "not_found_error" if e.status == 404 else "invalid_request_error")
         if ref.model_id not in self._configs:
             try:
-                self._configs[ref.model_id] = load_config(str(ref.path / "config.yaml"))
+                self._configs[ref.model_id] = ckpt.inference_config(ref.path, (ref.path / "config.yaml").read_text())
             except Exception as e:
                 raise ApiError(404, f"model {ref.model_id!r}: unreadable checkpoint config ({e})", "not_found_error")
         return ref.model_id, self._configs[ref.model_id]
@@ -397,7 +397,7 @@ class HydraIngress:
         from hydra_ray.data.tokenizer import load_tokenizer
 
         try:
-            ids = load_tokenizer(cfg.data.tokenizer).encode_batch([text])[0]
+            ids = load_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_sha256).encode_batch([text])[0]
         except ValueError as e:  # e.g. the checkpoint names a tokenizer.json this node lacks
             raise ApiError(404, f"this model's tokenizer is not available: {e}", "not_found_error") from None
         if len(ids) > self.s["max_prompt_tokens"]:
@@ -589,10 +589,10 @@ def build_app(args: ServeArgs | dict) -> serve.Application:
     else:
         model_opts["num_replicas"] = a.replicas
     model = serve.deployment(HydraModel, **model_opts).bind(
-        str(store.root), a.max_models_per_replica, a.max_batch_size, a.batch_wait_timeout_s, a.torch_threads)
+        store.spec, a.max_models_per_replica, a.max_batch_size, a.batch_wait_timeout_s, a.torch_threads)
     settings = {"api_key": a.api_key, "max_prompt_tokens": a.max_prompt_tokens, "max_tokens": a.max_tokens,
                 "max_body_bytes": a.max_body_bytes}
     ingress = serve.deployment(HydraIngress, name="HydraIngress", ray_actor_options={"num_cpus": 0},
                                max_ongoing_requests=256, user_config={"default_model": default})
-    return ingress.bind(model, str(store.root), settings)
+    return ingress.bind(model, store.spec, settings)
 

@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import signal
+import sys
 import threading
 
 
@@ -21,6 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", help="run directory: serve its checkpoints, default the newest")
     src.add_argument("--checkpoint", help="one checkpoint directory (RUN/checkpoints/step_XXXXXXXX)")
+    src.add_argument("--store", help="a folder of runs: serve every run in it (with --model as the default)")
+    p.add_argument("--model", default=None, metavar="RUN[@STEP]",
+                   help="the default model: with --store, a run inside it; with --run, RUN@STEP")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     scale = p.add_mutually_exclusive_group()
@@ -38,7 +42,7 @@ def serve_args(args: argparse.Namespace):
 
     from hydra_ray.config import ConfigError
     from hydra_ray.serve.app import ServeArgs
-    from hydra_ray.serve.engine import EngineError
+    from hydra_ray.serve.engine import Engine, EngineError
 
     autoscale = None
     if args.autoscale:
@@ -47,27 +51,50 @@ def serve_args(args: argparse.Namespace):
         except ValueError:
             raise ConfigError(f"--autoscale {args.autoscale!r}: expected MIN-MAX, e.g. 1-4") from None
         autoscale = (lo, hi)
+    if args.store and not args.model:
+        raise ConfigError("--store needs --model RUN[@STEP]: the run served by default")
+    if args.model and args.checkpoint:
+        raise ConfigError("--model goes with --store or --run, not with --checkpoint")
     try:
-        a = ServeArgs(run=args.run, checkpoint=args.checkpoint, replicas=args.replicas, autoscale=autoscale,
+        a = ServeArgs(run=args.run, checkpoint=args.checkpoint, store=args.store, default_model=args.model,
+                      replicas=args.replicas, autoscale=autoscale,
                       api_key=args.api_key or os.environ.get("HYDRA_API_KEY"), num_cpus=args.num_cpus,
                       max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens)
-        a.locate()  # the run/checkpoint must exist and hold a valid checkpoint before Ray starts
+        # before Ray starts: the checkpoint must exist, match its manifest and have its tokenizer
+        store, default = a.locate()
+        Engine.check(store.resolve(default).path)
     except ValidationError as e:
-        raise ConfigError(str(e.errors()[0]["msg"])) from None
+        raise ConfigError(str(e.errors()[0]["msg"]).removeprefix("Value error, ")) from None
     except EngineError as e:
         raise ConfigError(e.message) from None
     return a
 
 
+def check_port(host: str, port: int) -> None:
+    """A busy port is a one-line error before Ray starts, not a failed deployment later."""
+    import socket
+
+    from hydra_ray.config import ConfigError
+
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.bind((host, port))
+    except OSError as e:
+        raise ConfigError(f"--port {port}: cannot listen on {host}:{port} ({e.strerror or e}); "
+                          "is another server running there? pick another --port") from None
+
+
 def run(args: argparse.Namespace) -> int:
     a = serve_args(args)
+    check_port(args.host, args.port)
     from ray import serve
 
     from hydra_ray.serve.app import build_app
-    from hydra_ray.train.driver import ray_init
+    from hydra_ray.train.driver import ray_init, requiet
 
     ray_init(print, min_cpus=a.num_cpus * (a.autoscale[1] if a.autoscale else a.replicas) + 1)
     serve.start(http_options={"host": args.host, "port": args.port})
+    requiet()  # Serve configures its console logger when it starts
     stop = threading.Event()
     started = threading.Event()
 
@@ -80,7 +107,12 @@ def run(args: argparse.Namespace) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, on_signal)
     try:
-        serve.run(build_app(a), name="hydra", route_prefix="/")
+        try:
+            serve.run(build_app(a), name="hydra", route_prefix="/")
+        except RuntimeError as e:  # a deployment that failed after the checks above
+            print(f"error: the Serve application failed to start ({' '.join(str(e).split())[:300]}); "
+                  "details in Ray's logs: /tmp/ray/session_latest/logs/serve/", file=sys.stderr, flush=True)
+            return 1
         started.set()
         url = f"http://{args.host}:{args.port}"
         print(f"serving {url}  (inspector: {url}/ , OpenAI API: {url}/v1/completions)", flush=True)
@@ -93,10 +125,15 @@ def run(args: argparse.Namespace) -> int:
     finally:
         started.set()
         print("shutting down", flush=True)
-        if os.environ.get("RAY_ADDRESS"):
-            serve.delete("hydra")  # a shared cluster keeps its other Serve applications
-        else:
-            serve.shutdown()
+        # Deleting the application drains its replicas. A shared cluster (RAY_ADDRESS) keeps
+        # Serve and its other applications; an embedded Ray goes down whole, which ends the
+        # controller and the proxy with it (serve.shutdown() would have the controller kill
+        # itself mid-call, which Ray reports as a failed task).
+        serve.delete("hydra")
+        if not os.environ.get("RAY_ADDRESS"):
+            import ray
+
+            ray.shutdown()
 
 
 def smoke(url: str, api_key: str | None) -> int:

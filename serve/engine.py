@@ -33,7 +33,7 @@ from typing import Iterator
 
 import torch
 
-from hydra_ray.config import HydraConfig, parse_config
+from hydra_ray.config import HydraConfig
 from hydra_ray.data.tokenizer import load_tokenizer
 from hydra_ray.models import HydraLM
 from hydra_ray.models.attention import KVCache
@@ -71,12 +71,20 @@ class CheckpointRef:
 
 
 class CheckpointStore:
-    """Checkpoints under one folder: ROOT/RUN/checkpoints/step_XXXXXXXX (RUN may be nested)."""
+    """Checkpoints under one folder: ROOT/RUN/checkpoints/step_XXXXXXXX (RUN may be nested).
+    With `run`, only that run's checkpoints are listed and resolved (`serve --run R` serves R,
+    not whatever else happens to lie beside it)."""
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, run: str | None = None):
         self.root = Path(root).expanduser().resolve()
+        self.run = run
         if not self.root.is_dir():
             raise EngineError(400, f"checkpoint store {root} is not a directory")
+
+    @property
+    def spec(self) -> dict:
+        """What a replica needs to open the same store: `CheckpointStore(**spec)`."""
+        return {"root": str(self.root), "run": self.run}
 
     def _inside(self, p: Path, model_id: str) -> Path:
         real = p.resolve()
@@ -91,6 +99,8 @@ class CheckpointStore:
         run, _, step_s = model_id.partition("@")
         if any(part in (".", "..") for part in run.split("/")):
             raise EngineError(400, f"model {model_id!r} may not contain '.' or '..' path segments")
+        if self.run is not None and run != self.run:
+            raise EngineError(404, f"model {model_id!r}: this server serves run {self.run!r} only")
         try:
             return self._resolve(model_id, run, step_s)
         except OSError as e:  # e.g. a name the filesystem refuses
@@ -116,7 +126,8 @@ class CheckpointStore:
 
     def list(self) -> list[CheckpointRef]:
         out = []
-        for checkpoints in sorted(self.root.rglob("checkpoints")):
+        runs = [self.root / self.run / "checkpoints"] if self.run is not None else self.root.rglob("checkpoints")
+        for checkpoints in sorted(runs):
             run = checkpoints.parent.relative_to(self.root).as_posix()
             if not checkpoints.is_dir() or not _ID.fullmatch(run):
                 continue
@@ -133,7 +144,7 @@ class CheckpointStore:
         run = Path(run_dir).expanduser().resolve()
         if not (run / "checkpoints").is_dir():
             raise EngineError(400, f"{run_dir} is not a run directory (no checkpoints/ folder)")
-        store = CheckpointStore(run.parent)
+        store = CheckpointStore(run.parent, run=run.name)
         return store, store.resolve(run.name).model_id
 
     @staticmethod
@@ -143,7 +154,7 @@ class CheckpointStore:
         m = ckpt.STEP_DIR.match(p.name)
         if not m or p.parent.name != "checkpoints":
             raise EngineError(400, f"{ckpt_dir} is not a checkpoint directory (RUN/checkpoints/step_XXXXXXXX)")
-        store = CheckpointStore(p.parent.parent.parent)
+        store = CheckpointStore(p.parent.parent.parent, run=p.parent.parent.name)
         return store, store.resolve(f"{p.parent.parent.name}@{int(m.group(1))}").model_id
 
 
@@ -227,7 +238,7 @@ class Engine:
         self.model = model.eval()
         self.cfg = cfg
         self.model_id, self.step = model_id, step
-        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
+        self.tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_sha256)
         self.domains = list(cfg.model.domains)
         self.domain_expert = model.domain_to_expert
         self.num_experts = cfg.model.moe.num_experts
@@ -237,16 +248,28 @@ class Engine:
     # ----------------------------------------------------------------- loading
     @classmethod
     def from_checkpoint(cls, path: str | Path, model_id: str | None = None, **kw) -> "Engine":
-        import yaml
-
         try:
             loaded = ckpt.read_for_inference(str(path))
-            cfg = parse_config(yaml.safe_load(loaded.config_yaml))
+            cfg = ckpt.inference_config(path, loaded.config_yaml)
             model = HydraLM(cfg.model)
             model.load_state_dict(loaded.model)  # feature switches come back with the weights
             return cls(model, cfg, model_id or Path(path).name, loaded.step, **kw)
         except Exception as e:  # corrupt files, a config or weights that do not fit, a missing tokenizer
             raise EngineError(404, f"checkpoint {path} cannot be served: {e}") from None
+
+    @staticmethod
+    def check(path: str | Path) -> None:
+        """What loading needs, without building the model: files matching the manifest, a
+        config that parses, a tokenizer that loads. Raises EngineError naming the cause."""
+        try:
+            loaded = ckpt.read_for_inference(str(path))  # its errors name the checkpoint
+        except ValueError as e:
+            raise EngineError(400, str(e)) from None
+        try:
+            cfg = ckpt.inference_config(path, loaded.config_yaml)
+            load_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_sha256)
+        except ValueError as e:  # ConfigError included
+            raise EngineError(400, f"checkpoint {path} cannot be served: {e}") from None
 
     @classmethod
     def from_store(cls, store: CheckpointStore, model_id: str, **kw) -> "Engine":

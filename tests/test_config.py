@@ -93,8 +93,22 @@ def test_hydra_500m_boundaries_and_seeds():
     assert cfg.curriculum.phase_at(89999).name == "general"
 
 
-def test_empty_file_gives_defaults(tmp_path):
-    assert load_config(write(tmp_path, "")) == HydraConfig()
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "{}\n"])
+def test_an_empty_config_file_is_an_error_not_the_defaults(tmp_path, text):
+    with pytest.raises(ConfigError, match="the config is empty"):
+        load_config(write(tmp_path, text))
+
+
+@pytest.mark.parametrize("text,hint", [
+    ("train:\n  lrr: 0.1\n", "train.lrr: Extra inputs are not permitted (did you mean lr?)"),
+    ("modl:\n  d_model: 64\n", "modl: Extra inputs are not permitted (did you mean model?)"),
+    ("model:\n  moe:\n    num_expert: 2\n", "(did you mean num_experts?)"),
+    ("curriculum:\n  phases:\n    - {name: a, until_step: 5, mooe: true}\n", "(did you mean moe?)"),
+])
+def test_config_typos_get_did_you_mean(tmp_path, text, hint):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, text))
+    assert hint in str(e.value) and "\n" not in str(e.value)
 
 
 # ---------------------------------------------------------------------------------------------

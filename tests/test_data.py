@@ -83,9 +83,10 @@ def test_bad_records_are_counted_never_fatal(tmp_path, ray_session, builtin_cach
     _user_corpus(root)
     prep = prepare_data(_cfg(builtin_cache, corpus=str(root)), log=lambda *_: None)
     bad = {d: prep.stats[d]["bad"] for d in DOMAINS}
-    assert bad["math"] == {"malformed": 2, "empty_text": 2, "unknown_domain": 1, "unreadable_file": 0}
+    assert {r: n for r, n in bad["math"].items() if n} == {"malformed": 2, "empty_text": 1, "unknown_domain": 1,
+                                                           "missing_text": 1}
     assert bad["code"]["unreadable_file"] == 1
-    assert bad["chat"]["empty_text"] == 1
+    assert bad["chat"]["missing_text"] == 1  # a null text in a Parquet shard
     assert prep.stats["math"]["documents"] == 30 and prep.stats["chat"]["documents"] == 12
     assert "malformed" in prep.report() and all(prep.counts[64][d]["train"] > 0 for d in DOMAINS)
 
@@ -218,6 +219,22 @@ def test_data_benchmark_reports_pipeline_against_training_throughput(ray_session
     assert res["data_vs_train"] > 0
 
 
+def test_files_that_are_not_shards_are_named_in_a_warning(tmp_path, caplog):
+    root = tmp_path / "corpus"
+    _user_corpus(root)
+    (root / "math" / "notes.txt").write_text("x")
+    (root / "math" / "part-1.jsonl.bz2").write_bytes(b"x")
+    (root / "math" / "_SUCCESS").write_text("")  # writer markers are skipped quietly
+    (root / "chat" / "c.parquet").unlink()
+    (root / "chat" / "c.csv").write_text("text\nhello")
+    with caplog.at_level("WARNING", logger="hydra_ray.data.corpus"):
+        files = list_corpus(str(root), DOMAINS, required=["math"])
+    assert [Path(f.path).name for f in files["math"]] == ["part-0.jsonl"]
+    assert "ignoring 2 file(s)" in caplog.text and "notes.txt" in caplog.text and "_SUCCESS" not in caplog.text
+    with pytest.raises(CorpusError, match=r"no data for domain\(s\) chat .*chat/ holds only c\.csv"):
+        list_corpus(str(root), DOMAINS)
+
+
 def test_corpus_reads_through_a_filesystem_uri(tmp_path):
     root = tmp_path / "corpus"
     _user_corpus(root)
@@ -225,4 +242,211 @@ def test_corpus_reads_through_a_filesystem_uri(tmp_path):
     from hydra_ray.data.corpus import read_records
 
     recs = [r for f in files["finefineweb"] for r in read_records(f, set(DOMAINS))]
-    assert len(recs) == 15 and all(r["error"] is None for r in recs)
+    assert len(recs) == 15 and all(r["error"] == "" for r in recs)
+
+
+# --------------------------------------------------------------------------- a newcomer's own corpus
+def _docs(domain: str, n: int, start: int = 0) -> list[str]:
+    words = {"math": "sum prime root", "code": "def return yield", "chat": "User: hi Assistant: hello",
+             "finefineweb": "river town market"}[domain].split()
+    return [f"{domain} document {i}: " + " ".join(words[(i + k) % len(words)] for k in range(8 + i % 5))
+            for i in range(start, start + n)]
+
+
+# Bad JSONL lines, one or two of each record-level reason, spread between good lines.
+def _bad_lines(domain: str) -> list[tuple[str, str]]:
+    other = "code" if domain == "math" else "math"
+    return [("{not json", "malformed"), (json.dumps(["a list"]), "malformed"),
+            (json.dumps({"no_text": 1}), "missing_text"), (json.dumps({"text": None}), "missing_text"),
+            (json.dumps({"text": 42}), "text_not_string"),
+            (json.dumps({"text": ""}), "empty_text"), (json.dumps({"text": "  \n "}), "empty_text"),
+            (json.dumps({"text": "x", "domain": "klingon"}), "unknown_domain"),
+            (json.dumps({"text": "y", "domain": other}), "domain_mismatch")]
+
+
+def _interleave(good: list[str], bad: list[tuple[str, str]]) -> list[tuple[str, str | None]]:
+    """Good records with the bad ones spread between them (and a blank line, which is no record)."""
+    out: list[tuple[str, str | None]] = [(json.dumps({"text": t}), None) for t in good]
+    for k, b in enumerate(bad):
+        out.insert(min(len(out), 1 + 3 * k), b)
+    out.insert(len(out) // 2, ("", None))
+    return out
+
+
+def _write_lines(path: Path, lines: list[str], compression: str | None = None):
+    import pyarrow as pa
+
+    data = ("\n".join(lines) + "\n").encode()
+    if compression is None:
+        path.write_bytes(data)
+        return
+    with pa.CompressedOutputStream(str(path), compression) as out:
+        out.write(data)
+
+
+def _own_corpus(dirty: Path, clean: Path) -> dict[str, dict[str, int]]:
+    """The same good documents twice: `clean` holds only them; `dirty` holds them with bad records
+    of every reason in every file, a `.jsonl.gz`, a `.jsonl.zst` (when pyarrow has zstd), a `.gz`
+    cut off part-way, an unreadable shard and stray files. Returns the expected bad counts."""
+    import zlib
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from hydra_ray.data.corpus import BAD_REASONS
+
+    expected = {d: dict.fromkeys(BAD_REASONS, 0) for d in DOMAINS}
+    zstd = pa.Codec.is_available("zstd")
+
+    def jsonl(domain: str, name: str, rows, compression=None):
+        for root in (dirty, clean):
+            (root / domain).mkdir(parents=True, exist_ok=True)
+        _write_lines(dirty / domain / name, [line for line, _ in rows], compression)
+        _write_lines(clean / domain / name, [line for line, r in rows if r is None and line], compression)
+        for _, r in rows:
+            if r:
+                expected[domain][r] += 1
+
+    jsonl("math", "part-0.jsonl", _interleave(_docs("math", 16), _bad_lines("math")))
+    jsonl("math", "part-1.jsonl.gz", _interleave(_docs("math", 16, 16), _bad_lines("math")), "gzip")
+    (dirty / "math" / "bad.jsonl.gz").write_bytes(b"this is not gzip")  # sorts first: file numbers shift
+    expected["math"]["unreadable_file"] += 1
+    (dirty / "math" / "notes.txt").write_text("not a shard: warned about, never read")
+    (dirty / "math" / "_SUCCESS").write_text("")
+
+    jsonl("code", "a.jsonl", _interleave(_docs("code", 20), _bad_lines("code")))
+    jsonl("code", "b.jsonl.zst" if zstd else "b.jsonl", _interleave(_docs("code", 14, 20), _bad_lines("code")),
+          "zstd" if zstd else None)
+    (dirty / "code" / "broken.parquet").write_bytes(b"PAR1 this is not parquet")
+    expected["code"]["unreadable_file"] += 1
+
+    jsonl("chat", "a.jsonl", _interleave(_docs("chat", 18), _bad_lines("chat")))
+    # chat/b.jsonl.gz is cut off part-way: everything flushed before the cut survives (the clean
+    # corpus holds exactly that), the rest counts once as truncated_file.
+    kept = _interleave(_docs("chat", 12, 18), _bad_lines("chat"))
+    lost = [json.dumps({"text": t}) for t in _docs("chat", 10, 30)]
+    z = zlib.compressobj(wbits=31)  # gzip
+    head = z.compress(("\n".join(line for line, _ in kept) + "\n").encode()) + z.flush(zlib.Z_FULL_FLUSH)
+    whole = head + z.compress(("\n".join(lost) + "\n").encode()) + z.flush()
+    jsonl("chat", "b.jsonl.gz", kept, "gzip")  # the clean copy and the counts ...
+    (dirty / "chat" / "b.jsonl.gz").write_bytes(whole[: len(head) + 12])  # ... and the damaged original
+    expected["chat"]["truncated_file"] += 1
+
+    jsonl("finefineweb", "a.jsonl", _interleave(_docs("finefineweb", 16), _bad_lines("finefineweb")))
+    good = _docs("finefineweb", 16, 16)
+    texts = good[:8] + [None, "", "z", "w"] + good[8:]
+    doms = [None] * 8 + [None, "finefineweb", "klingon", "chat"] + ["finefineweb"] * 8
+    pq.write_table(pa.table({"text": texts, "domain": doms}), dirty / "finefineweb" / "b.parquet")
+    pq.write_table(pa.table({"text": good}), clean / "finefineweb" / "b.parquet")
+    pq.write_table(pa.table({"text": [1, 2, 3]}), dirty / "finefineweb" / "c.parquet")  # not strings
+    for r, n in (("missing_text", 1), ("empty_text", 1), ("unknown_domain", 1), ("domain_mismatch", 1),
+                 ("text_not_string", 3)):
+        expected["finefineweb"][r] += n
+    return expected
+
+
+def _own_config(cache: str, corpus: Path, **train):
+    from conftest import tiny_config
+
+    cfg = tiny_config(cache, **train)
+    return parse_config({**cfg.model_dump(mode="python"), "data": {**cfg.data.model_dump(mode="python"),
+                                                                   "corpus": str(corpus)}})
+
+
+@pytest.fixture(scope="module")
+def own_corpus(tmp_path_factory, ray_session, builtin_cache):
+    base = tmp_path_factory.mktemp("own-corpus")
+    expected = _own_corpus(base / "dirty", base / "clean")
+    quiet = lambda *_: None  # noqa: E731
+    dirty = prepare_data(_own_config(builtin_cache, base / "dirty"), log=quiet)
+    clean = prepare_data(_own_config(builtin_cache, base / "clean"), log=quiet)
+    return base, expected, dirty, clean
+
+
+@pytest.mark.integration
+def test_bad_records_of_every_reason_are_counted_and_good_records_all_kept(own_corpus):
+    import ray
+
+    _, expected, dirty, clean = own_corpus
+    for d in DOMAINS:
+        assert dirty.stats[d]["bad"] == expected[d], d
+        assert not any(clean.stats[d]["bad"].values()), d
+        # the same documents, tokens, split and sequences as the corpus without the bad records
+        for k in ("documents", "eval_documents", "tokens"):
+            assert dirty.stats[d][k] == clean.stats[d][k], (d, k)
+        assert dirty.stats[d]["tokens"] > 0
+        for L in dirty.seq_lens:
+            assert dirty.counts[L][d] == clean.counts[L][d] and dirty.counts[L][d]["train"] > 0
+            assert np.array_equal(ray.get(dirty.train[L][d]), ray.get(clean.train[L][d]))
+            assert np.array_equal(ray.get(dirty.eval[L][d]), ray.get(clean.eval[L][d]))
+    report = dirty.report()
+    assert all(r in report for r in ("malformed", "missing_text", "text_not_string", "empty_text",
+                                     "unknown_domain", "domain_mismatch", "unreadable_file", "truncated_file"))
+
+
+@pytest.mark.integration
+def test_training_on_a_corpus_with_bad_records_has_finite_loss(own_corpus, builtin_cache):
+    import math
+
+    from hydra_ray.train.loop import run_local
+
+    base, _, dirty, _ = own_corpus
+    cfg = _own_config(builtin_cache, base / "dirty", log_every=1, eval_every=1000, save_every=1000)
+    run_local(cfg, str(base / "run"), dirty, end_step=4)
+    rows = [json.loads(line) for line in (base / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 4 and all(isinstance(x, float) and math.isfinite(x) for x in losses), losses
+    evals = [v for r in rows for v in (r.get("eval") or {}).values() if isinstance(v, float)]
+    assert evals and all(math.isfinite(v) for v in evals), rows[-1].get("eval")
+
+
+@pytest.mark.integration
+def test_one_empty_text_in_one_file_reads_beside_clean_files(tmp_path, ray_session, builtin_cache):
+    root = tmp_path / "corpus"
+    for d in DOMAINS:
+        (root / d).mkdir(parents=True)
+        for k in range(3):  # files with and without errors, in every order of blocks
+            lines = [json.dumps({"text": t}) for t in _docs(d, 6, 6 * k)]
+            if d == "math" and k == 1:
+                lines.insert(2, json.dumps({"text": ""}))
+            (root / d / f"part-{k}.jsonl").write_text("\n".join(lines) + "\n")
+    prep = prepare_data(_cfg(builtin_cache, corpus=str(root)), log=lambda *_: None)
+    assert prep.stats["math"]["bad"]["empty_text"] == 1 and sum(prep.stats["math"]["bad"].values()) == 1
+    for d in DOMAINS:  # byte tokenizer: one token per byte of every good document
+        assert prep.stats[d]["documents"] == 18
+        assert prep.stats[d]["tokens"] == sum(len(t.encode()) for t in _docs(d, 18)), d
+
+
+@pytest.mark.integration
+def test_a_weighted_domain_with_only_bad_records_is_an_error_naming_it(tmp_path, ray_session, builtin_cache):
+    root = tmp_path / "corpus"
+    for d in DOMAINS:
+        (root / d).mkdir(parents=True)
+        lines = [json.dumps({"text": t}) for t in _docs(d, 6)]
+        if d == "chat":
+            lines = [json.dumps({"text": ""})] * 4 + ["{broken"] * 2  # malformed comes first in BAD_REASONS
+        (root / d / "a.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(CorpusError, match=r"weighted by the mixture: chat \(0 good documents, bad records: "
+                                          r"6 \(malformed 2, empty_text 4\), e\.g\. .*chat/a\.jsonl line 5: "):
+        prepare_data(_cfg(builtin_cache, corpus=str(root)), log=lambda *_: None)
+    # weight 0: the domain is reported, not an error
+    prep = prepare_data(_cfg(builtin_cache, corpus=str(root), mixture={"math": 1, "code": 1, "finefineweb": 1}),
+                        log=lambda *_: None)
+    assert prep.stats["chat"]["documents"] == 0 and prep.stats["chat"]["bad"]["empty_text"] == 4
+
+
+def test_good_records_that_tokenize_to_nothing_pack_no_eos_only_sequences():
+    """A text the tokenizer maps to no tokens would pack to windows of EOS alone, whose labels are
+    all ignored (a NaN loss): it counts as empty_text and packs nothing."""
+    import pandas as pd
+
+    from hydra_ray.data.pipeline import _pack_domain
+
+    group = pd.DataFrame({"domain": ["math"] * 3, "file": [0, 0, 0], "row": [1, 2, 3],
+                          "error": ["", "malformed", ""], "key": [5, 0, 7],
+                          "tokens": [np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.int32)]})
+    out = _pack_domain(group, [8], 0.1, eos=256, pad=257)
+    stats = json.loads(out[out["split"] == "stats"]["stats"].iloc[0])
+    assert stats["documents"] == 0 and stats["tokens"] == 0
+    assert stats["bad"]["empty_text"] == 2 and stats["bad"]["malformed"] == 1
+    assert out[out["split"] != "stats"]["n"].sum() == 0

@@ -158,6 +158,20 @@ def test_store_rejects_ids_that_leave_it_and_reports_missing_or_corrupt_checkpoi
     shutil.rmtree(store / "linked")
 
 
+def test_serving_a_run_lists_and_resolves_that_run_only(store):
+    """`serve --run R` serves R, not the broken or linked runs that lie beside it; a store of
+    runs is explicit (`--store`)."""
+    s, default = CheckpointStore.for_run(store / "tiny")
+    assert default == "tiny@180"
+    assert [r.model_id for r in s.list()] == ["tiny@140", "tiny@160", "tiny@180"]
+    with pytest.raises(EngineError) as e:
+        s.resolve("broken@10")
+    assert e.value.status == 404 and "serves run 'tiny' only" in e.value.message
+    s, default = CheckpointStore.for_checkpoint(store / "tiny" / "checkpoints" / "step_00000160")
+    assert default == "tiny@160" and {r.run for r in s.list()} == {"tiny"}
+    assert "broken@10" in {r.model_id for r in CheckpointStore(store).list()}  # an explicit store: every run
+
+
 # --------------------------------------------------------------------------- the Serve app
 @pytest.fixture(scope="module")
 def app(ray_session, store):

@@ -154,11 +154,13 @@ def test_best_yaml_is_the_best_complete_config_and_trains(asha_sweep, tmp_path):
     assert cfg.model.moe.aux_weight == pytest.approx(float(best["model.moe.aux_weight"]), rel=1e-12)
     assert cfg.model.mor.recursions == int(best["model.mor.recursions"])
     assert cfg.curriculum.total_steps == 48
-    # `hydra-ray train --config best.yaml` takes it as it is (a couple of steps on Ray Train)
+    # `hydra-ray train --config best.yaml` takes it as it is (a couple of steps on Ray Train),
+    # into a run named after the sweep rather than "best"
+    assert cfg.train.run_name == f"{sweep.name}-best"
     rc = main(["train", "--config", str(sweep / "best.yaml"), "--workers", "1", "--max-steps", "2",
-               "--storage", str(tmp_path), "--name", "best"])
+               "--storage", str(tmp_path)])
     assert rc == 0
-    assert (tmp_path / "best" / "checkpoints" / "step_00000002").is_dir()
+    assert (tmp_path / f"{sweep.name}-best" / "checkpoints" / "step_00000002").is_dir()
 
 
 # --------------------------------------------------------------------------- --resume

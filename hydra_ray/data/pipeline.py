@@ -2,11 +2,15 @@
 the run's training order as a Dataset that Ray Train workers read with `get_dataset_shard`.
 
 Design choices
-- Preparation (`prepare_data`) is a Ray Data job: shards are read in parallel tasks (`flat_map`),
-  tokenised in `map_batches`, grouped by domain and packed (`groupby().map_groups()`), with a
-  held-out eval split per domain chosen by a stable hash of each document's place in the corpus.
-  The packed sequences go to the object store, one array per (domain, split, seq_len); bad
-  records are counted per domain and reason on the way.
+- Preparation (`prepare_data`) is a Ray Data job: shards are read in parallel tasks (one file per
+  `map_batches` call), tokenised in `map_batches`, grouped by domain and packed
+  (`groupby().map_groups()`) in corpus order, with a held-out eval split per domain chosen by a
+  stable hash of each document's text (`_eval_rank`). The packed sequences go to the object store,
+  one array per (domain, split, seq_len); bad records (corpus.py) are counted per domain and reason
+  on the way. A corpus with bad records therefore packs to exactly the sequences of the same
+  corpus without them, and every stage has a fixed pyarrow schema.
+- No silent empty run: a domain that a mixture weights but whose good documents give no tokens or
+  no training sequence is a CorpusError naming it and its bad records, before any training step.
 - The training dataset (`train_dataset`) is `range(steps x global_batch)` mapped to sequences by
   the mixture order (mixture.py), so row p is always the same sequence: order depends only on
   (phase, seed, p). Every worker reads the same ordered stream (no split, `preserve_order`) and
@@ -22,16 +26,16 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import pyarrow as pa
 
 from hydra_ray.config import HydraConfig
-from hydra_ray.data.corpus import BAD_REASONS, CorpusError, list_corpus, read_records
+from hydra_ray.data.corpus import BAD_REASONS, RECORD_SCHEMA, CorpusError, CorpusFile, list_corpus, read_records
 from hydra_ray.data.mixture import PhaseOrder
 from hydra_ray.data.packing import inputs_and_labels, pack
 from hydra_ray.data.tokenizer import load_tokenizer
@@ -44,7 +48,7 @@ class PreparedData:
     train: dict[int, dict[str, object]]  # seq_len -> domain -> ObjectRef of int32 [n, L+1]
     eval: dict[int, dict[str, object]]
     counts: dict[int, dict[str, dict[str, int]]]  # seq_len -> domain -> {"train": n, "eval": n}
-    stats: dict[str, dict]  # domain -> documents, tokens, bad records by reason, examples
+    stats: dict[str, dict]  # domain -> documents, tokens, bad records by reason, one example of each
     tokenizer: str
     eos_id: int
     pad_id: int
@@ -55,14 +59,16 @@ class PreparedData:
         return [self.counts[seq_len][d]["train"] for d in self.domains]
 
     def report(self) -> str:
+        """One line per domain (documents, tokens, sequences, bad records by reason), then where
+        the first bad record of each reason is."""
         lines = []
         for d in self.domains:
             s = self.stats.get(d, {})
-            bad = {k: v for k, v in s.get("bad", {}).items() if v}
             seqs = ", ".join(f"L{L}: {self.counts[L][d]['train']} train / {self.counts[L][d]['eval']} eval"
                              for L in self.seq_lens)
             lines.append(f"  {d:<12} {s.get('documents', 0):6d} docs  {s.get('tokens', 0):9d} tokens  "
-                         f"sequences {seqs}  bad records: {bad or 'none'}")
+                         f"sequences {seqs}  bad records: {_bad_summary(s.get('bad', {}))}")
+            lines += [f"      e.g. {e}" for e in s.get("bad_examples", [])]
         return "\n".join(lines)
 
 
@@ -86,58 +92,92 @@ def builtin_corpus(cfg: HydraConfig, log=print) -> str:
 
 
 # --------------------------------------------------------------------------- Ray Data stages
-def _read(row: dict, known: list[str]) -> Iterator[dict]:
-    from hydra_ray.data.corpus import CorpusFile
-
-    f = CorpusFile(row["domain"], row["path"], row["index"], row["root"])
-    yield from read_records(f, set(known))
-
-
-def _tokenize(batch, spec: str):
-    tok = load_tokenizer(spec)
-    texts = list(batch["text"])
-    ok = [i for i, e in enumerate(batch["error"]) if e is None or (isinstance(e, float) and math.isnan(e))]
-    ids = tok.encode_batch([texts[i] for i in ok]) if ok else []
-    tokens = [np.zeros(0, dtype=np.int32)] * len(texts)
-    for i, t in zip(ok, ids):
-        tokens[i] = np.asarray(t, dtype=np.int32)
-    batch = batch.drop(columns=["text"])
-    batch["tokens"] = tokens
-    return batch
+# Every stage returns pyarrow tables of a fixed schema, never types inferred per batch: blocks from
+# files with and without bad records must concatenate (an all-good block once had a null-typed
+# `error` column), and tokens are a plain list<int32> column.
+TOKENS_SCHEMA = pa.schema([("domain", pa.string()), ("file", pa.int64()), ("row", pa.int64()),
+                          ("error", pa.string()), ("key", pa.int64()), ("tokens", pa.list_(pa.int32()))])
 
 
-def _eval_rank(domain: str, file: int, row: int) -> int:
-    return int.from_bytes(hashlib.sha1(f"{domain}/{file}/{row}".encode()).digest()[:8], "big")
+def _read(batch: pa.Table, known: list[str]) -> Iterator[pa.Table]:
+    """Shard rows (batch_size=1) -> records of RECORD_SCHEMA, a few thousand at a time."""
+    for item in batch.to_pylist():
+        f = CorpusFile(item["domain"], item["path"], item["index"], item["root"])
+        rows = []
+        for rec in read_records(f, set(known)):
+            rows.append(rec)
+            if len(rows) == 4096:
+                yield pa.Table.from_pylist(rows, schema=RECORD_SCHEMA)
+                rows = []
+        if rows:
+            yield pa.Table.from_pylist(rows, schema=RECORD_SCHEMA)
+
+
+def _tokenize(batch: pa.Table, spec: str, sha256: str | None = None) -> pa.Table:
+    """Records -> TOKENS_SCHEMA: the tokens and eval key of good records; bad ones keep their row
+    (to be counted) with no tokens."""
+    tok = load_tokenizer(spec, sha256)
+    texts = batch.column("text").to_pylist()
+    ok = [i for i, e in enumerate(batch.column("error").to_pylist()) if e == ""]
+    ids = dict(zip(ok, tok.encode_batch([texts[i] for i in ok]) if ok else []))
+    lengths = np.array([len(ids.get(i, ())) for i in range(len(texts))], dtype=np.int32)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    values = np.concatenate([np.asarray(ids[i], dtype=np.int32) for i in ok] or [np.zeros(0, np.int32)])
+    keys = [_eval_rank(texts[i]) if i in ids else 0 for i in range(len(texts))]
+    return pa.table([batch.column("domain"), batch.column("file"), batch.column("row"), batch.column("error"),
+                     pa.array(keys, pa.int64()), pa.ListArray.from_arrays(offsets, values)], schema=TOKENS_SCHEMA)
+
+
+def _eval_rank(text: str) -> int:
+    """A document's place in the eval ranking: a stable hash of its text. Not of its place in the
+    corpus: bad records, renamed or reordered files would move documents between train and eval.
+    Exact duplicates share a key, so they sit side by side (one split unless the cut falls between)."""
+    return int.from_bytes(hashlib.sha1(text.encode("utf-8", errors="replace")).digest()[:8], "big", signed=True)
 
 
 def _pack_domain(group, seq_lens: list[int], eval_fraction: float, eos: int, pad: int):
     import pandas as pd
 
     domain = group["domain"].iloc[0]
-    group = group.sort_values(["file", "row"])
-    errors = group["error"].where(group["error"].notna(), None)
-    good = group[errors.isna()]
-    bad = {r: int((errors == r).sum()) for r in BAD_REASONS}
-    examples = [f"file {int(f)} row {int(r)}: {e}" for f, r, e in
-                zip(group["file"], group["row"], errors) if e is not None][:5]
-    keys = list(zip(good["file"].astype(int), good["row"].astype(int)))
+    group = group.sort_values(["file", "row"], kind="stable")  # corpus order: what packing follows
+    error = group["error"].fillna("").to_numpy(dtype=object)  # never null (TOKENS_SCHEMA); "" is good
+    tokens = group["tokens"].to_numpy(dtype=object)
+    # a good text the tokenizer maps to no tokens would pack to EOS-only windows whose labels are
+    # all ignored (a NaN loss): it counts as empty_text
+    error[(error == "") & (np.fromiter(map(len, tokens), dtype=np.int64, count=len(tokens)) == 0)] = "empty_text"
+    good = error == ""
+    bad = {r: int((error == r).sum()) for r in BAD_REASONS}
+    examples = {}  # the first record of each reason, to show where to look
+    for f, r, e in zip(group["file"].to_numpy()[~good], group["row"].to_numpy()[~good], error[~good]):
+        examples.setdefault(e, [int(f), int(r), e])
+    docs, keys = list(tokens[good]), group["key"].to_numpy()[good]
     n_eval = 0
-    if eval_fraction > 0 and len(keys) >= 2:
-        n_eval = min(len(keys) - 1, max(1, round(eval_fraction * len(keys))))
-    ranked = sorted(range(len(keys)), key=lambda i: _eval_rank(domain, *keys[i]))
-    is_eval = np.zeros(len(keys), dtype=bool)
-    is_eval[ranked[:n_eval]] = True
-    docs = list(good["tokens"])
+    if eval_fraction > 0 and len(docs) >= 2:
+        n_eval = min(len(docs) - 1, max(1, round(eval_fraction * len(docs))))
+    is_eval = np.zeros(len(docs), dtype=bool)
+    is_eval[np.lexsort((np.arange(len(docs)), keys))[:n_eval]] = True  # by key; ties by corpus order
     rows = []
     for L in seq_lens:
         for split, sel in (("train", ~is_eval), ("eval", is_eval)):
             arr = pack([d for d, s in zip(docs, sel) if s], L, eos, pad)
             rows.append({"domain": domain, "split": split, "seq_len": L, "n": len(arr),
                          "data": arr.tobytes(), "stats": ""})
-    stats = {"documents": len(keys), "eval_documents": n_eval, "tokens": int(sum(len(d) for d in docs)),
-             "bad": bad, "bad_examples": examples}
+    stats = {"documents": len(docs), "eval_documents": n_eval, "tokens": int(sum(len(d) for d in docs)),
+             "bad": bad, "bad_examples": [examples[r] for r in BAD_REASONS if r in examples]}
     rows.append({"domain": domain, "split": "stats", "seq_len": 0, "n": 0, "data": b"", "stats": json.dumps(stats)})
     return pd.DataFrame(rows)
+
+
+def _bad_summary(bad: dict[str, int]) -> str:
+    """Like "3 (malformed 2, empty_text 1)", or "none"."""
+    shown = ", ".join(f"{r} {n}" for r, n in bad.items() if n)
+    return f"{sum(bad.values())} ({shown})" if shown else "none"
+
+
+def _where(path: str, row: int) -> str:
+    if row < 0:
+        return path
+    return f"{path} row {row}" if path.endswith(".parquet") else f"{path} line {row}"
 
 
 def prepare_data(cfg: HydraConfig, seq_lens: list[int] | None = None, log=print) -> PreparedData:
@@ -146,8 +186,12 @@ def prepare_data(cfg: HydraConfig, seq_lens: list[int] | None = None, log=print)
 
     domains = cfg.model.domains
     root = cfg.data.corpus or builtin_corpus(cfg, log)
-    files = list_corpus(root, domains, required_domains(cfg))  # clear error before any Ray work
-    tok = load_tokenizer(cfg.data.tokenizer)
+    weighted = required_domains(cfg)
+    files = list_corpus(root, domains, weighted)  # clear error before any Ray work
+    try:
+        tok = load_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_sha256)
+    except ValueError as e:
+        raise CorpusError(str(e)) from None
     if tok.vocab_size > cfg.model.vocab_size:
         raise CorpusError(f"tokenizer {tok.name} has {tok.vocab_size} tokens but model.vocab_size is "
                           f"{cfg.model.vocab_size}")
@@ -155,8 +199,8 @@ def prepare_data(cfg: HydraConfig, seq_lens: list[int] | None = None, log=print)
     items = [{"domain": f.domain, "path": f.path, "index": f.index, "root": f.root}
              for fs in files.values() for f in fs]
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 64)))
-    ds = ds.flat_map(_read, fn_kwargs={"known": domains})
-    ds = ds.map_batches(_tokenize, fn_kwargs={"spec": cfg.data.tokenizer}, batch_format="pandas", batch_size=64)
+    ds = ds.map_batches(_read, fn_kwargs={"known": domains}, batch_format="pyarrow", batch_size=1)
+    ds = ds.map_batches(_tokenize, fn_kwargs={"spec": cfg.data.tokenizer, "sha256": cfg.data.tokenizer_sha256}, batch_format="pyarrow", batch_size=64)
     ds = ds.groupby("domain").map_groups(
         _pack_domain, batch_format="pandas",
         fn_kwargs={"seq_lens": seq_lens, "eval_fraction": cfg.data.eval_fraction,
@@ -164,20 +208,24 @@ def prepare_data(cfg: HydraConfig, seq_lens: list[int] | None = None, log=print)
     train = {L: {} for L in seq_lens}
     evals = {L: {} for L in seq_lens}
     counts = {L: {d: {"train": 0, "eval": 0} for d in domains} for L in seq_lens}
-    stats: dict[str, dict] = {d: {"documents": 0, "tokens": 0, "bad": {r: 0 for r in BAD_REASONS}} for d in domains}
+    stats: dict[str, dict] = {d: {"documents": 0, "eval_documents": 0, "tokens": 0,
+                                  "bad": dict.fromkeys(BAD_REASONS, 0), "bad_examples": []} for d in domains}
     for row in ds.iter_rows():
         d = row["domain"]
         if row["split"] == "stats":
             stats[d] = json.loads(row["stats"])
+            stats[d]["bad_examples"] = [_where(files[d][f].path, r) + f": {e}" for f, r, e in stats[d]["bad_examples"]]
             continue
         L = int(row["seq_len"])
         arr = np.frombuffer(row["data"], dtype=np.int32).reshape(int(row["n"]), L + 1)
         (train if row["split"] == "train" else evals)[L][d] = ray.put(arr)
         counts[L][d][row["split"]] = int(row["n"])
-    empty = [d for d in required_domains(cfg) if any(counts[L][d]["train"] == 0 for L in seq_lens)]
+    # no silent empty run: a weighted domain without tokens would train on nothing (or NaN)
+    empty = [d for d in weighted if stats[d]["tokens"] == 0 or any(counts[L][d]["train"] == 0 for L in seq_lens)]
     if empty:
-        raise CorpusError(f"no usable training text for domain(s) {', '.join(empty)} "
-                          f"(every record was bad: {json.dumps({d: stats[d]['bad'] for d in empty})})")
+        raise CorpusError("no usable training text for domain(s) weighted by the mixture: " + "; ".join(
+            f"{d} ({stats[d]['documents']} good documents, bad records: {_bad_summary(stats[d]['bad'])}"
+            + (f", e.g. {stats[d]['bad_examples'][0]}" if stats[d]["bad_examples"] else "") + ")" for d in empty))
     return PreparedData(domains, seq_lens, train, evals, counts, stats, cfg.data.tokenizer,
                         tok.eos_id, tok.pad_id, tok.vocab_size, {"corpus": root})
 

@@ -8,12 +8,18 @@ Design choices
 - Byte-level ids: 0..255 are the bytes, 256 is <|endoftext|>, 257 is <|pad|>; a model needs
   vocab_size >= 258 (the presets use 264, a multiple of 8).
 - `load_tokenizer(spec)` is what Ray Data tasks call; it is cached per process so a map task
-  loads a tokenizer.json once, not once per batch.
+  loads a tokenizer.json once, not once per batch. With the file's sha256 it also refuses a file
+  that changed since the run recorded it.
+- A run owns its tokenizer: training copies the file into the run (and into every checkpoint),
+  so serving, analysis and `--resume` never depend on the working directory the run started in.
+  `find_tokenizer` is the one rule for finding a user's file: the path as given (relative to
+  the working directory), else relative to the config file's folder.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 from pathlib import Path
 
 EOS = "<|endoftext|>"
@@ -37,14 +43,22 @@ class HFTokenizer:
     """A Hugging Face `tokenizers` tokenizer.json; EOS/PAD are its <|endoftext|> / <|pad|> tokens
     (PAD falls back to EOS: padding is masked from the loss either way)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, sha256: str | None = None):
         from tokenizers import Tokenizer
 
         self.name = str(path)
         try:
-            self.tok = Tokenizer.from_file(str(path))
+            blob = Path(path).read_bytes()
+        except OSError as e:
+            raise ValueError(f"tokenizer {path}: cannot read ({e.strerror or e})") from None
+        self.sha256 = hashlib.sha256(blob).hexdigest()
+        if sha256 is not None and sha256 != self.sha256:
+            raise ValueError(f"tokenizer {path}: the file changed since the run recorded it "
+                             f"(sha256 {self.sha256[:12]}..., expected {sha256[:12]}...)")
+        try:
+            self.tok = Tokenizer.from_str(blob.decode("utf-8"))
         except Exception as e:  # the library raises a bare Exception for unreadable files
-            raise ValueError(f"{path}: not a readable tokenizer.json ({e})") from None
+            raise ValueError(f"tokenizer {path}: not a readable tokenizer.json ({' '.join(str(e).split())})") from None
         self.vocab_size = self.tok.get_vocab_size()
         eos = self.tok.token_to_id(EOS)
         if eos is None:
@@ -61,12 +75,29 @@ class HFTokenizer:
 
 
 @functools.lru_cache(maxsize=4)
-def load_tokenizer(spec: str = "byte"):
+def load_tokenizer(spec: str = "byte", sha256: str | None = None):
+    """'byte', or a tokenizer.json path (checked against `sha256` when given). Raises ValueError."""
     if spec == "byte":
         return ByteTokenizer()
-    if not Path(spec).exists():
-        raise ValueError(f"tokenizer {spec!r}: expected 'byte' or the path of a tokenizer.json")
-    return HFTokenizer(spec)
+    if not Path(spec).is_file():
+        raise ValueError(f"tokenizer {spec!r}: no such file (expected 'byte' or the path of a tokenizer.json)")
+    return HFTokenizer(spec, sha256)
+
+
+def find_tokenizer(spec: str, config_path: str | Path | None = None) -> Path | None:
+    """The tokenizer.json a config names: None for 'byte'; the path as given, else relative to the
+    config file's folder; None when neither exists (the caller decides whether that is an error)."""
+    if spec == "byte":
+        return None
+    p = Path(spec).expanduser()
+    candidates = [p]
+    if config_path is not None and not p.is_absolute():
+        candidates.append(Path(config_path).expanduser().resolve().parent / p)
+    return next((c.resolve() for c in candidates if c.is_file()), None)
+
+
+def file_sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def train_bpe(texts, vocab_size: int, out: str | Path) -> HFTokenizer:

@@ -82,8 +82,10 @@ class Experts(nn.Module):
             if n:
                 outs.append(swiglu(x_AD[start : start + n], self.w1[e], self.w3[e], self.w2[e]))
             start += n
-        if not outs:  # no rows at all: stay in the autograd graph (collectives in backward need it)
-            return swiglu(x_AD, self.w1[0], self.w3[0], self.w2[0])
+        if not outs:  # no rows at all: stay in the autograd graph (collectives in backward need it,
+            # and every rank's expert weights get a gradient, so optimizer state exists on all ranks).
+            # `w[:1].sum(0)` is expert 0, or zeros on a rank that owns no experts (more ranks than experts)
+            return swiglu(x_AD, *(w[:1].sum(0) for w in (self.w1, self.w3, self.w2)))
         return torch.cat(outs)
 
 

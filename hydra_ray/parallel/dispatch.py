@@ -11,16 +11,24 @@ Design choices
 - Dropped assignments (capacity overflow) carry expert id -1: they never reach an expert and their
   tokens get nothing from that slot. Ordering within an expert is stable (token order), so with one
   expert and top-1 the permutation is the identity: "one expert == dense FFN" stays exact.
-- Expert parallel: experts are split evenly and contiguously over the ranks of the group (rank r
-  owns experts [r*E/W, (r+1)*E/W)). After the local permute the rows are already grouped by
-  destination rank, so one `all_to_all_single` with uneven splits moves them; per-expert counts
-  travel first (a fixed-size all_to_all) so every rank knows its splits. Received rows arrive by
-  (source rank, local expert) and are regrouped by local expert; the way back is the exact inverse.
-  The exchange is an autograd function whose backward is the reverse exchange, so gradients flow
-  to remote tokens and to local experts alike.
+- Expert parallel: experts are split contiguously and as evenly as possible over the ranks of the
+  group: the first E % W ranks own one expert more (4 over 3 = 2/1/1; 4 over 6 = 1/1/1/1/0/0).
+  `expert_shard` is the one statement of that rule; sharding, checkpoint gathering and restoring
+  all ask it. Any worker count therefore works, and a checkpoint (experts under their global
+  index) reshards between any two.
+- After the local permute the rows are already grouped by destination rank (shards are
+  contiguous and in rank order), so one `all_to_all_single` with uneven splits moves them. The
+  per-expert counts travel first, in an all_to_all_single of their own whose splits are the shard
+  sizes (each rank sends a rank the counts of that rank's experts and gets back L counts from
+  every rank), so every rank knows its row splits. Received rows arrive by (source rank, local
+  expert) and are regrouped by local expert; the way back is the exact inverse. The exchange is an
+  autograd function whose backward is the reverse exchange, so gradients flow to remote tokens and
+  to local experts alike.
+- A rank may own no experts (W > E). It still takes part in every exchange, with zero rows and
+  zero counts, forward and backward: collectives must be called by every rank of the group.
 
 Shape legend: T tokens, K top-k, A rows sent (kept slots), R rows received, D hidden,
-E experts, L local experts, W ranks.
+E experts, L local experts (may differ per rank, may be 0), W ranks.
 """
 
 from __future__ import annotations
@@ -30,6 +38,13 @@ from dataclasses import dataclass
 import torch
 
 from hydra_ray import kernels
+
+
+def expert_shard(num_experts: int, rank: int, world: int) -> tuple[int, int]:
+    """(global index of the first expert, number of experts) that `rank` of `world` owns: contiguous
+    shards in rank order, the first num_experts % world ranks holding one expert more."""
+    base, extra = divmod(num_experts, world)
+    return rank * base + min(rank, extra), base + (rank < extra)
 
 
 class Dispatcher:
@@ -96,11 +111,9 @@ class AllToAllDispatcher(Dispatcher):
         self.group = group
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
-        if num_experts % self.world:
-            raise ValueError(f"{num_experts} experts cannot be split evenly over {self.world} ranks")
         self.num_experts = num_experts
-        self.num_local_experts = num_experts // self.world
-        self.expert_offset = self.rank * self.num_local_experts
+        self.expert_offset, self.num_local_experts = expert_shard(num_experts, self.rank, self.world)
+        self.shard_sizes = [expert_shard(num_experts, r, self.world)[1] for r in range(self.world)]
 
     def dispatch(self, x_TD, idx_TK, num_experts):
         import torch.distributed as dist
@@ -110,10 +123,12 @@ class AllToAllDispatcher(Dispatcher):
         W, L = self.world, self.num_local_experts
         routing = kernels.route(idx_TK, num_experts)
         x_AD = kernels.permute(x_TD, routing)
-        send_WL = routing.counts_E.view(W, L)
-        recv_WL = torch.empty_like(send_WL)
-        dist.all_to_all_single(recv_WL, send_WL.contiguous(), group=self.group)
-        send_splits = send_WL.sum(1).tolist()
+        # rank r gets the counts of its own experts from every rank: L per source, shard sizes out
+        recv_WL = routing.counts_E.new_empty(W * L)
+        dist.all_to_all_single(recv_WL, routing.counts_E.contiguous(), [L] * W, self.shard_sizes, group=self.group)
+        recv_WL = recv_WL.view(W, L)
+        send_W = torch.stack([c.sum() for c in routing.counts_E.split(self.shard_sizes)])
+        send_splits = send_W.tolist()
         recv_splits = recv_WL.sum(1).tolist()
         x_RD = _AllToAll.apply(x_AD, recv_splits, send_splits, self.group)
         # rows arrive ordered (source rank, local expert): regroup by local expert, stably

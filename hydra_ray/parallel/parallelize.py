@@ -3,8 +3,12 @@
 Design choices
 - Nothing model-specific: any module with an `experts` submodule (parameters stacked along a
   leading expert dimension) and a `dispatcher` attribute is an expert layer. Its experts are cut to
-  this rank's contiguous slice and its dispatcher becomes an `AllToAllDispatcher`; the model code
-  does not change and never sees a process group.
+  this rank's contiguous slice (`expert_shard` in dispatch.py says which; shards may differ by one
+  expert, or be empty when there are more ranks than experts) and its dispatcher becomes an
+  `AllToAllDispatcher`; the model code does not change and never sees a process group.
+- Gathering a sharded tensor back to global expert order (`gather_experts`: weights, optimizer
+  state) pads every shard to the largest one, because `all_gather` wants equal sizes everywhere,
+  and cuts the padding off again: pure data movement, so the result is exact.
 - Expert exchange runs on its own process group, so its all-to-alls never interleave with DDP's
   asynchronous gradient all-reduces on the default group (gloo requires one order per group).
 - Gradient scale: DDP averages the replicated gradients over ranks (each rank's loss is a mean over
@@ -22,7 +26,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from hydra_ray.parallel.dispatch import AllToAllDispatcher
+from hydra_ray.parallel.dispatch import AllToAllDispatcher, expert_shard
 
 
 def expert_layers(model: nn.Module) -> list[nn.Module]:
@@ -69,16 +73,30 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
+def gather_experts(local: torch.Tensor, num_experts: int, group=None) -> torch.Tensor:
+    """This rank's shard of a tensor stacked along the expert dimension -> all `num_experts` rows,
+    in global expert order (collective: call on all ranks, with the same tensors in the same order)."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    sizes = [expert_shard(num_experts, r, world)[1] for r in range(world)]
+    if local.shape[0] != sizes[rank]:
+        raise ValueError(f"rank {rank} holds {local.shape[0]} experts, its shard of {num_experts} is {sizes[rank]}")
+    padded = local.new_zeros(max(sizes), *local.shape[1:])
+    padded[: sizes[rank]] = local
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded, group=group)
+    return torch.cat([part[:n] for part, n in zip(parts, sizes)], 0)
+
+
+@torch.no_grad()
 def gather_expert_state(model: nn.Module, group=None) -> dict[str, torch.Tensor]:
     """Full state dict with every expert under its global index (collective: call on all ranks)."""
     model = unwrap(model)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if not dist.is_initialized() or dist.get_world_size(group) == 1:
         return state
-    world = dist.get_world_size(group)
-    for name in expert_param_names(model):
-        local = state[name].contiguous()
-        parts = [torch.empty_like(local) for _ in range(world)]
-        dist.all_gather(parts, local, group=group)
-        state[name] = torch.cat(parts, 0)
+    num_experts = {id(p): layer.dispatcher.num_experts for layer in expert_layers(model)
+                   for p in layer.experts.parameters()}
+    for name, p in model.named_parameters():
+        if id(p) in num_experts:
+            state[name] = gather_experts(state[name], num_experts[id(p)], group)
     return state

@@ -8,6 +8,8 @@ Layout of one checkpoint
   gathered to their global index like the weights.
 - `trainer_state.json`: step, phase, data position, world size, RNG state, metrics at save time.
 - `config.yaml`: the full config the run was started with.
+- `tokenizer.json` (runs with a tokenizer file): a copy, so a checkpoint is served anywhere; its
+  config names it relatively (`data.tokenizer: tokenizer.json`), with its sha256.
 - `manifest.json`, written last: every other file with its size and sha256.
 
 Design choices
@@ -76,7 +78,7 @@ def load_optimizer_tensors(opt: torch.optim.Optimizer, named: dict[str, torch.nn
 
 
 def write(path: Path, model_state: dict[str, torch.Tensor], opt_state: dict[str, torch.Tensor],
-          trainer_state: dict, config_yaml: str) -> Path:
+          trainer_state: dict, config_yaml: str, tokenizer_json: bytes | None = None) -> Path:
     """Write a complete checkpoint folder at `path` (a local directory), manifest last."""
     path.mkdir(parents=True, exist_ok=True)
     blobs = {
@@ -85,6 +87,8 @@ def write(path: Path, model_state: dict[str, torch.Tensor], opt_state: dict[str,
         "trainer_state.json": json.dumps(trainer_state, indent=1).encode(),
         "config.yaml": config_yaml.encode(),
     }
+    if tokenizer_json is not None:
+        blobs[TOKENIZER] = tokenizer_json
     manifest = {}
     for name, data in blobs.items():
         (path / name).write_bytes(data)
@@ -104,13 +108,37 @@ class Loaded:
 
 
 INFERENCE_FILES = ("model.safetensors", "trainer_state.json", "config.yaml")
+TOKENIZER = "tokenizer.json"
+
+
+def portable_config(cfg):
+    """The config as a run or checkpoint stores it: its tokenizer is the copy beside it."""
+    if cfg.data.tokenizer == "byte":
+        return cfg
+    cfg = cfg.model_copy(deep=True)
+    cfg.data.tokenizer = TOKENIZER
+    return cfg
+
+
+def inference_config(ckpt_dir: str | Path, config_yaml: str):
+    """The checkpoint's config with a relative tokenizer path made absolute against the
+    checkpoint's folder (where training put its copy). Raises ConfigError."""
+    import yaml
+
+    from hydra_ray.config import parse_config
+
+    cfg = parse_config(yaml.safe_load(config_yaml), f"{ckpt_dir}/config.yaml")
+    tok = cfg.data.tokenizer
+    if tok != "byte" and not Path(tok).is_absolute():
+        cfg.data.tokenizer = str(Path(ckpt_dir) / tok)
+    return cfg
 
 
 def _read_verified(fs, ckpt: str, files: tuple[str, ...] = FILES) -> Loaded:
     with fs.open_input_stream(f"{ckpt}/manifest.json") as fh:
         manifest = json.loads(fh.read())
     data = {}
-    for name in files:
+    for name in files + ((TOKENIZER,) if TOKENIZER in manifest["files"] else ()):
         entry = manifest["files"][name]
         with fs.open_input_stream(f"{ckpt}/{name}") as fh:
             blob = fh.read()

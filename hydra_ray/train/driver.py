@@ -49,6 +49,38 @@ class WorkerSpec:
         return self.min_workers if self.min_workers == self.max_workers else (self.min_workers, self.max_workers)
 
 
+_QUIET = [False]
+
+
+def quiet_ray(verbose: bool = False) -> None:
+    """Keep Ray's start-up and progress chatter (auth notices, Ray Data's and Serve's INFO lines,
+    deprecation warnings of Ray's own internals) off the console unless --verbose; errors still
+    show, and Ray's log files under its session folder keep everything. Ray (re)configures its
+    loggers when its libraries load and when Serve starts, so `ray_init` and the serve command
+    apply this again after those points."""
+    import logging
+    import warnings
+
+    if verbose:
+        _QUIET[0] = False
+        return
+    _QUIET[0] = True
+    logging.getLogger("ray").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module=r"ray(\.|$)")
+    import ray.data  # noqa: F401  (configures the ray.data logger, which does not propagate)
+
+    for name in ("ray", "ray.data", "ray.serve", "ray.train", "ray.tune"):
+        for h in logging.getLogger(name).handlers:
+            if not isinstance(h, logging.FileHandler):
+                h.setLevel(logging.ERROR)
+
+
+def requiet() -> None:
+    """Apply `quiet_ray` again if it is on (after Ray reconfigured its loggers)."""
+    if _QUIET[0]:
+        quiet_ray()
+
+
 def ray_init(log=print, min_cpus: float = 0) -> None:
     """Join RAY_ADDRESS's cluster, else start a local Ray. Locally, declare at least `min_cpus`
     logical CPUs: Ray Data's map tasks need a CPU beside the train workers, or they wait forever."""
@@ -59,6 +91,7 @@ def ray_init(log=print, min_cpus: float = 0) -> None:
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
     if ray.is_initialized():
         return
+    requiet()
     if os.environ.get("RAY_ADDRESS"):  # a cluster (set by `ray job submit`, or by the user)
         ray.init(log_to_driver=False, configure_logging=False)
     else:  # an embedded local Ray: never a stale `ray start` left on this machine
@@ -121,16 +154,24 @@ def train(cfg: HydraConfig, config_path: str, workers: str = "2", gpu: bool = Fa
         if G % (w * cfg.train.grad_accum):
             raise ConfigError(f"train.batch_size {G} does not split over {w} workers x grad_accum "
                               f"{cfg.train.grad_accum}; pick a batch size divisible by every worker count in --workers")
-    name = name or Path(config_path).stem
+    if max_steps is not None and max_steps < 1:
+        raise ConfigError(f"--max-steps {max_steps}: must be at least 1")
+    name = name or cfg.train.run_name or Path(config_path).stem
     storage = str(Path(storage).expanduser().resolve()) if "://" not in storage else storage
     run_dir = f"{storage}/{name}"
     existing = ckpt.list_steps(run_dir)
     if existing and not resume:
         raise ConfigError(f"run {run_dir} already has checkpoints (last step {existing[-1][0]}): "
                           "pass --resume to continue it, or choose another --name")
+    if resume and not existing:
+        raise ConfigError(f"--resume: run {run_dir} has no checkpoints to continue (check --storage and "
+                          "--name, or start it without --resume)")
     end_step = min(cfg.curriculum.total_steps, max_steps or cfg.curriculum.total_steps)
+    cfg, tokenizer_json = run_tokenizer(cfg, config_path, run_dir, resume)
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    (Path(run_dir) / "config.yaml").write_text(dump_config(cfg))
+    if tokenizer_json is not None:
+        (Path(run_dir) / ckpt.TOKENIZER).write_bytes(tokenizer_json)
+    (Path(run_dir) / "config.yaml").write_text(dump_config(ckpt.portable_config(cfg)))
 
     ray_init(log, min_cpus=spec.max_workers * cpus_per_worker + 2)
     prepared = prepare_data(cfg, log=log)
@@ -142,7 +183,7 @@ def train(cfg: HydraConfig, config_path: str, workers: str = "2", gpu: bool = Fa
         log(f"run {run_dir} is already at step {start} (target {end_step}): nothing to do")
         return {"run_dir": run_dir, "step": start}
     trainer = build_trainer(cfg, prepared, run_dir, storage, name, start, end_step, spec.num_workers, gpu,
-                            cpus_per_worker, keep=cfg.train.keep_checkpoints)
+                            cpus_per_worker, keep=cfg.train.keep_checkpoints, tokenizer_json=tokenizer_json)
     log(f"[train] {run_dir}: steps {start}..{end_step} on {workers} worker(s) "
         f"({'GPU' if gpu else 'CPU'}), global batch {G}")
     progress = Progress(Path(run_dir) / "metrics.jsonl", end_step, log)
@@ -154,14 +195,63 @@ def train(cfg: HydraConfig, config_path: str, workers: str = "2", gpu: bool = Fa
         progress.stop.set()
         progress.join()
     last = ckpt.list_steps(run_dir)
-    log(f"[train] done in {time.time() - t0:.0f}s. metrics: {run_dir}/metrics.jsonl  "
-        f"checkpoints: {run_dir}/checkpoints ({', '.join(os.path.basename(p) for _, p in last)})")
-    return {"run_dir": run_dir, "step": last[-1][0] if last else None, "error": getattr(result, "error", None)}
+    stopped = stop_reason(run_dir, since=t0)
+    log(f"[train] {'stopped' if stopped else 'done'} in {time.time() - t0:.0f}s. metrics: {run_dir}/metrics.jsonl  "
+        f"checkpoints: {run_dir}/checkpoints ({', '.join(os.path.basename(p) for _, p in last) or 'none'})")
+    return {"run_dir": run_dir, "step": last[-1][0] if last else None,
+            "error": getattr(result, "error", None) or stopped}
+
+
+def run_tokenizer(cfg: HydraConfig, config_path: str, run_dir: str, resume: bool) -> tuple[HydraConfig, bytes | None]:
+    """The tokenizer file this run trains with, as (config naming it by absolute path with its
+    sha256, its bytes), or (cfg, None) for the byte tokenizer. The user's file is found as the
+    config names it (working directory, then the config's folder); a resumed run falls back to its
+    own copy and refuses a file that differs from it. Raises ConfigError."""
+    from hydra_ray.data.tokenizer import file_sha256, find_tokenizer, load_tokenizer
+
+    spec = cfg.data.tokenizer
+    if spec == "byte":
+        return cfg, None
+    own = Path(run_dir) / ckpt.TOKENIZER
+    found = find_tokenizer(spec, config_path)
+    if found is None and resume and own.is_file():
+        found = own
+    if found is None:
+        raise ConfigError(f"data.tokenizer: {spec}: no such file (looked in the working directory and "
+                          f"beside {config_path}); give 'byte' or the path of a tokenizer.json")
+    if resume and own.is_file() and file_sha256(found) != file_sha256(own):
+        raise ConfigError(f"data.tokenizer: {found} differs from the tokenizer run {run_dir} was trained with "
+                          f"({own}); resume with that one")
+    if cfg.data.tokenizer_sha256 and file_sha256(found) != cfg.data.tokenizer_sha256:
+        raise ConfigError(f"data.tokenizer: {found} does not match data.tokenizer_sha256 of the config")
+    try:
+        tok = load_tokenizer(str(found))
+    except ValueError as e:
+        raise ConfigError(f"data.tokenizer: {e}") from None
+    cfg = cfg.model_copy(deep=True)
+    cfg.data.tokenizer, cfg.data.tokenizer_sha256 = str(found), tok.sha256
+    return cfg, found.read_bytes()
+
+
+def stop_reason(run_dir: str, since: float = 0.0) -> str | None:
+    """Why the run gave up (a `stopped` event written after `since`), or None."""
+    path = Path(run_dir) / "events.jsonl"
+    if not path.is_file():
+        return None
+    reason = None
+    for line in path.read_text().splitlines():
+        try:
+            ev = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if ev.get("event") == "stopped" and ev.get("time", 0) >= since:
+            reason = ev.get("reason")
+    return reason
 
 
 def build_trainer(cfg: HydraConfig, prepared, run_dir: str, storage: str, name: str, start: int, end_step: int,
                   num_workers, gpu: bool = False, cpus_per_worker: float = 1.0, keep: int = 3,
-                  callbacks: list | None = None):
+                  callbacks: list | None = None, tokenizer_json: bytes | None = None):
     """The TorchTrainer of one run (steps start..end_step of its curriculum): datasets per
     curriculum segment, elastic scaling, failure and checkpoint policies. Also used by Tune trials
     with more than one worker (with a TuneReportCallback in `callbacks`)."""
@@ -174,7 +264,8 @@ def build_trainer(cfg: HydraConfig, prepared, run_dir: str, storage: str, name: 
     segs = segments(cfg, start, end_step)
     datasets = {f"train_{i}": train_dataset(prepared, cfg, cfg.train.batch_size, a, b) for i, (_, a, b) in enumerate(segs)}
     loop_config = {"config": cfg.model_dump(mode="python"), "run_dir": run_dir, "end_step": end_step,
-                   "segments": segs, "datasets": list(datasets), "prepared": prepared, "use_gpu": gpu}
+                   "segments": segs, "datasets": list(datasets), "prepared": prepared, "use_gpu": gpu,
+                   "tokenizer_json": tokenizer_json}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,

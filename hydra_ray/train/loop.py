@@ -37,7 +37,8 @@ import torch.distributed as dist
 
 from hydra_ray.config import HydraConfig, dump_config, parse_config
 from hydra_ray.models import HydraLM
-from hydra_ray.parallel.parallelize import expert_param_names, gather_expert_state, parallelize
+from hydra_ray.parallel.dispatch import expert_shard
+from hydra_ray.parallel.parallelize import expert_param_names, gather_expert_state, gather_experts, parallelize
 from hydra_ray.train import checkpoint as ckpt
 from hydra_ray.train.curriculum import plan, segments
 
@@ -143,19 +144,16 @@ def _gather_optimizer(model: HydraLM, opt, env: Env) -> dict[str, torch.Tensor]:
         experts = set(expert_param_names(model))
         for key in sorted(local):
             if key.rpartition("::")[0] in experts and local[key].dim() > 0:
-                parts = [torch.empty_like(local[key]) for _ in range(env.world)]
-                dist.all_gather(parts, local[key].contiguous())
-                local[key] = torch.cat(parts, 0)
+                local[key] = gather_experts(local[key], model.cfg.moe.num_experts)
     return local
 
 
 def _expert_slices(model: HydraLM, env: Env) -> dict[str, slice]:
-    out = {}
-    for name, p in model.named_parameters():
-        if ".experts." in name and env.distributed:
-            n = p.shape[0]
-            out[name] = slice(env.rank * n, (env.rank + 1) * n)
-    return out
+    """Global expert rows of this rank's shard, per expert parameter (nothing to cut on one rank)."""
+    if not env.distributed:
+        return {}
+    lo, n = expert_shard(model.cfg.moe.num_experts, env.rank, env.world)
+    return {name: slice(lo, lo + n) for name, _ in model.named_parameters() if ".experts." in name}
 
 
 def restore(model: HydraLM, opt, loaded: ckpt.Loaded, env: Env) -> None:
@@ -188,12 +186,28 @@ class Metrics:
     def write(self, rec: dict) -> None:
         if self.env.rank == 0:
             with self.path.open("a") as f:
-                f.write(json.dumps(rec) + "\n")
+                f.write(strict_json(rec) + "\n")
 
     def event(self, **rec) -> None:
         if self.env.rank == 0:
             with self.events.open("a") as f:
-                f.write(json.dumps({"time": time.time(), **rec}) + "\n")
+                f.write(strict_json({"time": time.time(), **rec}) + "\n")
+
+
+def _finite(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite(x) for x in v]
+    return v
+
+
+def strict_json(rec: dict) -> str:
+    """One JSON object that strict parsers accept: NaN and infinities become null (a skipped
+    step also says so in `nan_skipped`)."""
+    return json.dumps(_finite(rec), allow_nan=False)
 
 
 def _routing_metrics(trace, domain_BT, model: HydraLM, env: Env) -> dict:
@@ -280,13 +294,18 @@ def train_loop_per_worker(config: dict, env: Env | None = None) -> dict:
         metrics.truncate_after(start)
         metrics.event(event="restored", step=start, checkpoint=loaded.path, world_size=env.world)
     else:
+        metrics.truncate_after(0)  # lines of an earlier attempt that never reached a checkpoint
         metrics.event(event="started", world_size=env.world)
     stream = BatchStream(env, cfg, [tuple(s) for s in config["segments"]], config["datasets"])
+    tokenizer_json = config.get("tokenizer_json")  # the driver's copy; else the file the config names
+    if tokenizer_json is None and cfg.data.tokenizer != "byte" and Path(cfg.data.tokenizer).is_file():
+        tokenizer_json = Path(cfg.data.tokenizer).read_bytes()
     prepared = config.get("prepared")
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.train.dtype == "bfloat16" and env.device.type == "cuda" \
         else nullcontext()
     inject = {int(s) for s in os.environ.get("HYDRA_INJECT_NAN_AT", "").split(",") if s.strip()}
     nan_run, tokens_total, last_log_t, last_log_tokens = 0, 0, time.time(), 0
+    rollbacks: dict[int, int] = {}  # checkpoint step -> roll-backs to it in this attempt
     step = start
     micro = G // env.world // cfg.train.grad_accum
     result: dict = {}
@@ -355,12 +374,22 @@ def train_loop_per_worker(config: dict, env: Env | None = None) -> dict:
         step += 1
         if not ok and nan_run >= cfg.train.max_nan_skips:
             back = ckpt.latest_valid(run_dir)
-            if back is not None:
-                restore(model, opt, back, env)
-                metrics.event(event="rolled_back", step=step, to_step=back.step, after_nans=nan_run)
-                metrics.truncate_after(back.step)
-                step, nan_run = back.step, 0
-                continue
+            reason = None
+            if back is None:  # nothing to roll back to: more steps would only skip again
+                reason = (f"{nan_run} NaN/Inf steps in a row (train.max_nan_skips) at step {step} and no "
+                          "checkpoint to roll back to")
+            elif rollbacks.get(back.step, 0) >= 2:  # batches are deterministic: it would loop forever
+                reason = (f"NaN/Inf again after rolling back to step {back.step} twice "
+                          f"({nan_run} in a row at step {step})")
+            if reason is not None:
+                metrics.event(event="stopped", step=step, reason=reason)
+                return {"step": step, "stopped": reason}
+            rollbacks[back.step] = rollbacks.get(back.step, 0) + 1
+            restore(model, opt, back, env)
+            metrics.event(event="rolled_back", step=step, to_step=back.step, after_nans=nan_run)
+            metrics.truncate_after(back.step)
+            step, nan_run = back.step, 0
+            continue
         save_now = step % cfg.train.save_every == 0 or step == end_step
         eval_now = prepared is not None and (step % cfg.train.eval_every == 0 or step == end_step)
         rec = None
@@ -386,7 +415,7 @@ def train_loop_per_worker(config: dict, env: Env | None = None) -> dict:
             rec["eval"] = ev
         ckpt_dir = None
         if save_now:
-            ckpt_dir = _save(model, opt, env, cfg, run_dir, step, p, rec)
+            ckpt_dir = _save(model, opt, env, cfg, run_dir, step, p, rec, tokenizer_json)
         if rec is not None:
             if log_now or eval_now:
                 metrics.write(rec)
@@ -445,13 +474,16 @@ def evaluate(model: HydraLM, prepared, cfg: HydraConfig, env: Env, amp) -> dict:
     return {"loss": loss, "by_domain": by_domain}
 
 
-def _save(model: HydraLM, opt, env: Env, cfg: HydraConfig, run_dir: str, step: int, p, rec) -> Path | None:
+def _save(model: HydraLM, opt, env: Env, cfg: HydraConfig, run_dir: str, step: int, p, rec,
+          tokenizer_json: bytes | None = None) -> Path | None:
     state = gather_expert_state(model)
     opt_state = _gather_optimizer(model, opt, env)
     trainer_state = {"step": step, "phase": p.phase.name, "data_position": step * cfg.train.batch_size,
                      "global_batch": cfg.train.batch_size, "world_size": env.world,
                      "rng": torch.get_rng_state().tolist(), "metrics": _flat(rec) if rec else {}}
-    parts = dict(model_state=state, opt_state=opt_state, trainer_state=trainer_state, config_yaml=dump_config(cfg))
+    parts = dict(model_state=state, opt_state=opt_state, trainer_state=trainer_state,
+                 config_yaml=dump_config(ckpt.portable_config(cfg) if tokenizer_json is not None else cfg),
+                 tokenizer_json=tokenizer_json)
     if env.rank != 0:
         return None
     if not env.ray_checkpoints:  # in-process: write straight into the run
