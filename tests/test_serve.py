@@ -481,6 +481,8 @@ def test_serve_cli_runs_until_interrupted_and_shuts_down_cleanly(store, tmp_path
         out, _ = proc.communicate(timeout=120)
         assert proc.returncode == 0, out
         assert "shutting down" in out
+        noise = [line for line in out.splitlines() if any(w in line for w in ("INFO", "failed", "Traceback", "killed"))]
+        assert not noise, noise  # a clean shutdown says so and nothing else
         with pytest.raises(httpx.HTTPError):
             httpx.get(url + "/healthz", timeout=2)
     finally:
