@@ -36,7 +36,7 @@ demo: install
 	$(BIN)/hydra-ray train --config configs/tiny.yaml --workers 2 --storage runs --name demo
 	$(BIN)/hydra-ray analyze runs/demo --out runs/demo/report
 	$(BIN)/hydra-ray serve --run runs/demo --port $(DEMO_PORT) --smoke
-	@echo "demo run: runs/demo (metrics.jsonl, events.jsonl, checkpoints/); report: runs/demo/report/report.md"
+	@echo "demo run: runs/demo (metrics/, events/, tensorboard/, checkpoints/); report: runs/demo/report/report.md"
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -73,6 +73,14 @@ def _bench(args: argparse.Namespace) -> int:
         res = serve_bench.run(args.run, seconds=args.seconds)
         if args.json:
             print(json.dumps(res))
+    if args.name == "storage":
+        from hydra_ray.benchmarks import storage as storage_bench
+
+        if not args.storage:
+            raise ConfigError("bench storage needs --storage URI (e.g. s3://bucket/prefix)")
+        res = storage_bench.run(args.storage, config=args.config, rounds=args.rounds)
+        if args.json:
+            print(json.dumps(res))
     if args.name == "dispatch":
         from hydra_ray.benchmarks import dispatch
 
@@ -217,10 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_data_stats)
 
     s = sub.add_parser("bench", help="benchmarks that print side-by-side ratios")
-    s.add_argument("name", choices=["dispatch", "data", "serve"])
+    s.add_argument("name", choices=["dispatch", "data", "serve", "storage"])
+    s.add_argument("--storage", default=None, help="bench storage: where checkpoints are written (local path or URI)")
     s.add_argument("--run", default=None, help="bench serve: the run whose newest checkpoint is served")
     s.add_argument("--seconds", type=float, default=10.0, help="bench serve: seconds per client count")
-    s.add_argument("--config", default="small", help="bench data: the preset whose pipeline and model are timed")
+    s.add_argument("--config", default="small", help="bench data / storage: the preset whose pipeline, model or "
+                   "checkpoint is timed")
     s.add_argument("--steps", type=int, default=60, help="bench data: training steps of data to stream")
     s.add_argument("--tokens", type=int, default=4096)
     s.add_argument("--d-model", type=int, default=256)

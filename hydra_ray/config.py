@@ -389,12 +389,22 @@ def preset(name: str) -> Path:
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> HydraConfig:
-    """Load and validate a YAML config. `overrides` maps dotted keys ('train.lr') to values."""
-    p = preset(str(path))
-    try:
-        text = p.read_text()
-    except OSError as e:
-        raise ConfigError(f"{p}: cannot read config ({e.strerror or e})") from None
+    """Load and validate a YAML config (a preset name, a local path or a URI such as
+    s3://bucket/sweep/best.yaml). `overrides` maps dotted keys ('train.lr') to values."""
+    from hydra_ray import storage  # here, not at the top: storage imports this module
+
+    if storage.is_uri(str(path)):
+        p = str(path)
+        try:
+            text = storage.read_text(p)  # a StorageError is already one line naming the location
+        except FileNotFoundError:
+            raise ConfigError(f"{p}: cannot read config (no such file)") from None
+    else:
+        p = preset(str(path))
+        try:
+            text = p.read_text()
+        except OSError as e:
+            raise ConfigError(f"{p}: cannot read config ({e.strerror or e})") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:

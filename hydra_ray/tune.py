@@ -1,6 +1,6 @@
 """`hydra-ray tune`: Ray Tune sweeps of routing hyper-parameters.
 
-    hydra-ray tune --config C --space S --samples N [--scheduler asha|none] [--storage DIR]
+    hydra-ray tune --config C --space S --samples N [--scheduler asha|none] [--storage DIR|URI]
                    [--workers-per-trial K] [--name NAME] [--max-steps N] [--resume]
 
 Design choices
@@ -18,14 +18,19 @@ Design choices
   eval; with K > 1 it launches a Train v2 `TorchTrainer` from inside the trial function (Train v2
   cannot be passed to a `Tuner`) whose `TuneReportCallback` forwards the workers' eval reports.
   Trials checkpoint at every eval (save_every := eval_every, keep 1) so each report is an eval.
-- Run directories live at STORAGE/NAME/runs/TRIAL_ID (metrics.jsonl, events.jsonl, checkpoints/),
-  the same layout as `hydra-ray train`; a restarted trial continues from its run's last checkpoint
-  (both paths resume by themselves). This needs STORAGE on a filesystem every node sees.
+- STORAGE is a local path or a URI (s3://bucket/prefix), checked with `storage.check_storage`
+  before Ray starts. Every file of the sweep goes through `hydra_ray.storage`, Tune's own
+  experiment files through RunConfig(storage_path=STORAGE), which takes URIs itself. Run
+  directories live at STORAGE/NAME/runs/TRIAL_ID (metrics and events parts, checkpoints/), the
+  same layout as `hydra-ray train`; a restarted trial continues from its run's last checkpoint
+  (both paths resume by themselves). On a multi-node cluster STORAGE must be a URI or a
+  filesystem every node sees.
 - Objective: `eval_loss` (held-out CE, lower is better) at the trial's last report. Second
   metric, `imbalance`: the coefficient of variation (std / mean) of each MoE layer's expert
-  utilisation, averaged over the logged steps since the previous eval and then over layers (0 is
-  perfectly balanced; per layer so that two layers collapsing onto different experts do not look
-  balanced when pooled). `util_max_min` (max / min utilisation of the worst layer) is reported
+  utilisation, averaged over the logged steps since the previous eval (read back with the one
+  metrics reader, `runlog.read_records`; the loop flushes its log at every eval) and then over
+  layers (0 is perfectly balanced; per layer so that two layers collapsing onto different experts
+  do not look balanced when pooled). `util_max_min` (max / min utilisation of the worst layer) is reported
   beside it. Before MoE switches on both are empty.
 - ASHA (`--scheduler asha`) stops trials on `eval_loss` with the training *step* as its clock
   (`time_attr="step"`): a resumed trial keeps its place on the step axis, which Tune's
@@ -42,7 +47,8 @@ Design choices
   complete config with the lowest final eval_loss: the --config file with that trial's values,
   which `hydra-ray train --config best.yaml` takes as it is), sweep.json (the sweep's settings)
   and trial_status.jsonl (how each trial ended, written by a Tune callback: Tune's own statuses
-  cannot tell a trial ASHA stopped from one that an interruption stopped). Trials stopped by
+  cannot tell a trial ASHA stopped from one that an interruption stopped; object stores cannot
+  append, so the callback rewrites the file whole at each trial's end). Trials stopped by
   ASHA or errored are listed but are neither Pareto nor best: their last eval is from an earlier
   step.
 - `--resume` restores Tune's experiment (`Tuner.restore`): finished trials are kept as they are,
@@ -57,9 +63,11 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import io
 import json
 import math
 import os
+import posixpath
 import re
 import sys
 import time
@@ -69,7 +77,9 @@ from typing import Any
 
 import yaml
 
+from hydra_ray import storage
 from hydra_ray.config import ConfigError, HydraConfig, did_you_mean, dump_config, load_config, parse_config
+from hydra_ray.train import runlog
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform")
 METRIC = "eval_loss"
@@ -84,7 +94,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="samples of the space (each grid combination is run this many times)")
     p.add_argument("--scheduler", default="asha", choices=["asha", "none"],
                    help="asha: stop weak trials early on eval loss; none: run every trial to the end")
-    p.add_argument("--storage", default="runs/tune", help="the sweep goes to STORAGE/NAME")
+    p.add_argument("--storage", default="runs/tune",
+                   help="the sweep goes to STORAGE/NAME (local path or URI such as s3://bucket/tune)")
     p.add_argument("--name", default=None, help="sweep name (default: CONFIG-SPACE file stems)")
     p.add_argument("--workers-per-trial", type=int, default=1,
                    help="1: the training loop in the trial's process; K > 1: a Ray Train run of K workers")
@@ -298,26 +309,13 @@ def trial_config(base: dict, values: dict[str, Any]) -> HydraConfig:
 
 
 # --------------------------------------------------------------------------- metrics of a report
-def _records(run_dir: str) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line being written
-    return out
-
-
 def imbalance(run_dir: str, lo: int, hi: int, pooled: list | None = None) -> tuple[float | None, float | None]:
     """(mean over MoE layers of the coefficient of variation of expert utilisation, max over layers
     of max/min utilisation), over the logged steps in (lo, hi]. Falls back to the pooled
     utilisation of the report itself; (None, None) while MoE is off."""
     by_layer: dict[str, list[list[float]]] = {}
-    for r in _records(run_dir):
-        if lo < r.get("step", 0) <= hi and r.get("expert_util_by_layer"):
+    for r in runlog.read_records(run_dir):
+        if lo < r["step"] <= hi and r.get("expert_util_by_layer"):
             for name, util in r["expert_util_by_layer"].items():
                 by_layer.setdefault(name, []).append(util)
     utils = [[sum(col) / len(rows) for col in zip(*rows)] for rows in by_layer.values()]
@@ -345,7 +343,7 @@ def tune_metrics(flat: dict, run_dir: str, window: int) -> dict:
 
 def _last_eval(run_dir: str) -> dict | None:
     """The loop's flat report of the run's last eval (for a trial whose run had already ended)."""
-    for r in reversed(_records(run_dir)):
+    for r in reversed(runlog.read_records(run_dir)):
         if r.get("eval") and r["eval"].get("loss") is not None:
             flat = {k: v for k, v in r.items() if not isinstance(v, dict)}
             flat["eval_loss"] = r["eval"]["loss"]
@@ -364,10 +362,9 @@ def _trial(config: dict, setup: dict, prepared) -> None:
 
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = trial_config(setup["base"], config)
-    run_dir = f"{setup['runs']}/{trial_id}"
+    run_dir = storage.join(setup["runs"], trial_id)
     end_step, window = setup["end_step"], cfg.train.eval_every
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
-    (Path(run_dir) / "config.yaml").write_text(dump_config(cfg))
+    storage.write_text(storage.join(run_dir, "config.yaml"), dump_config(cfg))
     threads = max(1, int(setup["cpus_per_worker"]))
     os.environ["HYDRA_THREADS"] = str(threads)  # read by the training loop (and Train workers)
     torch.set_num_threads(threads)
@@ -427,20 +424,32 @@ def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
-def _status_callback(end_step: int, log=_say):
-    """A Tune callback that appends each trial's end (finished or stopped by the scheduler:
-    "terminated"; or "error") to EXPERIMENT/trial_status.jsonl, and logs it. Tune's in-memory
+def _scheme(loc: str) -> str:
+    """The prefix that turns a path inside Tune's filesystem back into a location: "s3://" for
+    s3://bucket/..., "" for a local path (or a file:// URI, whose paths are local ones)."""
+    return "" if storage.is_local(loc) else loc.partition("://")[0] + "://"
+
+
+def _status_callback(end_step: int, scheme: str, log=_say):
+    """A Tune callback that records each trial's end (finished or stopped by the scheduler:
+    "terminated"; or "error") in EXPERIMENT/trial_status.jsonl, and logs it. Tune's in-memory
     statuses cannot tell a trial ASHA stopped from one an interruption stopped (both end up
     TERMINATED); this file can, and it survives `--resume` (the callback is pickled with the
-    experiment, so it finds the file through the trial's path, not through this process)."""
+    experiment, so it finds the file through the trial's path, not through this process; that
+    path is inside Tune's filesystem, so `scheme`, "s3://" or "", makes it a location again)."""
     from ray.tune import Callback
 
     class TrialStatus(Callback):
         def _mark(self, trial, status: str) -> None:
             m = trial.last_result or {}
-            with (Path(trial.path).parent / STATUS_FILE).open("a") as f:
-                f.write(json.dumps({"trial": trial.trial_id, "status": status, "step": m.get("step"),
-                                    "time": time.time()}) + "\n")
+            loc = scheme + posixpath.join(posixpath.dirname(trial.path.rstrip("/")), STATUS_FILE)
+            try:
+                text = storage.read_text(loc)
+            except FileNotFoundError:
+                text = ""
+            # rewritten whole (object stores cannot append); Tune calls back one trial at a time
+            storage.write_text(loc, text + json.dumps({"trial": trial.trial_id, "status": status,
+                                                       "step": m.get("step"), "time": time.time()}) + "\n")
             step, loss = m.get("step"), m.get(METRIC)
             what = "error" if status == "error" else "completed" if step is not None and step >= end_step else \
                 f"stopped at step {step}"
@@ -455,11 +464,14 @@ def _status_callback(end_step: int, log=_say):
     return TrialStatus()
 
 
-def _ended(sweep_dir: Path) -> dict[str, str]:
+def _ended(sweep_dir: str) -> dict[str, str]:
     """trial id -> its last recorded end ("terminated" or "error")."""
     out = {}
-    path = sweep_dir / STATUS_FILE
-    for line in path.read_text().splitlines() if path.exists() else []:
+    try:
+        text = storage.read_text(storage.join(sweep_dir, STATUS_FILE))
+    except FileNotFoundError:
+        text = ""
+    for line in text.splitlines():
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
@@ -494,14 +506,12 @@ def default_grace(cfg: HydraConfig, end_step: int) -> int:
     return max(1, min(first, end_step))
 
 
-def _sweep_dir(args: argparse.Namespace) -> Path:
-    if "://" in args.storage:
-        raise ConfigError(f"--storage {args.storage}: tune writes trial runs in place; use a local path "
-                          "(a shared filesystem on a multi-node cluster)")
-    name = args.name or f"{Path(args.config).stem}-{Path(args.space).stem}"
+def _sweep_dir(args: argparse.Namespace) -> str:
+    """STORAGE/NAME, once STORAGE is known to take writes (a probe object; StorageError otherwise)."""
+    name = args.name or f"{os.path.splitext(storage.name(args.config))[0]}-{Path(args.space).stem}"
     if not name or "/" in name:
         raise ConfigError(f"--name {name!r}: expected a plain folder name")
-    return Path(args.storage).expanduser().resolve() / name
+    return storage.join(storage.check_storage(args.storage, "--storage"), name)
 
 
 def _settings(args: argparse.Namespace, cfg: HydraConfig, entries: list[Entry]) -> dict:
@@ -523,14 +533,15 @@ def _settings(args: argparse.Namespace, cfg: HydraConfig, entries: list[Entry]) 
     if grace > end_step:
         raise ConfigError(f"--grace-period {grace}: beyond the trials' last step ({end_step})")
     grid = math.prod(len(e.values) for e in entries if e.kind == "grid")
-    return {"config": str(Path(args.config)), "config_yaml": dump_config(cfg),
+    config = args.config if storage.is_uri(args.config) else str(Path(args.config))
+    return {"config": config, "config_yaml": dump_config(cfg),
             "space": {e.key: e.spec() for e in entries}, "samples": args.samples, "trials": args.samples * grid,
             "scheduler": args.scheduler, "workers_per_trial": K, "cpus_per_worker": args.cpus_per_worker,
             "end_step": end_step, "grace_period": grace, "reduction_factor": args.reduction_factor,
             "seed": args.seed}
 
 
-def _check_resume(saved: dict, now: dict, sweep_dir: Path) -> None:
+def _check_resume(saved: dict, now: dict, sweep_dir: str) -> None:
     for key in ("config_yaml", "space", "samples", "scheduler", "workers_per_trial", "cpus_per_worker",
                 "end_step", "grace_period", "reduction_factor", "seed"):
         if json.loads(json.dumps(saved.get(key))) != json.loads(json.dumps(now[key])):
@@ -574,12 +585,12 @@ def _num(x) -> float | None:
     return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
 
 
-def collect(grid, entries: list[Entry], end_step: int, sweep_dir: Path) -> list[dict]:
+def collect(grid, entries: list[Entry], end_step: int, sweep_dir: str) -> list[dict]:
     ended = _ended(sweep_dir)
     rows = []
     for result in grid:
         m = result.metrics or {}
-        trial_id = m.get("trial_id") or Path(result.path).name.removeprefix("trial_")
+        trial_id = m.get("trial_id") or posixpath.basename(result.path.rstrip("/")).removeprefix("trial_")
         cfg = result.config or {}
         rows.append({
             "trial": trial_id, "status": _status(result, ended.get(trial_id), end_step),
@@ -587,7 +598,7 @@ def collect(grid, entries: list[Entry], end_step: int, sweep_dir: Path) -> list[
             METRIC: _num(m.get(METRIC)), SECOND: _num(m.get(SECOND)), "util_max_min": _num(m.get("util_max_min")),
             "values": {e.key: cfg.get(e.key) for e in entries},
             "error": " ".join(str(result.error).split())[:300] if result.error is not None else "",
-            "run_dir": str(sweep_dir / "runs" / trial_id),
+            "run_dir": storage.join(sweep_dir, "runs", trial_id),
         })
     rows.sort(key=lambda r: r["trial"])
     return rows
@@ -647,42 +658,44 @@ def table(rows: list[dict], entries: list[Entry], front_ids: set[str], best_id: 
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in [head] + body)
 
 
-def _write_csv(path: Path, rows: list[dict], entries: list[Entry], front_ids: set[str]) -> None:
+def _write_csv(loc: str, rows: list[dict], entries: list[Entry], front_ids: set[str]) -> None:
     fields = ["trial", "status", "step", "iters", METRIC, SECOND, "util_max_min", "pareto"] + \
         [e.key for e in entries] + ["run_dir", "error"]
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        for r in rows:
-            w.writerow({**{k: r[k] for k in fields if k in r}, **r["values"], "pareto": r["trial"] in front_ids})
+    f = io.StringIO(newline="")
+    w = csv.DictWriter(f, fieldnames=fields)
+    w.writeheader()
+    for r in rows:
+        w.writerow({**{k: r[k] for k in fields if k in r}, **r["values"], "pareto": r["trial"] in front_ids})
+    storage.write_text(loc, f.getvalue())
 
 
-def write_outputs(sweep_dir: Path, rows: list[dict], entries: list[Entry], base: dict, settings: dict,
+def write_outputs(sweep_dir: str, rows: list[dict], entries: list[Entry], base: dict, settings: dict,
                   final: bool) -> dict:
     """trials.csv always; pareto.csv and best.yaml once the sweep is over."""
     front = pareto(rows) if final else []
     front_ids = {r["trial"] for r in front}
     done = [r for r in rows if r["status"] == "completed" and r[METRIC] is not None]
     best = min(done, key=lambda r: r[METRIC]) if final and done else None
-    _write_csv(sweep_dir / "trials.csv", rows, entries, front_ids)
+    _write_csv(storage.join(sweep_dir, "trials.csv"), rows, entries, front_ids)
     if final:
-        _write_csv(sweep_dir / "pareto.csv", front, entries, front_ids)
+        _write_csv(storage.join(sweep_dir, "pareto.csv"), front, entries, front_ids)
     if best is not None:
         cfg = parse_config(apply_values(base, best["values"]), "best config")
         # `hydra-ray train --config .../best.yaml` trains into a run named after the sweep, so
         # the best configs of two sweeps never share (and refuse to resume) one run folder
-        cfg.train.run_name = f"{sweep_dir.name}-best"
+        cfg.train.run_name = f"{storage.name(sweep_dir)}-best"
         values = ", ".join(f"{k}={_fmt(v, 6)}" for k, v in best["values"].items())
-        header = (f"# hydra-ray tune: best of sweep {sweep_dir.name} ({len(done)} completed trial(s)):\n"
+        name = storage.name(sweep_dir)
+        header = (f"# hydra-ray tune: best of sweep {name} ({len(done)} completed trial(s)):\n"
                   f"# trial {best['trial']}, eval_loss {_fmt(best[METRIC])} at step {best['step']}, "
                   f"imbalance {_fmt(best[SECOND], 3)}\n"
                   f"# base config {settings['config']} with {values}\n")
-        (sweep_dir / "best.yaml").write_text(header + dump_config(cfg))
+        storage.write_text(storage.join(sweep_dir, "best.yaml"), header + dump_config(cfg))
     return {"front": front, "best": best, "front_ids": front_ids}
 
 
 # --------------------------------------------------------------------------- the command
-def _new_tuner(trainable, entries: list[Entry], settings: dict, sweep_dir: Path, concurrent: int):
+def _new_tuner(trainable, entries: list[Entry], settings: dict, sweep_dir: str, concurrent: int):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -701,8 +714,8 @@ def _new_tuner(trainable, entries: list[Entry], settings: dict, sweep_dir: Path,
             search_alg=BasicVariantGenerator(max_concurrent=concurrent, random_state=settings["seed"]),
             trial_dirname_creator=_trial_dirname, trial_name_creator=_trial_name,
         ),
-        run_config=tune.RunConfig(storage_path=str(sweep_dir.parent), name=sweep_dir.name,
-                                  callbacks=[_status_callback(settings["end_step"])]),
+        run_config=tune.RunConfig(storage_path=storage.parent(sweep_dir), name=storage.name(sweep_dir),
+                                  callbacks=[_status_callback(settings["end_step"], _scheme(sweep_dir))]),
     )
 
 
@@ -714,19 +727,19 @@ def run(args: argparse.Namespace, log=print) -> int:
     validate_space(entries, base, args.space)
     settings = _settings(args, cfg, entries)
     sweep_dir = _sweep_dir(args)
-    runs = sweep_dir / "runs"
+    runs = storage.join(sweep_dir, "runs")
     from ray.tune import Tuner  # noqa: E402  (heavy: only once the inputs are known to be good)
 
-    exists = sweep_dir.exists() and Tuner.can_restore(str(sweep_dir))
+    exists = storage.exists(sweep_dir) and Tuner.can_restore(sweep_dir)
     if args.resume:
         if not exists:
             raise ConfigError(f"--resume: no sweep to resume in {sweep_dir}")
         try:
-            saved = json.loads((sweep_dir / "sweep.json").read_text())
-        except (OSError, json.JSONDecodeError):
+            saved = json.loads(storage.read_text(storage.join(sweep_dir, "sweep.json")))
+        except (FileNotFoundError, ValueError):  # missing, or not JSON / UTF-8
             raise ConfigError(f"--resume: {sweep_dir}/sweep.json is missing or unreadable") from None
         _check_resume(saved, settings, sweep_dir)
-    elif sweep_dir.exists() and any(sweep_dir.iterdir()):
+    elif storage.listdir(sweep_dir):
         raise ConfigError(f"sweep {sweep_dir} already exists: pass --resume to continue it, "
                           "or choose another --name")
 
@@ -745,12 +758,11 @@ def run(args: argparse.Namespace, log=print) -> int:
         prepared = prepare_data(cfg, log=log)
     except CorpusError as e:
         raise ConfigError(str(e)) from None
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    runs.mkdir(exist_ok=True)
+    storage.makedirs(runs)
     if not args.resume:
-        (sweep_dir / "sweep.json").write_text(json.dumps(settings, indent=1) + "\n")
+        storage.write_text(storage.join(sweep_dir, "sweep.json"), json.dumps(settings, indent=1) + "\n")
 
-    setup = {"base": base, "runs": str(runs), "end_step": settings["end_step"], "workers": K,
+    setup = {"base": base, "runs": runs, "end_step": settings["end_step"], "workers": K,
              "cpus_per_worker": cpus}
     # K = 1: the loop runs in the trial's own process, which holds the CPUs. K > 1: the trial
     # process only waits on its Train run, whose workers hold the CPUs (Tune refuses 0).
@@ -762,7 +774,7 @@ def run(args: argparse.Namespace, log=print) -> int:
            if settings["scheduler"] == "asha" else ""))
     t0 = time.time()
     if args.resume:
-        tuner = Tuner.restore(str(sweep_dir), trainable, resume_unfinished=True, restart_errored=True)
+        tuner = Tuner.restore(sweep_dir, trainable, resume_unfinished=True, restart_errored=True)
     else:
         tuner = _new_tuner(trainable, entries, settings, sweep_dir, concurrent)
     grid = tuner.fit()
@@ -775,16 +787,17 @@ def run(args: argparse.Namespace, log=print) -> int:
     log(f"\n[tune] {len(rows)} trial(s) in {time.time() - t0:.0f}s: "
         + ", ".join(f"{sum(r['status'] == s for r in rows)} {s}"
                     for s in ("completed", "stopped", "error", "unfinished") if any(r["status"] == s for r in rows)))
-    log(f"[tune] table: {sweep_dir / 'trials.csv'}")
+    log(f"[tune] table: {storage.join(sweep_dir, 'trials.csv')}")
     if interrupted:
         log("[tune] the sweep was interrupted: continue it with the same command and --resume")
         return EXIT_INTERRUPTED
-    log(f"[tune] Pareto set (eval_loss, imbalance): {sweep_dir / 'pareto.csv'} "
+    log(f"[tune] Pareto set (eval_loss, imbalance): {storage.join(sweep_dir, 'pareto.csv')} "
         f"({', '.join(r['trial'] for r in out['front']) or 'empty'})")
     if out["best"] is None:
         print("error: no trial completed: see the errors in trials.csv", file=sys.stderr)
         return 1
     best = out["best"]
-    log(f"[tune] best: {sweep_dir / 'best.yaml'} (trial {best['trial']}, eval_loss {_fmt(best[METRIC])}); "
-        f"train it with: hydra-ray train --config {sweep_dir / 'best.yaml'}")
+    best_yaml = storage.join(sweep_dir, "best.yaml")
+    log(f"[tune] best: {best_yaml} (trial {best['trial']}, eval_loss {_fmt(best[METRIC])}); "
+        f"train it with: hydra-ray train --config {best_yaml}")
     return 0

@@ -17,6 +17,10 @@ Design choices
   also call via `import_path: hydra_ray.serve.app:build_app`; nothing is fixed in decorators.
 - Generation always streams inside the cluster (one code path); a non-streaming request simply
   collects the stream.
+- The checkpoint store may be a local folder or object storage (s3://...), read through
+  hydra_ray.storage: the ingress reads only each checkpoint's config.yaml (once per id), model
+  replicas stream the weights into memory; every process reads the bucket with the standard
+  AWS_* environment it was started with.
 """
 
 
@@ -47,9 +51,9 @@ class ServeArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    run: str | None = Field(None, description="run directory: its checkpoints, default = newest")
-    checkpoint: str | None = Field(None, description="one checkpoint directory RUN/checkpoints/step_X")
-    store: str | None = Field(None, description="folder of runs; with default_model")
+    run: str | None = Field(None, description="run directory or URI: its checkpoints, default = newest")
+    checkpoint: str | None = Field(None, description="one checkpoint directory or URI RUN/checkpoints/step_X")
+    store: str | None = Field(None, description="folder or URI (s3://bucket/runs) of runs; with default_model")
     default_model: str | None = Field(None, description="RUN or RUN@STEP inside the store")
     api_key: str | None = Field(None, description="Bearer key for /v1 (default: $HYDRA_API_KEY)")
     max_prompt_tokens: int = Field(1024, ge=1)
@@ -156,13 +160,18 @@ def _error(status: int, message: str, kind: str = "invalid_request_error") -> JS
     return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
 
 
+def _api_error_of(e: EngineError) -> ApiError:
+    kind = {404: "not_found_error", 503: "server_error"}.get(e.status, "invalid_request_error")
+    return ApiError(e.status, e.message, kind)
+
+
 def _engine_error(e: BaseException) -> ApiError | None:
     """An EngineError raised in a model replica comes back wrapped by Ray; find it."""
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
         if isinstance(e, EngineError):
-            return ApiError(e.status, e.message, "not_found_error" if e.status == 404 else "invalid_request_error")
+            return _api_error_of(e)
         e = getattr(e, "cause", None) or e.__cause__
     return None
 
@@ -375,6 +384,7 @@ class HydraIngress:
 
     def _model(self, requested: str | None):
         """(canonical id, its config) for the request's model field (default when absent)."""
+        from hydra_ray import storage
         from hydra_ray.train import checkpoint as ckpt
 
         if self.default is None:
@@ -385,10 +395,11 @@ class HydraIngress:
         try:
             ref = self.store.resolve(model_id)
         except EngineError as e:
-            raise ApiError(e.status, e.message, "not_found_error" if e.status == 404 else "invalid_request_error")
+            raise _api_error_of(e) from None
         if ref.model_id not in self._configs:
             try:
-                self._configs[ref.model_id] = ckpt.inference_config(ref.path, (ref.path / "config.yaml").read_text())
+                config_yaml = storage.read_text(storage.join(ref.path, "config.yaml"))
+                self._configs[ref.model_id] = ckpt.inference_config(ref.path, config_yaml)
             except Exception as e:
                 raise ApiError(404, f"model {ref.model_id!r}: unreadable checkpoint config ({e})", "not_found_error")
         return ref.model_id, self._configs[ref.model_id]
@@ -441,10 +452,24 @@ class HydraIngress:
     @api.get("/v1/models")
     async def models(self, request: Request):
         self._auth(request)
-        refs = await asyncio.to_thread(self.store.list)  # a filesystem walk: off the event loop
-        data = [{"id": ref.model_id, "object": "model", "created": int(ref.path.stat().st_mtime),
-                 "owned_by": "hydra-ray", "run": ref.run, "step": ref.step, "default": ref.model_id == self.default}
-                for ref in refs]
+        from hydra_ray import storage
+
+        def listing():  # a walk of the store (local or object storage): off the event loop
+            out = []
+            for ref in self.store.list():
+                written = storage.info(storage.join(ref.path, "manifest.json")).mtime  # the manifest comes last
+                out.append((ref, int(written.timestamp()) if written else 0))
+            return out
+
+        try:
+            refs = await asyncio.to_thread(listing)
+        except EngineError as e:  # the store stopped answering
+            raise _api_error_of(e) from None
+        except storage.StorageError as e:
+            raise ApiError(503, str(e), "server_error") from None
+        data = [{"id": ref.model_id, "object": "model", "created": created, "owned_by": "hydra-ray",
+                 "run": ref.run, "step": ref.step, "default": ref.model_id == self.default}
+                for ref, created in refs]
         return {"object": "list", "data": data}
 
     @api.get("/v1/experts/stats")

@@ -3,6 +3,9 @@
 Design choices
 - The same `build_app(ServeArgs)` as `serve run serve/config.yaml`: flags map onto ServeArgs, which
   validates them before Ray starts.
+- --run, --checkpoint and --store take local paths or URIs (s3://bucket/runs/NAME, credentials
+  from the standard AWS_* environment). The default checkpoint is read and verified before Ray
+  starts, so a missing run or bucket and wrong credentials are one line naming the URI, exit 2.
 - `--smoke` is the tiny mode every entry point has: start, send one completion and one routing
   request over HTTP, print them, shut down (what `make demo` runs).
 - SIGINT/SIGTERM shut Serve down cleanly (`serve.shutdown()`), so the port and actors are freed.
@@ -20,9 +23,10 @@ import threading
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--run", help="run directory: serve its checkpoints, default the newest")
-    src.add_argument("--checkpoint", help="one checkpoint directory (RUN/checkpoints/step_XXXXXXXX)")
-    src.add_argument("--store", help="a folder of runs: serve every run in it (with --model as the default)")
+    src.add_argument("--run", help="run directory or URI (s3://bucket/runs/NAME): serve its checkpoints, "
+                                   "default the newest")
+    src.add_argument("--checkpoint", help="one checkpoint directory or URI (RUN/checkpoints/step_XXXXXXXX)")
+    src.add_argument("--store", help="a folder or URI of runs: serve every run in it (with --model as the default)")
     p.add_argument("--model", default=None, metavar="RUN[@STEP]",
                    help="the default model: with --store, a run inside it; with --run, RUN@STEP")
     p.add_argument("--host", default="127.0.0.1")

@@ -5,10 +5,15 @@ Design choices
 - Loading reads safetensors and JSON/YAML only, verified against the checkpoint's manifest; the
   optimizer state is never read. The config stored in the checkpoint rebuilds the model and its
   tokenizer; the feature switches (MoR/MoD/MoE, routing mode) come back with the weights.
-- A model id names a checkpoint inside one store folder: `RUN` (its newest valid checkpoint) or
+- A model id names a checkpoint inside one store: `RUN` (its newest valid checkpoint) or
   `RUN@STEP`, RUN being a run directory's path relative to the store. Ids are checked twice:
-  syntactically (no absolute paths, no `..`, no odd characters) and after resolving symlinks
-  (every path we open must still lie inside the store). A violation is an `EngineError(400)`.
+  syntactically (no absolute paths, no `..` or `.`, no odd characters) and against the store's
+  location (every path we open must still lie inside it; on a local disk after resolving
+  symlinks, on object storage as a key prefix, since a key cannot be a symlink). A violation is
+  an `EngineError(400)`.
+- The store is a local folder or a URI (s3://bucket/runs): everything goes through
+  hydra_ray.storage, so a checkpoint's location is a string, never a Path. Weights are streamed
+  into memory once (checkpoint.read_for_inference); nothing is copied to a temporary folder.
 - Generation is batched across requests of different lengths and sampling settings: prompts are
   right-padded and prefilled in one forward, each row decodes at its own position (a per-row
   `start_pos`), and the padding's cache slots are forgotten after the prefill. Every routing
@@ -26,6 +31,7 @@ Shape legend: B batch, T sequence.
 from __future__ import annotations
 
 import logging
+import posixpath
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +39,7 @@ from typing import Iterator
 
 import torch
 
+from hydra_ray import storage
 from hydra_ray.config import HydraConfig
 from hydra_ray.data.tokenizer import load_tokenizer
 from hydra_ray.models import HydraLM
@@ -67,30 +74,55 @@ class CheckpointRef:
     model_id: str  # canonical: RUN@STEP
     run: str
     step: int
-    path: Path
+    path: str  # the checkpoint's location: an absolute local path or a URI
+
+
+def _missing(loc: str, what: str) -> str:
+    """Why `loc` (which does not exist) is missing, in one line: a URI's bucket may be absent."""
+    if storage.is_uri(loc):
+        scheme, _, rest = loc.partition("://")
+        bucket = rest.split("/", 1)[0]
+        if bucket and not storage.exists(f"{scheme}://{bucket}"):
+            return f"{loc}: bucket {bucket!r} does not exist"
+    return f"{loc} is not {what}"
 
 
 class CheckpointStore:
-    """Checkpoints under one folder: ROOT/RUN/checkpoints/step_XXXXXXXX (RUN may be nested).
-    With `run`, only that run's checkpoints are listed and resolved (`serve --run R` serves R,
-    not whatever else happens to lie beside it)."""
+    """Checkpoints under one location: ROOT/RUN/checkpoints/step_XXXXXXXX (RUN may be nested);
+    ROOT is a local folder or a URI. With `run`, only that run's checkpoints are listed and
+    resolved (`serve --run R` serves R, not whatever else happens to lie beside it).
+    Raises EngineError for a store that is not there, StorageError when it cannot be read."""
 
     def __init__(self, root: str | Path, run: str | None = None):
-        self.root = Path(root).expanduser().resolve()
+        import pyarrow.fs as pafs
+
+        fs, path = storage.resolve(root)
+        # file:// is a local folder too, and gets the same symlink checks
+        self.local = isinstance(fs, pafs.LocalFileSystem)
+        self.root = str(Path(path).resolve()) if self.local else storage.absolute(root)
         self.run = run
-        if not self.root.is_dir():
-            raise EngineError(400, f"checkpoint store {root} is not a directory")
+        if not storage.is_dir(self.root):
+            raise EngineError(400, f"checkpoint store {_missing(self.root, 'a directory')}")
 
     @property
     def spec(self) -> dict:
         """What a replica needs to open the same store: `CheckpointStore(**spec)`."""
-        return {"root": str(self.root), "run": self.run}
+        return {"root": self.root, "run": self.run}
 
-    def _inside(self, p: Path, model_id: str) -> Path:
-        real = p.resolve()
-        if real != self.root and self.root not in real.parents:
+    def _inside(self, loc: str, model_id: str) -> str:
+        """`loc` itself (local: with symlinks resolved) when it lies inside the store."""
+        if self.local:
+            real, root = Path(loc).resolve(), Path(self.root)
+            inside = real == root or root in real.parents
+            out = str(real)
+        else:
+            scheme, _, rest = loc.partition("://")
+            key, prefix = posixpath.normpath(rest), self.root.partition("://")[2]
+            inside = key == prefix or key.startswith(prefix + "/")
+            out = f"{scheme}://{key}"
+        if not inside:
             raise EngineError(400, f"model {model_id!r} points outside the checkpoint store")
-        return real
+        return out
 
     def resolve(self, model_id: str) -> CheckpointRef:
         if not isinstance(model_id, str) or not _ID.fullmatch(model_id) or len(model_id) > 512:
@@ -103,59 +135,81 @@ class CheckpointStore:
             raise EngineError(404, f"model {model_id!r}: this server serves run {self.run!r} only")
         try:
             return self._resolve(model_id, run, step_s)
-        except OSError as e:  # e.g. a name the filesystem refuses
-            raise EngineError(400, f"model {model_id!r}: {e.strerror or e}") from None
+        except (storage.StorageError, OSError) as e:
+            if self.local:  # a name the disk refuses
+                raise EngineError(400, f"model {model_id!r}: {getattr(e, 'strerror', None) or e}") from None
+            raise self._unreadable(e) from None
+
+    def _unreadable(self, e: Exception) -> EngineError:
+        """A store on object storage that stopped answering: the bucket went away, the
+        credentials expired, the endpoint is down. Not the client's fault: 503."""
+        return EngineError(503, f"checkpoint store {self.root} cannot be read ({' '.join(str(e).split())[:300]})")
 
     def _resolve(self, model_id: str, run: str, step_s: str) -> CheckpointRef:
-        run_dir = self._inside(self.root / run, model_id)
+        run_dir = self._inside(storage.join(self.root, run), model_id)
+
+        def step_dir(step: int) -> str:
+            return storage.join(run_dir, "checkpoints", ckpt.step_dir_name(step))
+
         if step_s:
             step = int(step_s)
-            path = run_dir / "checkpoints" / ckpt.step_dir_name(step)
         else:  # the newest complete checkpoint (one still being written has no manifest yet)
-            steps = [(n, p) for n, p in ckpt.list_steps(str(run_dir)) if (Path(p) / "manifest.json").is_file()]
+            steps = [n for n, _ in ckpt.list_steps(run_dir) if storage.is_file(storage.join(step_dir(n), "manifest.json"))]
             if not steps:
                 raise EngineError(404, f"model {model_id!r}: no checkpoints in run {run!r}")
-            step, p = steps[-1]
-            path = Path(p)
-        path = self._inside(path, model_id)
-        if not (path / "manifest.json").is_file():
+            step = steps[-1]
+        path = self._inside(step_dir(step), model_id)
+        if not storage.is_file(storage.join(path, "manifest.json")):
             raise EngineError(404, f"model {model_id!r}: no such checkpoint in the store")
-        for name in ckpt.INFERENCE_FILES + ("manifest.json",):  # a symlinked file must not leave either
-            self._inside(path / name, model_id)
+        for name in ckpt.INFERENCE_FILES + ("manifest.json", ckpt.TOKENIZER):  # a symlinked file must not leave either
+            self._inside(storage.join(path, name), model_id)
         return CheckpointRef(f"{run}@{step}", run, step, path)
 
+    def _runs(self) -> list[str]:
+        """Candidate run paths relative to the store (resolve() still checks each one)."""
+        if self.run is not None:
+            return [self.run]
+        if self.local:  # pathlib's walk does not follow symlinked folders; pyarrow's local one does, loops too
+            root = Path(self.root)
+            return sorted(p.parent.relative_to(root).as_posix() for p in root.rglob("checkpoints") if p.is_dir())
+        return sorted({f.rpartition("/checkpoints/")[0] for f in storage.walk_files(self.root) if "/checkpoints/" in f})
+
     def list(self) -> list[CheckpointRef]:
+        try:
+            found = [(run, step) for run in self._runs() if _ID.fullmatch(run)
+                     for step, _ in ckpt.list_steps(storage.join(self.root, run))]
+        except (storage.StorageError, OSError) as e:
+            if self.local:
+                raise
+            raise self._unreadable(e) from None
         out = []
-        runs = [self.root / self.run / "checkpoints"] if self.run is not None else self.root.rglob("checkpoints")
-        for checkpoints in sorted(runs):
-            run = checkpoints.parent.relative_to(self.root).as_posix()
-            if not checkpoints.is_dir() or not _ID.fullmatch(run):
-                continue
-            for step, _ in ckpt.list_steps(str(checkpoints.parent)):
-                try:
-                    out.append(self.resolve(f"{run}@{step}"))
-                except EngineError:
-                    continue
+        for run, step in found:
+            try:
+                out.append(self.resolve(f"{run}@{step}"))
+            except EngineError as e:  # ids that leave the store, incomplete checkpoints: not servable
+                if e.status == 503:
+                    raise
         return out
 
     @staticmethod
     def for_run(run_dir: str | Path) -> tuple["CheckpointStore", str]:
-        """The store around a run directory and the id of its newest checkpoint."""
-        run = Path(run_dir).expanduser().resolve()
-        if not (run / "checkpoints").is_dir():
-            raise EngineError(400, f"{run_dir} is not a run directory (no checkpoints/ folder)")
-        store = CheckpointStore(run.parent, run=run.name)
-        return store, store.resolve(run.name).model_id
+        """The store around a run directory (local or a URI) and the id of its newest checkpoint."""
+        run = storage.absolute(run_dir)
+        if storage.parent(run) == run or not storage.is_dir(storage.join(run, "checkpoints")):
+            raise EngineError(400, _missing(str(run_dir), "a run directory (no checkpoints/ folder)"))
+        store = CheckpointStore(storage.parent(run), run=storage.name(run))
+        return store, store.resolve(store.run).model_id
 
     @staticmethod
     def for_checkpoint(ckpt_dir: str | Path) -> tuple["CheckpointStore", str]:
-        """The store around RUN/checkpoints/step_XXXXXXXX and that checkpoint's id."""
-        p = Path(ckpt_dir).expanduser().resolve()
-        m = ckpt.STEP_DIR.match(p.name)
-        if not m or p.parent.name != "checkpoints":
+        """The store around RUN/checkpoints/step_XXXXXXXX (local or a URI) and that checkpoint's id."""
+        p = storage.absolute(ckpt_dir)
+        m = ckpt.STEP_DIR.match(storage.name(p))
+        if not m or storage.name(storage.parent(p)) != "checkpoints":
             raise EngineError(400, f"{ckpt_dir} is not a checkpoint directory (RUN/checkpoints/step_XXXXXXXX)")
-        store = CheckpointStore(p.parent.parent.parent, run=p.parent.parent.name)
-        return store, store.resolve(f"{p.parent.parent.name}@{int(m.group(1))}").model_id
+        run = storage.parent(storage.parent(p))
+        store = CheckpointStore(storage.parent(run), run=storage.name(run))
+        return store, store.resolve(f"{store.run}@{int(m.group(1))}").model_id
 
 
 # --------------------------------------------------------------------------- requests
@@ -248,12 +302,13 @@ class Engine:
     # ----------------------------------------------------------------- loading
     @classmethod
     def from_checkpoint(cls, path: str | Path, model_id: str | None = None, **kw) -> "Engine":
+        """An engine for the checkpoint at `path` (a local folder or a URI)."""
         try:
-            loaded = ckpt.read_for_inference(str(path))
-            cfg = ckpt.inference_config(path, loaded.config_yaml)
+            loaded = ckpt.read_for_inference(str(path))  # streamed into memory, no temporary copy
+            cfg = ckpt.inference_config(str(path), loaded.config_yaml)
             model = HydraLM(cfg.model)
             model.load_state_dict(loaded.model)  # feature switches come back with the weights
-            return cls(model, cfg, model_id or Path(path).name, loaded.step, **kw)
+            return cls(model, cfg, model_id or storage.name(str(path)), loaded.step, **kw)
         except Exception as e:  # corrupt files, a config or weights that do not fit, a missing tokenizer
             raise EngineError(404, f"checkpoint {path} cannot be served: {e}") from None
 
@@ -266,7 +321,7 @@ class Engine:
         except ValueError as e:
             raise EngineError(400, str(e)) from None
         try:
-            cfg = ckpt.inference_config(path, loaded.config_yaml)
+            cfg = ckpt.inference_config(str(path), loaded.config_yaml)
             load_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_sha256)
         except ValueError as e:  # ConfigError included
             raise EngineError(400, f"checkpoint {path} cannot be served: {e}") from None

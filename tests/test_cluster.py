@@ -121,10 +121,17 @@ def test_comments_document_the_flow():
         "ray dashboard cluster.yaml",
         "ray job submit --address http://<head>:8265 --working-dir .",
         "--workers 4-8 --gpu",
-        "--storage /mnt/shared/runs",
+        "--storage s3://my-hydra-bucket/runs",
         "ray down cluster.yaml",
     ):
         assert needle in text, needle
+
+
+def test_every_node_reaches_the_run_bucket_through_an_instance_profile():
+    """Storage defaults to a bucket: head (job driver) and GPU workers both carry the profile."""
+    cfg = yaml.safe_load(CLUSTER_YAML.read_text())
+    for name, node in cfg["available_node_types"].items():
+        assert node["node_config"]["IamInstanceProfile"]["Arn"].startswith("arn:aws:iam::"), name
 
 
 def _unknown_top_level_key(c):

@@ -393,7 +393,9 @@ def test_training_on_a_corpus_with_bad_records_has_finite_loss(own_corpus, built
     base, _, dirty, _ = own_corpus
     cfg = _own_config(builtin_cache, base / "dirty", log_every=1, eval_every=1000, save_every=1000)
     run_local(cfg, str(base / "run"), dirty, end_step=4)
-    rows = [json.loads(line) for line in (base / "run" / "metrics.jsonl").read_text().splitlines()]
+    from hydra_ray.train.runlog import read_records
+
+    rows = read_records(str(base / "run"), "metrics")
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) == 4 and all(isinstance(x, float) and math.isfinite(x) for x in losses), losses
     evals = [v for r in rows for v in (r.get("eval") or {}).values() if isinstance(v, float)]

@@ -72,7 +72,7 @@ def test_train_mistakes_are_one_line_errors_before_any_work(case, tmp_path, buil
         cfg.write_text(cfg.read_text().replace("  lr:", "  lrr:"))
         names = ("train.lrr", "did you mean lr?")
     one_line_error(hydra_ray(*args), *names)
-    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("metrics.jsonl"))
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("metrics"))
     assert not any(tmp_path.glob("**/s3:*"))
 
 
@@ -122,10 +122,14 @@ def test_a_run_of_nan_steps_with_nothing_to_roll_back_to_stops_with_an_error(tmp
     err = capsys.readouterr().err
     assert rc == 1
     assert "3 NaN/Inf steps in a row" in err and "no checkpoint to roll back to" in err
-    events = [json.loads(x) for x in (tmp_path / "nan" / "events.jsonl").read_text().splitlines()]
+    from hydra_ray.train.runlog import read_lines, read_records
+
+    events = read_records(str(tmp_path / "nan"), "events")
     assert [e["event"] for e in events].count("nan_skipped") == 3 and events[-1]["event"] == "stopped"
-    for line in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c} in metrics.jsonl"))
+    lines = [line for _, _, line in read_lines(str(tmp_path / "nan"), "metrics")]
+    assert len(lines) == 3
+    for line in lines:
+        rec = json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c} in the metrics"))
         assert rec["nan_skipped"] and rec["loss"] is None and rec["grad_norm"] is None
 
 

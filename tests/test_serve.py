@@ -1,6 +1,6 @@
 """Serving: the engine on its own, then the real Serve app (ingress + multiplexed model deployment)
-on the session's local Ray, against checkpoints of a real tiny run; and the inspector page in a
-real headless Chromium."""
+on the session's local Ray, against checkpoints of a real tiny run, from a local folder and from
+the session's S3 server; and the inspector page in a real headless Chromium."""
 
 import json
 import os
@@ -170,6 +170,62 @@ def test_serving_a_run_lists_and_resolves_that_run_only(store):
     s, default = CheckpointStore.for_checkpoint(store / "tiny" / "checkpoints" / "step_00000160")
     assert default == "tiny@160" and {r.run for r in s.list()} == {"tiny"}
     assert "broken@10" in {r.model_id for r in CheckpointStore(store).list()}  # an explicit store: every run
+
+
+@pytest.fixture(scope="module")
+def s3_store(s3, tiny_run):
+    """The tiny run's checkpoints on the session's S3 server; returns the store, s3://hydra/serve-store."""
+    from hydra_ray import storage
+
+    _, run_dir = tiny_run
+    root = f"{s3}/serve-store"
+    storage.upload_dir(run_dir / "checkpoints", f"{root}/tiny/checkpoints")
+    return root
+
+
+def test_a_store_on_s3_resolves_like_a_local_one_and_serves_the_same_tokens(s3_store, engines, tmp_path):
+    from hydra_ray import storage
+    from hydra_ray.config import dump_config
+    from hydra_ray.data.tokenizer import load_tokenizer, train_bpe
+    from hydra_ray.train.checkpoint import inference_config
+
+    s = CheckpointStore(s3_store)
+    assert [r.model_id for r in s.list()] == ["tiny@140", "tiny@160", "tiny@180"]
+    newest = s.resolve("tiny")
+    assert newest.model_id == "tiny@180" and newest.path == f"{s3_store}/tiny/checkpoints/step_00000180"
+    assert s.resolve("tiny@160").step == 160
+    for bad in ("../x", "/etc/passwd", "tiny/../../x", "tiny/./checkpoints", ""):
+        with pytest.raises(EngineError) as e:
+            s.resolve(bad)
+        assert e.value.status == 400, bad
+    for missing in ("tiny@999", "nope"):
+        with pytest.raises(EngineError) as e:
+            s.resolve(missing)
+        assert e.value.status == 404, missing
+    run_store, default = CheckpointStore.for_run(f"{s3_store}/tiny")  # `--run s3://...` serves that run only
+    assert default == "tiny@180"
+    with pytest.raises(EngineError) as e:
+        run_store.resolve("other@1")
+    assert e.value.status == 404 and "serves run 'tiny' only" in e.value.message
+    assert CheckpointStore.for_checkpoint(f"{s3_store}/tiny/checkpoints/step_00000160")[1] == "tiny@160"
+
+    local = engines["tiny@180"]
+    remote = Engine.from_store(s, "tiny@180")
+    req = GenRequest(local.encode("def add(a, b):"), max_tokens=16, temperature=0.8, seed=5)
+    assert remote.complete([req])[0] == local.complete([req])[0]
+
+    # a checkpoint's own tokenizer.json on S3: found beside it, read there, its sha256 checked
+    tok = train_bpe(iter(["def add(a, b):\n    return a + b\n"] * 50), 264, tmp_path / "tokenizer.json")
+    ckpt_uri = f"{s3_store}/bpe/checkpoints/step_00000001"
+    storage.write_bytes(f"{ckpt_uri}/tokenizer.json", (tmp_path / "tokenizer.json").read_bytes())
+    cfg = local.cfg.model_copy(deep=True)
+    cfg.data.tokenizer, cfg.data.tokenizer_sha256 = "tokenizer.json", tok.sha256
+    cfg = inference_config(ckpt_uri, dump_config(cfg))
+    assert cfg.data.tokenizer == f"{ckpt_uri}/tokenizer.json"
+    text = "def add(a, b): return a"
+    assert load_tokenizer(cfg.data.tokenizer, tok.sha256).encode_batch([text]) == tok.encode_batch([text])
+    with pytest.raises(ValueError, match="changed since the run recorded it"):
+        load_tokenizer(cfg.data.tokenizer, "0" * 64)
 
 
 # --------------------------------------------------------------------------- the Serve app
@@ -406,6 +462,37 @@ def test_bad_requests_are_4xx_json_never_5xx(app):
     assert 'status="400"' in httpx.get(url + "/metrics").text
 
 
+def test_the_serve_app_serves_a_run_on_s3(app, s3_store, engines):
+    """ServeArgs(run="s3://..."), as `serve run serve/config.yaml` gives it: a second application
+    beside the module's (Serve's HTTP options hold for the whole Ray session), under /s3."""
+    from ray import serve
+
+    from hydra_ray.serve.app import ServeArgs, build_app
+
+    args = ServeArgs(run=f"{s3_store}/tiny", api_key=KEY, num_cpus=0.5, max_tokens=64)
+    serve.run(build_app(args), name="hydra-s3", route_prefix="/s3")
+    try:
+        c = app["client"]
+        body = {"prompt": "def add(a, b):", "max_tokens": 12, "temperature": 0.8, "seed": 11}
+        r = c.post("/s3/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        e = engines["tiny@180"]
+        ref = e.complete([GenRequest(e.encode(body["prompt"]), max_tokens=12, temperature=0.8, seed=11)])[0]
+        assert r.json()["model"] == "tiny@180" and r.json()["choices"][0]["text"] == ref["text"]
+        r = c.post("/s3/v1/routing", json={"text": "Solve 3 + 4 = ", "model": "tiny@160"})
+        assert r.status_code == 200, r.text
+        assert r.json()["step"] == 160
+        _same_routing(r.json()["tokens"], engines["tiny@160"].trace_text("Solve 3 + 4 = ")["tokens"])
+        models = c.get("/s3/v1/models").json()["data"]
+        assert [m["id"] for m in models] == ["tiny@140", "tiny@160", "tiny@180"]
+        assert all(m["created"] > 0 for m in models)
+        for bad in ("../x", "tiny/../../x", "/etc/passwd"):
+            r = c.post("/s3/v1/completions", json={"prompt": "x", "model": bad})
+            assert r.status_code == 400 and r.json()["error"]["code"] == 400, (bad, r.text)
+    finally:
+        serve.delete("hydra-s3")
+
+
 # --------------------------------------------------------------------------- config and CLI
 def test_serve_config_yaml_is_a_valid_serve_deploy_file_whose_builder_accepts_its_args(store):
     from ray.serve.schema import ServeDeploySchema
@@ -432,6 +519,20 @@ def test_serve_cli_validates_before_starting_ray(store, tmp_path, capsys):
     for bad in ("3-1", "x", "0-2"):
         assert main(["serve", "--run", str(store / "tiny"), "--autoscale", bad]) == 2
         assert "autoscale" in capsys.readouterr().err
+
+
+def test_serve_cli_names_the_uri_of_a_missing_run_or_bucket_or_refused_credentials(s3, capsys, monkeypatch):
+    from hydra_ray.cli import main
+
+    for uri, why in ((f"{s3}/nope", "is not a run directory"),
+                     ("s3://missing-bucket/x", "bucket 'missing-bucket' does not exist")):
+        assert main(["serve", "--run", uri]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {uri}") and why in err and err.count("\n") == 1, err
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    assert main(["serve", "--run", f"{s3}/serve-store/tiny"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {s3}/serve-store/tiny") and "access denied" in err and err.count("\n") == 1, err
 
 
 def test_builder_takes_replicas_autoscaling_and_the_default_from_serve_args(store):

@@ -1,10 +1,11 @@
 """Training on Ray Train: checkpoints, exact resume, NaN handling, the elastic two-worker curriculum
-with a worker killed mid-run, resharding checkpoints between worker counts, and `ray job submit`."""
+with a worker killed mid-run, the same on S3 (killed, then --resume), resharding checkpoints
+between worker counts, and `ray job submit`."""
 
-import json
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import threading
@@ -16,21 +17,22 @@ import numpy as np
 import pytest
 import torch
 
+from hydra_ray import storage
 from hydra_ray.config import parse_config
 from hydra_ray.train import checkpoint as ckpt
+from hydra_ray.train.runlog import read_lines, read_records
 
-from conftest import tiny_config
+from conftest import tiny_config, train_worker_pids
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _metrics(run_dir):
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return read_records(str(run_dir), "metrics")
 
 
 def _events(run_dir):
-    path = Path(run_dir) / "events.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return read_records(str(run_dir), "events")
 
 
 # --------------------------------------------------------------------------- checkpoints (no Ray)
@@ -96,7 +98,8 @@ def test_nan_steps_are_skipped_and_repeated_nans_roll_back(tmp_path, builtin_cac
 @pytest.fixture(scope="module")
 def elastic_run(tmp_path_factory, ray_session, builtin_cache):
     """The whole tiny curriculum, --workers 1-3 with room for 2 (4 CPUs, 1.5 per worker), and
-    rank 1 killed by PID once the run is past step 60 with a checkpoint written."""
+    one worker killed (SIGKILL, found by its process title: nothing in the run says which
+    processes are workers) once the run is past step 60 with a checkpoint written."""
     from hydra_ray.train.driver import train
 
     cfg = tiny_config(builtin_cache)
@@ -108,11 +111,11 @@ def elastic_run(tmp_path_factory, ray_session, builtin_cache):
         deadline = time.time() + 300
         while time.time() < deadline:
             steps = ckpt.list_steps(str(run_dir))
-            metrics = _metrics(run_dir) if (run_dir / "metrics.jsonl").exists() else []
-            pid_file = run_dir / "workers" / "rank1.pid"
-            if steps and steps[-1][0] >= 60 and metrics and metrics[-1]["step"] >= 65 and pid_file.exists():
+            metrics = _metrics(run_dir)
+            workers = train_worker_pids()
+            if steps and steps[-1][0] >= 60 and metrics and metrics[-1]["step"] >= 65 and len(workers) == 2:
                 killed["step"] = metrics[-1]["step"]
-                killed["pid"] = int(pid_file.read_text())
+                killed["pid"] = workers[-1]
                 os.kill(killed["pid"], signal.SIGKILL)
                 return
             time.sleep(0.2)
@@ -152,6 +155,88 @@ def test_elastic_two_workers_survive_a_killed_worker_and_follow_the_curriculum(e
         assert abs(s["ce_after"] - s["ce_before"]) / s["ce_before"] < 0.05, s
     final = metrics[-1]
     assert final["eval"]["loss"] is not None and set(final["eval"]["by_domain"]) == set(cfg.model.domains)
+
+
+def _scalar_tags(folder: str) -> set[str]:
+    """Scalar tags in TensorBoard event files (TFRecord framing: length, crc, Event proto, crc)."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    tags = set()
+    for rel in storage.walk_files(folder):
+        data = storage.read_bytes(storage.join(folder, rel))
+        at = 0
+        while at + 12 <= len(data):
+            (n,) = struct.unpack("<Q", data[at:at + 8])
+            ev = Event.FromString(data[at + 12:at + 12 + n])
+            tags |= {v.tag for v in ev.summary.value}
+            at += 12 + n + 4
+    return tags
+
+
+@pytest.fixture(scope="module")
+def s3_run(s3, ray_session, builtin_cache):
+    """The tiny curriculum's first 60 steps on 2 workers on S3: a worker killed after the step-20
+    checkpoint (Ray Train restarts the group), stopped at 40, then resumed with --resume to 60.
+    The uninterrupted reference is `elastic_run`'s steps 1..60 (2 workers on local disk; its own
+    worker is killed only after step 65, and it restarts from checkpoint 60 or later)."""
+    from hydra_ray.train.driver import train
+
+    cfg = tiny_config(builtin_cache)
+    storage_uri = f"{s3}/runs-{os.getpid()}"
+    run = f"{storage_uri}/killed"
+    killed = {}
+
+    def killer():
+        deadline = time.time() + 300
+        while time.time() < deadline and "pid" not in killed:
+            try:
+                steps = [r["step"] for r in read_records(run, "metrics")]
+                workers = train_worker_pids()
+                if steps and steps[-1] >= 25 and len(workers) == 2:
+                    killed["step"], killed["pid"] = steps[-1], workers[-1]
+                    os.kill(workers[-1], signal.SIGKILL)
+            except Exception:  # noqa: BLE001  (the run may not exist yet)
+                pass
+            time.sleep(0.2)
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    first = train(cfg, "tiny", workers="2", storage=storage_uri, name="killed", max_steps=40, log=lambda *_: None)
+    t.join(timeout=5)
+    second = train(cfg, "tiny", workers="2", storage=storage_uri, name="killed", max_steps=60, resume=True,
+                   log=lambda *_: None)
+    return {"run": run, "killed": killed, "results": (first, second)}
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_run_on_s3_survives_a_killed_worker_and_resumes_like_an_uninterrupted_run(s3_run, elastic_run):
+    run, ref = s3_run["run"], str(elastic_run[1])
+    first, second = s3_run["results"]
+    assert "pid" in s3_run["killed"], "the worker was never killed"
+    assert (first["step"], second["step"]) == (40, 60)
+    assert not any(r.get("error") for r in (first, second))
+    # every step once, in the raw parts (not only after the reader's de-duplication)
+    raw = [line for _, _, line in read_lines(run, "metrics")]
+    steps = [r["step"] for r in read_records(run, "metrics")]
+    assert len(raw) == len(steps) and set(range(5, 61, 5)) <= set(steps)
+    a = {r["step"]: r for r in read_records(run, "metrics")}
+    b = {r["step"]: r for r in read_records(ref, "metrics") if r["step"] <= 60}
+    assert sorted(a) == sorted(b)
+    for step in sorted(a):
+        assert (a[step]["loss"], a[step]["ce"]) == pytest.approx((b[step]["loss"], b[step]["ce"]), rel=1e-6), step
+    events = [e["event"] for e in read_records(run, "events")]
+    assert events.count("restored") >= 2  # after the kill, and at --resume
+    # everything of the run is in the bucket; nothing went to a local folder named after the scheme
+    files = storage.walk_files(run)
+    for f in ("config.yaml", "data_report.txt", "checkpoints/step_00000060/manifest.json"):
+        assert f in files, f
+    assert not any(f.startswith("workers/") for f in files)  # no PID files in shared storage
+    assert not list(Path.cwd().glob("s3:*"))
+    tags = _scalar_tags(storage.join(run, "tensorboard"))
+    assert {"train/loss", "train/ce", "train/lr", "train/grad_norm", "eval/loss", "eval/math"} <= tags
+    assert {"train/loss", "eval/loss"} <= _scalar_tags(storage.join(ref, "tensorboard"))  # local: written directly
+    assert not any(Path(ref).rglob("*.pid"))
 
 
 @pytest.mark.integration
@@ -270,12 +355,13 @@ def _free_ports(n):
 
 
 @pytest.mark.integration
-def test_ray_job_submit_trains_on_a_ray_head(tmp_path):
+def test_ray_job_submit_trains_on_a_ray_head(tmp_path, builtin_cache, tiny_data):
     """`ray start --head` + `ray job submit --working-dir . -- hydra-ray train ...` (its own cluster,
     on its own ports, stopped by killing its process group: `ray stop` would stop every Ray here)."""
     bin_dir = str(Path(sys.executable).parent)
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-           "PATH": bin_dir + os.pathsep + os.environ["PATH"], "HYDRA_CACHE_DIR": str(tmp_path / "cache")}
+           "PATH": bin_dir + os.pathsep + os.environ["PATH"],
+           "HYDRA_CACHE_DIR": builtin_cache}  # the session's built-in corpus (tiny_data built it)
     ray = str(Path(bin_dir) / "ray")
     # every port its own: the test session's Ray already holds the defaults (agent 52365, ...)
     port, dash, agent, agent_grpc, metrics, runtime_env = _free_ports(6)

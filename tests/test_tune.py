@@ -1,5 +1,6 @@
 """`hydra-ray tune`: the space file and its errors, a 4-trial ASHA sweep on a tiny budget whose
-best.yaml trains, and `--resume` of an interrupted sweep."""
+best.yaml trains, `--resume` of an interrupted sweep, and a sweep on S3 (`--storage s3://...`)
+whose best.yaml trains straight from the bucket."""
 
 from __future__ import annotations
 
@@ -14,13 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from hydra_ray import tune
+from hydra_ray import storage, tune
 from hydra_ray.cli import build_parser, main
 from hydra_ray.config import ConfigError, dump_config, load_config, parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
 ROUTING = ROOT / "configs" / "sweeps" / "routing.yaml"
 SCRIPT = Path(sys.executable).parent / "hydra-ray"
+LAUNCH_DIR = Path.cwd()  # the working directory of the session's Ray workers, hence of the trials
 # The ASHA sweep adds a learning-rate grid to the routing space: two good rates and two hopeless
 # ones, in that order. Trials run two at a time, so each hopeless trial starts only after a good
 # one has reported at the first rung (step 6, MoE still off: only the rate matters there), and its
@@ -192,8 +194,9 @@ def test_resume_continues_an_interrupted_sweep_without_rerunning_finished_trials
     first = {r["trial"]: r for r in _rows(sweep / "trials.csv")}
     assert sorted(r["status"] for r in first.values()) == ["completed", "unfinished"]
     finished = next(t for t, r in first.items() if r["status"] == "completed")
-    before = {p: p.read_bytes() for p in [runs / finished / "events.jsonl", runs / finished / "metrics.jsonl",
+    before = {p: p.read_bytes() for p in [*(p for p in (runs / finished).rglob("*") if p.is_file()),
                                           sweep / f"trial_{finished}" / "result.json"]}
+    assert any(p.name.endswith(".jsonl") for p in before)  # its metrics and events among them
 
     with pytest.raises(ConfigError, match="--samples"):  # a resume must be the same sweep
         tune.run(build_parser().parse_args([*argv[:6], "3", *argv[7:], "--resume"]))
@@ -232,3 +235,49 @@ def test_two_worker_trials_run_ray_train_inside_tune(asha_sweep, tmp_path, ray_s
     one = next(r for r in _rows(one_worker_sweep / "trials.csv") if float(r["train.lr"]) == 3.0e-3)
     first = json.loads((one_worker_sweep / f"trial_{one['trial']}" / "result.json").read_text().splitlines()[0])
     assert first["step"] == 6 and abs(first["eval_loss"] - float(row["eval_loss"])) < 1e-3
+
+
+# --------------------------------------------------------------------------- on object storage
+@pytest.mark.integration
+def test_sweep_on_s3_writes_its_results_there_and_best_yaml_trains(tmp_path, ray_session, base_yaml, s3,
+                                                                    monkeypatch):
+    """--storage s3://...: 2 one-worker trials of 6 steps; the runs, trials.csv and best.yaml are
+    on S3 (nothing in a local folder named after the scheme, here or where the trials run), and
+    `hydra-ray train --config s3://.../best.yaml` trains."""
+    monkeypatch.chdir(tmp_path)
+    stray = [d / "s3:" for d in (tmp_path, LAUNCH_DIR) if not (d / "s3:").exists()]
+    space = tmp_path / "space.yaml"
+    space.write_text("model.moe.aux_weight: {loguniform: [1e-4, 1e-1]}\n")
+    rc = tune.run(_args("--config", str(base_yaml), "--space", str(space), "--samples", "2", "--scheduler", "none",
+                        "--max-steps", "6", "--storage", f"{s3}/tune", "--name", "s3sweep", "--seed", "0"))
+    assert rc == 0
+    sweep = f"{s3}/tune/s3sweep"
+    rows = list(csv.DictReader(storage.read_text(f"{sweep}/trials.csv").splitlines()))
+    assert len(rows) == 2 and all((r["status"], int(r["step"])) == ("completed", 6) for r in rows), rows
+    for r in rows:
+        assert r["run_dir"] == f"{sweep}/runs/{r['trial']}"
+        assert ("step_00000006", True) in storage.listdir(f"{r['run_dir']}/checkpoints")
+    ended = [json.loads(line) for line in storage.read_text(f"{sweep}/trial_status.jsonl").splitlines()]
+    assert sorted(e["trial"] for e in ended) == sorted(r["trial"] for r in rows)
+    assert storage.is_file(f"{sweep}/pareto.csv") and storage.is_file(f"{sweep}/sweep.json")
+
+    out = tmp_path / "train"
+    assert main(["train", "--config", f"{sweep}/best.yaml", "--workers", "1", "--max-steps", "2",
+                 "--storage", str(out)]) == 0
+    assert (out / "s3sweep-best" / "checkpoints" / "step_00000002").is_dir()
+    assert not [p for p in stray if p.exists()], "a local folder named after the scheme"
+
+
+@pytest.mark.parametrize("where, says", [
+    ("foo://x", ["foo://x", "unknown storage scheme 'foo'"]),
+    ("s3://missing-bucket/x", ["--storage s3://missing-bucket/x", "bucket 'missing-bucket' does not exist"]),
+])
+def test_unusable_storage_is_a_one_line_error(tmp_path, base_yaml, s3, capsys, where, says):
+    space = tmp_path / "space.yaml"
+    space.write_text("model.moe.aux_weight: {loguniform: [1e-4, 1e-1]}\n")
+    assert main(["tune", "--config", str(base_yaml), "--space", str(space), "--samples", "1",
+                 "--storage", where]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    for s in says:
+        assert s in err, (s, err)

@@ -137,8 +137,7 @@ def _classify(msg: str) -> tuple[str, dict | None, str]:
 
 def _entries(path: Path, key: str, stats: ParseStats):
     """Yield (time, key, line_no, kind, payload) in file order; time never goes backwards."""
-    info = {"path": str(path), "lines": 0, "parsed": 0, "unparsed": 0, "blank": 0}
-    stats.files.append(info)
+    info = stats.new_file(str(path))
     t = float("-inf")
     try:
         f = path.open(encoding="utf-8", errors="replace")
@@ -146,11 +145,7 @@ def _entries(path: Path, key: str, stats: ParseStats):
         raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from None
     with f:
         for n, line in enumerate(f, 1):
-            info["lines"] += 1
-            stats.lines_read += 1
-            if not line.strip():
-                info["blank"] += 1
-                stats.lines_blank += 1
+            if not stats.count(info, line):
                 continue
             pre = _PREFIX.search(line)
             if pre:

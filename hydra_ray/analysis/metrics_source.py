@@ -1,17 +1,24 @@
-"""Load a hydra-ray run (RUN/ or RUN/metrics.jsonl) into a `Source`.
+"""Load a hydra-ray run into a `Source`: RUN (a local folder or a URI such as s3://bucket/runs/x)
+or one metrics .jsonl file.
 
 Design choices
-- config.yaml beside metrics.jsonl supplies the phases (features, routing, seed, mixture), the
-  clip threshold and the expert/domain layout. Without it the phases are rebuilt from the
-  records (name order of first appearance, features from which routing figures are logged).
-- A corrupt line is skipped with a warning on stderr and listed in the parse statistics; it is
-  never fatal, because a run killed mid-write leaves exactly that.
-- The file is read in order and a step that goes backwards supersedes the records at or after
-  it: the trainer truncates on restore, but a copy of metrics.jsonl appended to by hand (or an
-  old trainer) must still count each step once, the later write winning.
+- Every byte comes through `hydra_ray.storage`, and a run's metrics and events through the one
+  reader, `runlog.read_lines` / `read_records`: RUN/metrics/part-*.jsonl in order (after the
+  single metrics.jsonl of runs written before parts). A .jsonl file given on its own is read
+  alone (config.yaml, events and checkpoints then come from its run).
+- config.yaml of the run supplies the phases (features, routing, seed, mixture), the clip
+  threshold and the expert/domain layout. Without it the phases are rebuilt from the records
+  (name order of first appearance, features from which routing figures are logged).
+- A corrupt line is skipped with a warning on stderr naming its part and line, and listed in the
+  parse statistics (one row per part); it is never fatal, because a run killed mid-write leaves
+  exactly that.
+- The lines are read in order across parts, and a step that goes backwards supersedes the
+  records at or after it: the trainer drops re-run steps on restore, but a crash between its
+  rewrites (or a metrics.jsonl appended to by hand, or an old trainer) must still count each
+  step once, the later write winning.
 - A step is clipped when its pre-clip norm exceeds train.grad_clip (the trainer's own rule);
   without a config, when the logged post-clip norm is below the pre-clip norm.
-- events.jsonl adds restores, NaN skips, roll-backs and switch-on costs to the timeline.
+- The events add restores, NaN skips, roll-backs and switch-on costs to the timeline.
 """
 
 from __future__ import annotations
@@ -19,11 +26,12 @@ from __future__ import annotations
 import json
 import math
 import sys
-from pathlib import Path
 
+from hydra_ray import storage
 from hydra_ray.analysis.model import (ParseStats, Phase, Record, Source, finite, link_phases, phase_of,
                                       phases_from_config)
 from hydra_ray.config import ConfigError
+from hydra_ray.train import runlog
 
 
 def _num(x) -> float | None:
@@ -65,42 +73,48 @@ def _record(obj: dict) -> Record:
     return r
 
 
-def _read_jsonl(path: Path, stats: ParseStats, warn) -> list[tuple[int, Record]]:
+def _file_lines(loc: str):
+    """(file, line number, line) of one metrics file given on its own, in the shape of
+    `runlog.read_lines`. Undecodable bytes (a legacy file torn mid-append) become U+FFFD."""
+    text = storage.read_bytes(loc).decode("utf-8", errors="replace")
+    for n, line in enumerate(text.splitlines(), 1):
+        yield loc, n, line
+
+
+def _parse(lines, stats: ParseStats, warn) -> list[tuple[str, int, Record]]:
+    """(part, line number, record) of every parseable line, with per-part statistics."""
     out = []
-    info = {"path": str(path), "lines": 0, "parsed": 0, "unparsed": 0, "blank": 0}
-    with path.open(encoding="utf-8", errors="replace") as f:
-        for n, line in enumerate(f, 1):
-            info["lines"] += 1
-            if not line.strip():
-                info["blank"] += 1
-                continue
-            try:
-                obj = json.loads(line)
-                if not isinstance(obj, dict) or "step" not in obj:
-                    raise ValueError("not an object with a step")
-                out.append((n, _record(obj)))
-                info["parsed"] += 1
-            except (ValueError, TypeError, KeyError, AttributeError) as e:
-                info["unparsed"] += 1
-                what = "corrupt JSON" if isinstance(e, json.JSONDecodeError) else "unusable record"
-                reason = f"{what} ({' '.join(str(e).split())[:80]})"
-                stats.bad(str(path), n, line, reason)
-                warn(f"warning: {path}:{n}: skipped, {reason}")
-    stats.files.append(info)
-    stats.lines_read += info["lines"]
-    stats.lines_parsed += info["parsed"]
-    stats.lines_blank += info["blank"]
+    files: dict[str, dict] = {}
+    for loc, n, line in lines:
+        info = files.get(loc)
+        if info is None:
+            info = files[loc] = stats.new_file(loc)
+        if not stats.count(info, line):
+            continue
+        try:
+            obj = json.loads(line)
+            if not isinstance(obj, dict) or "step" not in obj:
+                raise ValueError("not an object with a step")
+            out.append((loc, n, _record(obj)))
+            info["parsed"] += 1
+            stats.lines_parsed += 1
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            info["unparsed"] += 1
+            what = "corrupt JSON" if isinstance(e, json.JSONDecodeError) else "unusable record"
+            reason = f"{what} ({' '.join(str(e).split())[:80]})"
+            stats.bad(loc, n, line, reason)
+            warn(f"warning: {loc}:{n}: skipped, {reason}")
     return out
 
 
-def _dedupe(rows: list[tuple[int, Record]], path: Path, stats: ParseStats) -> list[Record]:
+def _dedupe(rows: list[tuple[str, int, Record]], stats: ParseStats) -> list[Record]:
     kept: dict[int, Record] = {}
     last = None
-    for n, r in rows:
+    for loc, n, r in rows:
         if last is not None and r.step <= last:
             gone = [s for s in kept if s >= r.step]
             stats.relogged += sum(kept[s].is_sample for s in gone)
-            stats.resumes.append({"file": str(path), "line": n, "from_step": last, "to_step": r.step})
+            stats.resumes.append({"file": loc, "line": n, "from_step": last, "to_step": r.step})
             for s in gone:
                 del kept[s]
         kept[r.step] = r
@@ -108,18 +122,12 @@ def _dedupe(rows: list[tuple[int, Record]], path: Path, stats: ParseStats) -> li
     return [kept[s] for s in sorted(kept)]
 
 
-def _events(path: Path) -> list[dict]:
-    out = []
-    if not path.exists():
-        return out
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            ev = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(ev, dict) and "event" in ev:
-            out.append(ev)
-    return out
+def _checkpoints(run: str) -> list[dict]:
+    """step_NNNNNNNN folders under RUN/checkpoints (listed here rather than with
+    train.checkpoint.list_steps, which would import torch into the analysis)."""
+    root = storage.join(run, "checkpoints")
+    return [{"step": int(n[5:]), "path": storage.join(root, n)}
+            for n, is_dir in storage.listdir(root) if is_dir and n.startswith("step_") and n[5:].isdigit()]
 
 
 def _phases_from_records(records: list[Record]) -> list[Phase]:
@@ -143,24 +151,29 @@ def _phases_from_records(records: list[Record]) -> list[Phase]:
     return link_phases(out)
 
 
-def load_run(path: Path, phases: list[Phase] | None, warn=None) -> Source:
+def load_run(loc: str, phases: list[Phase] | None, warn=None) -> Source:
+    """A run (local folder or URI: all its metrics parts, merged) or one metrics .jsonl file."""
     warn = warn or (lambda msg: print(msg, file=sys.stderr))
-    run_dir = path if path.is_dir() else path.parent
-    metrics = path / "metrics.jsonl" if path.is_dir() else path
     stats = ParseStats()
-    rows = _read_jsonl(metrics, stats, warn)
-    records = _dedupe(rows, metrics, stats)
+    if storage.is_file(loc):
+        run = storage.parent(loc)
+        if storage.name(run) == "metrics" and storage.name(loc).startswith("part-"):
+            run = storage.parent(run)  # one part of a run: config and events are the run's
+        lines = _file_lines(loc)
+    else:
+        run, lines = loc, runlog.read_lines(loc, "metrics")
+    records = _dedupe(_parse(lines, stats, warn), stats)
     if not records:
-        raise ConfigError(f"{metrics}: no parseable step records")
+        raise ConfigError(f"{loc}: no parseable step records")
     stats.formats = {"jsonl": sum(r.is_sample for r in records)}
-    src = Source(kind="hydra-ray run", label=run_dir.name, paths=[str(path)], records=records, phases=[],
+    src = Source(kind="hydra-ray run", label=storage.name(run), paths=[loc], records=records, phases=[],
                  parse=stats)
     cfg = None
-    if (run_dir / "config.yaml").exists():
+    if storage.is_file(storage.join(run, "config.yaml")):
         from hydra_ray.config import load_config
 
         try:
-            cfg = load_config(run_dir / "config.yaml")
+            cfg = load_config(storage.join(run, "config.yaml"))
         except ConfigError as e:
             warn(f"warning: {e}; phases are rebuilt from the records")
     if cfg is not None:
@@ -195,7 +208,7 @@ def load_run(path: Path, phases: list[Phase] | None, warn=None) -> Source:
             r.clipped = r.grad_post < r.grad * (1 - 1e-9)
     if src.num_experts is None:
         src.num_experts = next((len(r.util) for r in records if r.util), None)
-    for ev in _events(run_dir / "events.jsonl"):
+    for ev in runlog.read_records(run, "events"):
         kind = ev.get("event")
         step = ev.get("step")
         if kind == "switch_on":
@@ -214,11 +227,8 @@ def load_run(path: Path, phases: list[Phase] | None, warn=None) -> Source:
         elif kind == "rolled_back":
             src.events.append({"step": step, "event": kind,
                                "detail": f"rolled back to step {ev.get('to_step')} after {ev.get('after_nans')} NaN steps"})
-    ck = run_dir / "checkpoints"
-    if ck.is_dir():
-        for d in sorted(ck.iterdir()):
-            if d.is_dir() and d.name.startswith("step_") and d.name[5:].isdigit():
-                src.checkpoints.append({"step": int(d.name[5:]), "path": str(d)})
-    src.events += [{"step": c["step"], "event": "checkpoint", "detail": Path(c["path"]).name} for c in src.checkpoints]
+    src.checkpoints = _checkpoints(run)
+    src.events += [{"step": c["step"], "event": "checkpoint", "detail": storage.name(c["path"])}
+                   for c in src.checkpoints]
     src.events.sort(key=lambda e: e["step"] if e["step"] is not None else -1)
     return src

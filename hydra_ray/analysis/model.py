@@ -100,6 +100,21 @@ class ParseStats:
     def bad(self, file: str, line: int, text: str, reason: str) -> None:
         self.unparsed.append(Unparsed(file, line, text.rstrip("\n")[:300], reason))
 
+    def new_file(self, path: str) -> dict:
+        info = {"path": path, "lines": 0, "parsed": 0, "unparsed": 0, "blank": 0}
+        self.files.append(info)
+        return info
+
+    def count(self, info: dict, line: str) -> bool:
+        """Count a line read from `info`'s file; False for a blank one (nothing to parse)."""
+        info["lines"] += 1
+        self.lines_read += 1
+        if not line.strip():
+            info["blank"] += 1
+            self.lines_blank += 1
+            return False
+        return True
+
 
 @dataclass
 class Source:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator
 
 import pyarrow as pa
@@ -53,11 +52,9 @@ class CorpusError(ValueError):
 
 
 def _fs(root: str):
-    import pyarrow.fs as pafs
+    from hydra_ray import storage
 
-    if "://" in root:
-        return pafs.FileSystem.from_uri(root)
-    return pafs.LocalFileSystem(), str(Path(root).expanduser().resolve())
+    return storage.resolve(root)
 
 
 @dataclass(frozen=True)

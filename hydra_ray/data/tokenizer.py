@@ -9,7 +9,8 @@ Design choices
   vocab_size >= 258 (the presets use 264, a multiple of 8).
 - `load_tokenizer(spec)` is what Ray Data tasks call; it is cached per process so a map task
   loads a tokenizer.json once, not once per batch. With the file's sha256 it also refuses a file
-  that changed since the run recorded it.
+  that changed since the run recorded it. The file may be a URI (the copy inside a checkpoint on
+  object storage): it is read through hydra_ray.storage, like every other byte of a run.
 - A run owns its tokenizer: training copies the file into the run (and into every checkpoint),
   so serving, analysis and `--resume` never depend on the working directory the run started in.
   `find_tokenizer` is the one rule for finding a user's file: the path as given (relative to
@@ -21,6 +22,8 @@ from __future__ import annotations
 import functools
 import hashlib
 from pathlib import Path
+
+from hydra_ray import storage
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -48,7 +51,9 @@ class HFTokenizer:
 
         self.name = str(path)
         try:
-            blob = Path(path).read_bytes()
+            blob = storage.read_bytes(str(path))
+        except storage.StorageError as e:  # its message names the location already
+            raise ValueError(f"tokenizer: cannot read {e}") from None
         except OSError as e:
             raise ValueError(f"tokenizer {path}: cannot read ({e.strerror or e})") from None
         self.sha256 = hashlib.sha256(blob).hexdigest()
@@ -79,7 +84,11 @@ def load_tokenizer(spec: str = "byte", sha256: str | None = None):
     """'byte', or a tokenizer.json path (checked against `sha256` when given). Raises ValueError."""
     if spec == "byte":
         return ByteTokenizer()
-    if not Path(spec).is_file():
+    try:
+        found = storage.is_file(spec)
+    except storage.StorageError as e:
+        raise ValueError(f"tokenizer: cannot read {e}") from None
+    if not found:
         raise ValueError(f"tokenizer {spec!r}: no such file (expected 'byte' or the path of a tokenizer.json)")
     return HFTokenizer(spec, sha256)
 

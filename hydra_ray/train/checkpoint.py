@@ -43,11 +43,9 @@ def step_dir_name(step: int) -> str:
 
 
 def _fs(path: str):
-    import pyarrow.fs as pafs
+    from hydra_ray import storage
 
-    if "://" in path:
-        return pafs.FileSystem.from_uri(path)
-    return pafs.LocalFileSystem(), str(Path(path).expanduser().resolve())
+    return storage.resolve(path)
 
 
 def optimizer_tensors(opt: torch.optim.Optimizer, names: dict[int, str]) -> dict[str, torch.Tensor]:
@@ -122,15 +120,16 @@ def portable_config(cfg):
 
 def inference_config(ckpt_dir: str | Path, config_yaml: str):
     """The checkpoint's config with a relative tokenizer path made absolute against the
-    checkpoint's folder (where training put its copy). Raises ConfigError."""
+    checkpoint's location, a folder or a URI (where training put its copy). Raises ConfigError."""
     import yaml
 
+    from hydra_ray import storage
     from hydra_ray.config import parse_config
 
-    cfg = parse_config(yaml.safe_load(config_yaml), f"{ckpt_dir}/config.yaml")
+    cfg = parse_config(yaml.safe_load(config_yaml), storage.join(ckpt_dir, "config.yaml"))
     tok = cfg.data.tokenizer
-    if tok != "byte" and not Path(tok).is_absolute():
-        cfg.data.tokenizer = str(Path(ckpt_dir) / tok)
+    if tok != "byte" and not storage.is_uri(tok) and not Path(tok).is_absolute():
+        cfg.data.tokenizer = storage.join(ckpt_dir, tok)
     return cfg
 
 
@@ -189,15 +188,25 @@ def latest_valid(run_dir: str, before: int | None = None) -> Loaded | None:
     return None
 
 
-def save_local(run_dir: str, step: int, keep: int, **parts) -> Path:
-    """Without Ray Train: write next to the final place, rename into it, keep the newest `keep`."""
-    root = Path(run_dir) / "checkpoints"
-    final = root / step_dir_name(step)
-    tmp = root / f".tmp_{step_dir_name(step)}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp, **parts)
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    for _, old in list_steps(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+def save_local(run_dir: str, step: int, keep: int, **parts) -> str:
+    """Without Ray Train (in-process runs, one-worker Tune trials): write the checkpoint into a
+    local temporary folder, copy it into RUN/checkpoints/step_X with the manifest last (so on any
+    storage a reader never takes a half-copied checkpoint for a complete one), keep the newest
+    `keep`."""
+    import tempfile
+
+    from hydra_ray import storage
+
+    final = storage.join(run_dir, "checkpoints", step_dir_name(step))
+    storage.delete_dir(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f"hydra-ckpt-{step}-"))
+    try:
+        write(tmp, **parts)
+        names = sorted(f.name for f in tmp.iterdir())
+        for name in [n for n in names if n != "manifest.json"] + ["manifest.json"]:
+            storage.write_bytes(storage.join(final, name), (tmp / name).read_bytes())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for old_step, _ in list_steps(run_dir)[:-keep]:
+        storage.delete_dir(storage.join(run_dir, "checkpoints", step_dir_name(old_step)))
     return final

@@ -2,25 +2,29 @@
 
 Design choices
 - Joins the cluster named by RAY_ADDRESS (or the one `ray job submit` runs in), else starts a
-  local Ray. The run directory is STORAGE/NAME: metrics.jsonl, events.jsonl, checkpoints/.
+  local Ray. The run directory is STORAGE/NAME, a local folder or a URI (s3://bucket/prefix):
+  config.yaml, data_report.txt, tokenizer.json, metrics/ and events/ parts, tensorboard/,
+  checkpoints/. STORAGE is probed before any work starts (`storage.check_storage`), so a missing
+  bucket or wrong credentials are a one-line error, not a failed run.
 - `--workers N` or `MIN-MAX` (elastic: Ray Train starts as many as the cluster has room for,
   between the two, and restarts the group from the last checkpoint when workers die or join).
 - An existing run is only continued with `--resume`, so a typo in --name cannot silently mix
   two runs. Checkpoints are reported to Ray Train (which keeps the last K) under
   RUN/checkpoints/step_XXXXXXXX.
-- Progress: a thread tails metrics.jsonl and prints a line per log interval (step, phase, loss,
+- Progress: a thread polls the run's metrics parts and prints a line per logged step (step, phase, loss,
   tokens/s, ETA); worker stdout is not forwarded, so the console stays readable.
 """
 
 from __future__ import annotations
 
-import json
+import hashlib
 import os
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from hydra_ray import storage as st
 from hydra_ray.config import ConfigError, HydraConfig, dump_config
 from hydra_ray.train import checkpoint as ckpt
 from hydra_ray.train.curriculum import segments
@@ -104,29 +108,26 @@ def ray_init(log=print, min_cpus: float = 0) -> None:
 
 
 class Progress(threading.Thread):
-    """Prints new metrics lines as they appear: step, phase, loss, tokens/s, ETA."""
+    """Prints new metrics records as they are flushed: step, phase, loss, tokens/s, ETA. Polls the
+    run's log parts (every second on a local disk, every 5 s on an object store)."""
 
-    def __init__(self, path: Path, end_step: int, log=print, interval: float = 1.0):
+    def __init__(self, run_dir: str, start_step: int, end_step: int, log=print, interval: float | None = None):
         super().__init__(daemon=True)
-        self.path, self.end, self.log, self.interval = path, end_step, log, interval
+        self.run_dir, self.end, self.log = run_dir, end_step, log
+        self.interval = interval if interval is not None else (1.0 if st.is_local(run_dir) else 5.0)
         self.stop = threading.Event()
-        self.offset = path.stat().st_size if path.exists() else 0  # a resumed run: only new lines
+        self.last = start_step  # a resumed run: only steps after its checkpoint
 
     def poll(self) -> None:
-        if not self.path.exists():
+        from hydra_ray.train.runlog import read_records
+
+        try:
+            records = read_records(self.run_dir, "metrics", after=self.last)
+        except (OSError, ConfigError) as e:  # a storage hiccup must not end the run's console
+            self.log(f"[progress] cannot read the run's metrics ({e})")
             return
-        with self.path.open() as f:
-            f.seek(self.offset)
-            chunk = f.read()
-        if "\n" not in chunk:
-            return
-        complete = chunk[: chunk.rfind("\n") + 1]
-        self.offset += len(complete.encode())
-        for line in complete.splitlines():
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                continue
+        for r in records:
+            self.last = r["step"]
             tps = r.get("tokens_per_s") or 0
             tokens_per_step = r.get("tokens", 0) / max(r["step"], 1)
             eta = (self.end - r["step"]) * tokens_per_step / tps if tps else 0.0
@@ -157,8 +158,10 @@ def train(cfg: HydraConfig, config_path: str, workers: str = "2", gpu: bool = Fa
     if max_steps is not None and max_steps < 1:
         raise ConfigError(f"--max-steps {max_steps}: must be at least 1")
     name = name or cfg.train.run_name or Path(config_path).stem
-    storage = str(Path(storage).expanduser().resolve()) if "://" not in storage else storage
-    run_dir = f"{storage}/{name}"
+    if not name or "/" in name or name in (".", ".."):
+        raise ConfigError(f"--name {name!r}: expected a plain run name")
+    storage = st.check_storage(storage)  # scheme, bucket, credentials, endpoint: before any work
+    run_dir = st.join(storage, name)
     existing = ckpt.list_steps(run_dir)
     if existing and not resume:
         raise ConfigError(f"run {run_dir} already has checkpoints (last step {existing[-1][0]}): "
@@ -168,14 +171,14 @@ def train(cfg: HydraConfig, config_path: str, workers: str = "2", gpu: bool = Fa
                           "--name, or start it without --resume)")
     end_step = min(cfg.curriculum.total_steps, max_steps or cfg.curriculum.total_steps)
     cfg, tokenizer_json = run_tokenizer(cfg, config_path, run_dir, resume)
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
-    if tokenizer_json is not None:
-        (Path(run_dir) / ckpt.TOKENIZER).write_bytes(tokenizer_json)
-    (Path(run_dir) / "config.yaml").write_text(dump_config(ckpt.portable_config(cfg)))
+    if tokenizer_json is not None:  # every worker reads the run's copy, wherever it runs
+        st.write_bytes(st.join(run_dir, ckpt.TOKENIZER), tokenizer_json)
+        cfg.data.tokenizer = st.join(run_dir, ckpt.TOKENIZER)
+    st.write_text(st.join(run_dir, "config.yaml"), dump_config(ckpt.portable_config(cfg)))
 
     ray_init(log, min_cpus=spec.max_workers * cpus_per_worker + 2)
     prepared = prepare_data(cfg, log=log)
-    (Path(run_dir) / "data_report.txt").write_text(prepared.report() + "\n")
+    st.write_text(st.join(run_dir, "data_report.txt"), prepared.report() + "\n")
     log(f"[data] {prepared.extra['corpus']} tokenizer {prepared.tokenizer}\n{prepared.report()}")
     latest = ckpt.latest_valid(run_dir) if resume else None
     start = latest.step if latest else 0
@@ -186,7 +189,7 @@ def train(cfg: HydraConfig, config_path: str, workers: str = "2", gpu: bool = Fa
                             cpus_per_worker, keep=cfg.train.keep_checkpoints, tokenizer_json=tokenizer_json)
     log(f"[train] {run_dir}: steps {start}..{end_step} on {workers} worker(s) "
         f"({'GPU' if gpu else 'CPU'}), global batch {G}")
-    progress = Progress(Path(run_dir) / "metrics.jsonl", end_step, log)
+    progress = Progress(run_dir, start, end_step, log)
     progress.start()
     t0 = time.time()
     try:
@@ -196,8 +199,8 @@ def train(cfg: HydraConfig, config_path: str, workers: str = "2", gpu: bool = Fa
         progress.join()
     last = ckpt.list_steps(run_dir)
     stopped = stop_reason(run_dir, since=t0)
-    log(f"[train] {'stopped' if stopped else 'done'} in {time.time() - t0:.0f}s. metrics: {run_dir}/metrics.jsonl  "
-        f"checkpoints: {run_dir}/checkpoints ({', '.join(os.path.basename(p) for _, p in last) or 'none'})")
+    log(f"[train] {'stopped' if stopped else 'done'} in {time.time() - t0:.0f}s. metrics: {st.join(run_dir, 'metrics')}/  "
+        f"checkpoints: {st.join(run_dir, 'checkpoints')} ({', '.join(ckpt.step_dir_name(s) for s, _ in last) or 'none'})")
     return {"run_dir": run_dir, "step": last[-1][0] if last else None,
             "error": getattr(result, "error", None) or stopped}
 
@@ -207,46 +210,42 @@ def run_tokenizer(cfg: HydraConfig, config_path: str, run_dir: str, resume: bool
     sha256, its bytes), or (cfg, None) for the byte tokenizer. The user's file is found as the
     config names it (working directory, then the config's folder); a resumed run falls back to its
     own copy and refuses a file that differs from it. Raises ConfigError."""
-    from hydra_ray.data.tokenizer import file_sha256, find_tokenizer, load_tokenizer
+    from hydra_ray.data.tokenizer import find_tokenizer, load_tokenizer
 
     spec = cfg.data.tokenizer
     if spec == "byte":
         return cfg, None
-    own = Path(run_dir) / ckpt.TOKENIZER
-    found = find_tokenizer(spec, config_path)
-    if found is None and resume and own.is_file():
+    own = st.join(run_dir, ckpt.TOKENIZER)
+    has_own = resume and st.is_file(own)
+    found = spec if st.is_uri(spec) and st.is_file(spec) else find_tokenizer(spec, config_path)
+    if found is None and has_own:
         found = own
     if found is None:
         raise ConfigError(f"data.tokenizer: {spec}: no such file (looked in the working directory and "
                           f"beside {config_path}); give 'byte' or the path of a tokenizer.json")
-    if resume and own.is_file() and file_sha256(found) != file_sha256(own):
+    blob = st.read_bytes(str(found))
+    sha = hashlib.sha256(blob).hexdigest()
+    if has_own and sha != hashlib.sha256(st.read_bytes(own)).hexdigest():
         raise ConfigError(f"data.tokenizer: {found} differs from the tokenizer run {run_dir} was trained with "
                           f"({own}); resume with that one")
-    if cfg.data.tokenizer_sha256 and file_sha256(found) != cfg.data.tokenizer_sha256:
+    if cfg.data.tokenizer_sha256 and sha != cfg.data.tokenizer_sha256:
         raise ConfigError(f"data.tokenizer: {found} does not match data.tokenizer_sha256 of the config")
     try:
-        tok = load_tokenizer(str(found))
+        load_tokenizer(str(found), sha)
     except ValueError as e:
         raise ConfigError(f"data.tokenizer: {e}") from None
     cfg = cfg.model_copy(deep=True)
-    cfg.data.tokenizer, cfg.data.tokenizer_sha256 = str(found), tok.sha256
-    return cfg, found.read_bytes()
+    cfg.data.tokenizer, cfg.data.tokenizer_sha256 = str(found), sha
+    return cfg, blob
 
 
 def stop_reason(run_dir: str, since: float = 0.0) -> str | None:
     """Why the run gave up (a `stopped` event written after `since`), or None."""
-    path = Path(run_dir) / "events.jsonl"
-    if not path.is_file():
-        return None
-    reason = None
-    for line in path.read_text().splitlines():
-        try:
-            ev = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if ev.get("event") == "stopped" and ev.get("time", 0) >= since:
-            reason = ev.get("reason")
-    return reason
+    from hydra_ray.train.runlog import read_records
+
+    reasons = [e.get("reason") for e in read_records(run_dir, "events")
+               if e.get("event") == "stopped" and e.get("time", 0) >= since]
+    return reasons[-1] if reasons else None
 
 
 def build_trainer(cfg: HydraConfig, prepared, run_dir: str, storage: str, name: str, start: int, end_step: int,
@@ -277,7 +276,7 @@ def build_trainer(cfg: HydraConfig, prepared, run_dir: str, storage: str, name: 
             checkpoint_config=CheckpointConfig(num_to_keep=keep),
             callbacks=callbacks or [],
             worker_runtime_env={"env_vars": {k: v for k, v in os.environ.items()
-                                             if k.startswith(("HYDRA_", "OMP_NUM_THREADS"))}},
+                                             if k.startswith(("HYDRA_", "OMP_NUM_THREADS", "AWS_"))}},
         ),
         datasets=datasets,
         dataset_config=data_config(),

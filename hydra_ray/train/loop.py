@@ -12,15 +12,17 @@ Design choices
 - The global batch (train.batch_size sequences) is fixed; each of W workers takes a fixed slice of
   it and splits its slice into `grad_accum` micro-batches. Gradient norms count expert gradients
   once, from the rank that owns them.
-- Rank 0 appends one JSON object per logged step to RUN/metrics.jsonl (and events such as
-  restores to RUN/events.jsonl). The same values go to `ray.train.report` at checkpoint and eval
-  steps: a report is a barrier that waits for Ray Train's controller poll (2 s by default), far
-  too slow for every logged step of a small model.
+- Rank 0 logs one JSON object per logged step, and events such as restores, through
+  `runlog.RunLog` (metrics and events parts plus TensorBoard, on a local disk or an object
+  store; flushed at every eval and checkpoint). The same values go to `ray.train.report` at
+  checkpoint and eval steps: a report is a barrier that waits for Ray Train's controller poll
+  (2 s by default), far too slow for every logged step of a small model.
+- Worker liveness is Ray's business (its health checks restart the group); nothing is written
+  to shared storage to say a worker is alive.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -39,8 +41,10 @@ from hydra_ray.config import HydraConfig, dump_config, parse_config
 from hydra_ray.models import HydraLM
 from hydra_ray.parallel.dispatch import expert_shard
 from hydra_ray.parallel.parallelize import expert_param_names, gather_expert_state, gather_experts, parallelize
+from hydra_ray import storage
 from hydra_ray.train import checkpoint as ckpt
 from hydra_ray.train.curriculum import plan, segments
+from hydra_ray.train.runlog import RunLog
 
 log = logging.getLogger(__name__)
 
@@ -169,47 +173,6 @@ def restore(model: HydraLM, opt, loaded: ckpt.Loaded, env: Env) -> None:
 
 
 # --------------------------------------------------------------------------- metrics
-class Metrics:
-    def __init__(self, run_dir: str, env: Env):
-        self.env = env
-        self.path = Path(run_dir) / "metrics.jsonl"
-        self.events = Path(run_dir) / "events.jsonl"
-
-    def truncate_after(self, step: int) -> None:
-        """Drop lines of steps that will be run again (after a restore)."""
-        if self.env.rank != 0 or not self.path.exists():
-            return
-        keep = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in keep))
-
-    def write(self, rec: dict) -> None:
-        if self.env.rank == 0:
-            with self.path.open("a") as f:
-                f.write(strict_json(rec) + "\n")
-
-    def event(self, **rec) -> None:
-        if self.env.rank == 0:
-            with self.events.open("a") as f:
-                f.write(strict_json({"time": time.time(), **rec}) + "\n")
-
-
-def _finite(v):
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, dict):
-        return {k: _finite(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_finite(x) for x in v]
-    return v
-
-
-def strict_json(rec: dict) -> str:
-    """One JSON object that strict parsers accept: NaN and infinities become null (a skipped
-    step also says so in `nan_skipped`)."""
-    return json.dumps(_finite(rec), allow_nan=False)
-
-
 def _routing_metrics(trace, domain_BT, model: HydraLM, env: Env) -> dict:
     E = model.cfg.moe.num_experts
     by_layer = trace.expert_counts_by_layer() if trace is not None else {}
@@ -283,23 +246,29 @@ def train_loop_per_worker(config: dict, env: Env | None = None) -> dict:
     model.to(env.device)
     wrapped = parallelize(model) if env.world > 1 else model
     opt = build_optimizer(model, cfg)
-    metrics = Metrics(run_dir, env)
-    pid_dir = Path(run_dir) / "workers"
-    pid_dir.mkdir(parents=True, exist_ok=True)
-    (pid_dir / f"rank{env.rank}.pid").write_text(str(os.getpid()))
+    metrics = RunLog(run_dir, enabled=env.rank == 0)
     start = 0
     if loaded is not None:
         restore(model, opt, loaded, env)
         start = loaded.step
-        metrics.truncate_after(start)
+        metrics.restart(start)
         metrics.event(event="restored", step=start, checkpoint=loaded.path, world_size=env.world)
     else:
-        metrics.truncate_after(0)  # lines of an earlier attempt that never reached a checkpoint
+        metrics.restart(0)  # lines of an earlier attempt that never reached a checkpoint
         metrics.event(event="started", world_size=env.world)
+    try:
+        return _train(model, wrapped, opt, metrics, env, cfg, config, run_dir, start, end_step)
+    finally:
+        metrics.close()
+
+
+def _train(model: HydraLM, wrapped, opt, metrics: RunLog, env: Env, cfg: HydraConfig, config: dict, run_dir: str,
+           start: int, end_step: int) -> dict:
+    G = cfg.train.batch_size
     stream = BatchStream(env, cfg, [tuple(s) for s in config["segments"]], config["datasets"])
     tokenizer_json = config.get("tokenizer_json")  # the driver's copy; else the file the config names
-    if tokenizer_json is None and cfg.data.tokenizer != "byte" and Path(cfg.data.tokenizer).is_file():
-        tokenizer_json = Path(cfg.data.tokenizer).read_bytes()
+    if tokenizer_json is None and cfg.data.tokenizer != "byte" and storage.is_file(cfg.data.tokenizer):
+        tokenizer_json = storage.read_bytes(cfg.data.tokenizer)
     prepared = config.get("prepared")
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.train.dtype == "bfloat16" and env.device.type == "cuda" \
         else nullcontext()
@@ -372,26 +341,26 @@ def train_loop_per_worker(config: dict, env: Env | None = None) -> dict:
             metrics.event(event="nan_skipped", step=step + 1, consecutive=nan_run)
         tokens_total += G * batch["input_ids"].shape[1]
         step += 1
+        stopping = None  # why the run cannot make progress: this step is logged, then it ends
         if not ok and nan_run >= cfg.train.max_nan_skips:
             back = ckpt.latest_valid(run_dir)
-            reason = None
             if back is None:  # nothing to roll back to: more steps would only skip again
-                reason = (f"{nan_run} NaN/Inf steps in a row (train.max_nan_skips) at step {step} and no "
-                          "checkpoint to roll back to")
+                stopping = (f"{nan_run} NaN/Inf steps in a row (train.max_nan_skips) at step {step} and no "
+                            "checkpoint to roll back to")
             elif rollbacks.get(back.step, 0) >= 2:  # batches are deterministic: it would loop forever
-                reason = (f"NaN/Inf again after rolling back to step {back.step} twice "
-                          f"({nan_run} in a row at step {step})")
-            if reason is not None:
-                metrics.event(event="stopped", step=step, reason=reason)
-                return {"step": step, "stopped": reason}
-            rollbacks[back.step] = rollbacks.get(back.step, 0) + 1
-            restore(model, opt, back, env)
-            metrics.event(event="rolled_back", step=step, to_step=back.step, after_nans=nan_run)
-            metrics.truncate_after(back.step)
-            step, nan_run = back.step, 0
-            continue
-        save_now = step % cfg.train.save_every == 0 or step == end_step
-        eval_now = prepared is not None and (step % cfg.train.eval_every == 0 or step == end_step)
+                stopping = (f"NaN/Inf again after rolling back to step {back.step} twice "
+                            f"({nan_run} in a row at step {step})")
+            else:
+                rollbacks[back.step] = rollbacks.get(back.step, 0) + 1
+                restore(model, opt, back, env)
+                metrics.event(event="rolled_back", step=step, to_step=back.step, after_nans=nan_run)
+                metrics.restart(back.step)
+                step, nan_run = back.step, 0
+                continue
+        # never a checkpoint or an eval of a state that stops the run
+        save_now = stopping is None and (step % cfg.train.save_every == 0 or step == end_step)
+        eval_now = stopping is None and prepared is not None and (step % cfg.train.eval_every == 0 or step == end_step)
+        log_now = log_now or stopping is not None
         rec = None
         if log_now or save_now:
             loss_sum = env.all_sum(loss_sum) / env.world
@@ -418,7 +387,7 @@ def train_loop_per_worker(config: dict, env: Env | None = None) -> dict:
             ckpt_dir = _save(model, opt, env, cfg, run_dir, step, p, rec, tokenizer_json)
         if rec is not None:
             if log_now or eval_now:
-                metrics.write(rec)
+                metrics.write(rec, flush=save_now or eval_now or step == end_step or stopping is not None)
             result = rec
             # ray.train.report is a barrier that waits for the controller's poll (seconds), so
             # Ray Train gets the metrics at checkpoint and eval steps; metrics.jsonl has them all
@@ -426,6 +395,11 @@ def train_loop_per_worker(config: dict, env: Env | None = None) -> dict:
                 env.report(_flat(rec), ckpt_dir, step)
         if ckpt_dir is not None:  # Ray Train has copied it into the run by now
             shutil.rmtree(ckpt_dir, ignore_errors=True)
+        if save_now:
+            metrics.end_part()  # what was logged up to this checkpoint is in a closed part
+        if stopping is not None:
+            metrics.event(event="stopped", step=step, reason=stopping)
+            return {"step": step, "stopped": stopping}
     return result
 
 
@@ -498,7 +472,6 @@ def run_local(cfg: HydraConfig, run_dir: str, prepared, end_step: int | None = N
     from hydra_ray.data.pipeline import train_dataset
 
     end_step = end_step or cfg.curriculum.total_steps
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
     loaded = ckpt.latest_valid(run_dir)
     start = loaded.step if loaded else 0
     segs = segments(cfg, start, end_step) if start < end_step else []
