@@ -314,14 +314,15 @@ class Engine:
 
     @staticmethod
     def check(path: str | Path) -> None:
-        """What loading needs, without building the model: files matching the manifest, a
-        config that parses, a tokenizer that loads. Raises EngineError naming the cause."""
+        """What loading needs, without reading the weights or building the model: files of the
+        sizes the manifest records, a config that parses, a tokenizer that loads (and matches its
+        hash). The replica verifies the weights' checksums as it loads them. Raises EngineError."""
         try:
-            loaded = ckpt.read_for_inference(str(path))  # its errors name the checkpoint
+            config_yaml = ckpt.check_sizes(str(path))  # its errors name the checkpoint
         except ValueError as e:
             raise EngineError(400, str(e)) from None
         try:
-            cfg = ckpt.inference_config(str(path), loaded.config_yaml)
+            cfg = ckpt.inference_config(str(path), config_yaml)
             load_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_sha256)
         except ValueError as e:  # ConfigError included
             raise EngineError(400, f"checkpoint {path} cannot be served: {e}") from None

@@ -76,6 +76,37 @@ def builtin_cache(tmp_path_factory):
     return str(tmp_path_factory.mktemp("hydra-cache"))
 
 
+def run_cli(*args: str, cwd=None, env: dict | None = None, timeout: float = 240):
+    """Run the installed `hydra-ray` console script (the module when the script is missing) in a
+    subprocess, from the repository root unless `cwd` says otherwise, with its own embedded Ray.
+    `env` adds variables; a None value removes one."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(sys.executable).parent / "hydra-ray"
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "hydra_ray.cli"]
+    full = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), "PYTHONWARNINGS": "ignore",
+            "RAY_AUTH_MODE": "disabled", **(env or {})}
+    for k in [k for k, v in full.items() if v is None] + ["RAY_ADDRESS"]:
+        full.pop(k, None)
+    root = Path(__file__).resolve().parent.parent
+    return subprocess.run(cmd + list(args), cwd=cwd or root, env=full, capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_error(r, *names: str) -> str:
+    """Exit status 2 and exactly one `error: ...` line on stderr naming each of `names`."""
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1, f"stderr is not one line: {r.stderr!r}"
+    line = lines[0]
+    assert line.startswith("error:") and line[len("error:"):].strip(), line
+    for n in names:
+        assert n in line, f"{n!r} not named in {line!r}"
+    return line
+
+
 def train_worker_pids() -> list[int]:
     """PIDs of live Ray Train worker processes (Ray titles them `ray::RayTrainWorker...`): how
     tests kill a worker without the run advertising its processes anywhere."""

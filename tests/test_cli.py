@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -11,18 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from conftest import assert_one_line_error
+from conftest import run_cli as hydra_ray
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = Path(sys.executable).parent / "hydra-ray"
 PHASE_NAMES = ["foundation", "mor", "mod", "moe", "forced", "teacher", "general"]
-
-
-def hydra_ray(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    """Run the installed console script (or the module when the script is missing) from the repo root."""
-    cmd = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "hydra_ray.cli"]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), "PYTHONWARNINGS": "ignore"}
-    return subprocess.run(
-        cmd + list(args), cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
-    )
 
 
 def summary_json(config: str) -> dict:
@@ -32,18 +25,6 @@ def summary_json(config: str) -> dict:
     info = json.loads(out)  # the whole of stdout is exactly one JSON document
     assert isinstance(info, dict)
     return info
-
-
-def assert_one_line_error(r: subprocess.CompletedProcess, *names: str) -> str:
-    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
-    assert "Traceback" not in r.stderr
-    lines = r.stderr.splitlines()
-    assert len(lines) == 1, f"stderr is not one line: {r.stderr!r}"
-    line = lines[0]
-    assert line.startswith("error:") and line[len("error:"):].strip(), line
-    for n in names:
-        assert n in line, f"{n!r} not named in {line!r}"
-    return line
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,33 +8,13 @@ import json
 import os
 import shutil
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import tiny_config
+from conftest import assert_one_line_error, tiny_config
+from conftest import run_cli as hydra_ray
 
-ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = Path(sys.executable).parent / "hydra-ray"
-
-
-def hydra_ray(*args: str, cwd: Path = ROOT, env: dict | None = None, timeout: float = 240):
-    cmd = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "hydra_ray.cli"]
-    full_env = {**os.environ, "RAY_AUTH_MODE": "disabled", **(env or {})}
-    for k in [k for k, v in full_env.items() if v is None] + ["RAY_ADDRESS"]:
-        full_env.pop(k, None)
-    return subprocess.run(cmd + list(args), cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
-
-
-def one_line_error(r, *names: str) -> str:
-    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
-    lines = r.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
-    for n in names:
-        assert n in lines[0], (n, lines[0])
-    return lines[0]
 
 
 def _tiny_yaml(path: Path, cache: str, train: dict | None = None, **data) -> Path:
@@ -71,7 +51,7 @@ def test_train_mistakes_are_one_line_errors_before_any_work(case, tmp_path, buil
     else:
         cfg.write_text(cfg.read_text().replace("  lr:", "  lrr:"))
         names = ("train.lrr", "did you mean lr?")
-    one_line_error(hydra_ray(*args), *names)
+    assert_one_line_error(hydra_ray(*args), *names)
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("metrics"))
     assert not any(tmp_path.glob("**/s3:*"))
 
@@ -84,18 +64,18 @@ def test_serve_mistakes_are_one_line_errors(tiny_run, tmp_path):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        one_line_error(hydra_ray("serve", "--run", str(run_dir), "--port", str(port)), f"--port {port}", "in use")
+        assert_one_line_error(hydra_ray("serve", "--run", str(run_dir), "--port", str(port)), f"--port {port}", "in use")
     broken = tmp_path / "broken"
     shutil.copytree(run_dir / "checkpoints" / "step_00000180", broken / "checkpoints" / "step_00000180")
     (broken / "checkpoints" / "step_00000180" / "model.safetensors").write_bytes(b"truncated")
-    one_line_error(hydra_ray("serve", "--run", str(broken)), "model.safetensors does not match the manifest")
+    assert_one_line_error(hydra_ray("serve", "--run", str(broken)), "model.safetensors does not match the manifest")
     # a checkpoint whose config names a tokenizer file that is not there (manifest kept consistent)
     notok = tmp_path / "notok" / "checkpoints" / "step_00000180"
     shutil.copytree(run_dir / "checkpoints" / "step_00000180", notok)
     cfg = (notok / "config.yaml").read_text().replace("tokenizer: byte", "tokenizer: tokenizer.json")
     _rewrite(notok, "config.yaml", cfg.encode())
-    one_line_error(hydra_ray("serve", "--run", str(notok.parent.parent)), "tokenizer", "no such file")
-    one_line_error(hydra_ray("serve", "--store", str(run_dir.parent)), "--store needs --model")
+    assert_one_line_error(hydra_ray("serve", "--run", str(notok.parent.parent)), "tokenizer", "no such file")
+    assert_one_line_error(hydra_ray("serve", "--store", str(run_dir.parent)), "--store needs --model")
 
 
 def _rewrite(ckpt_dir: Path, name: str, data: bytes) -> None:
@@ -196,7 +176,7 @@ def test_a_run_resumes_from_another_folder_with_its_own_tokenizer_copy(bpe_run, 
     shutil.copy(cfg, tmp_path / "mine.yaml")
     r = hydra_ray("train", "--config", str(tmp_path / "mine.yaml"), "--workers", "1", "--max-steps", "4",
                   "--storage", str(run.parent), "--name", "mine", "--resume", cwd=elsewhere)
-    one_line_error(r, "differs from the tokenizer run", "was trained with")
+    assert_one_line_error(r, "differs from the tokenizer run", "was trained with")
 
 
 @pytest.mark.integration

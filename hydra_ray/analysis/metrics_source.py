@@ -73,14 +73,6 @@ def _record(obj: dict) -> Record:
     return r
 
 
-def _file_lines(loc: str):
-    """(file, line number, line) of one metrics file given on its own, in the shape of
-    `runlog.read_lines`. Undecodable bytes (a legacy file torn mid-append) become U+FFFD."""
-    text = storage.read_bytes(loc).decode("utf-8", errors="replace")
-    for n, line in enumerate(text.splitlines(), 1):
-        yield loc, n, line
-
-
 def _parse(lines, stats: ParseStats, warn) -> list[tuple[str, int, Record]]:
     """(part, line number, record) of every parseable line, with per-part statistics."""
     out = []
@@ -123,11 +115,9 @@ def _dedupe(rows: list[tuple[str, int, Record]], stats: ParseStats) -> list[Reco
 
 
 def _checkpoints(run: str) -> list[dict]:
-    """step_NNNNNNNN folders under RUN/checkpoints (listed here rather than with
-    train.checkpoint.list_steps, which would import torch into the analysis)."""
-    root = storage.join(run, "checkpoints")
-    return [{"step": int(n[5:]), "path": storage.join(root, n)}
-            for n, is_dir in storage.listdir(root) if is_dir and n.startswith("step_") and n[5:].isdigit()]
+    from hydra_ray.train.checkpoint import list_steps, step_dir_name
+
+    return [{"step": step, "path": storage.join(run, "checkpoints", step_dir_name(step))} for step, _ in list_steps(run)]
 
 
 def _phases_from_records(records: list[Record]) -> list[Phase]:
@@ -159,7 +149,7 @@ def load_run(loc: str, phases: list[Phase] | None, warn=None) -> Source:
         run = storage.parent(loc)
         if storage.name(run) == "metrics" and storage.name(loc).startswith("part-"):
             run = storage.parent(run)  # one part of a run: config and events are the run's
-        lines = _file_lines(loc)
+        lines = runlog.file_lines(loc)
     else:
         run, lines = loc, runlog.read_lines(loc, "metrics")
     records = _dedupe(_parse(lines, stats, warn), stats)

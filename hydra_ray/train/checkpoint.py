@@ -29,9 +29,10 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch loads only where tensors are touched: listing checkpoints (analysis) needs none
+    import torch
 
 log = logging.getLogger(__name__)
 STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -53,7 +54,7 @@ def optimizer_tensors(opt: torch.optim.Optimizer, names: dict[int, str]) -> dict
     for group in opt.param_groups:
         for p in group["params"]:
             for key, value in opt.state.get(p, {}).items():
-                if torch.is_tensor(value):
+                if hasattr(value, "detach"):  # tensors (AdamW's state holds nothing else but them)
                     out[f"{names[id(p)]}::{key}"] = value.detach()
     return out
 
@@ -78,6 +79,8 @@ def load_optimizer_tensors(opt: torch.optim.Optimizer, named: dict[str, torch.nn
 def write(path: Path, model_state: dict[str, torch.Tensor], opt_state: dict[str, torch.Tensor],
           trainer_state: dict, config_yaml: str, tokenizer_json: bytes | None = None) -> Path:
     """Write a complete checkpoint folder at `path` (a local directory), manifest last."""
+    from safetensors.torch import save as st_save
+
     path.mkdir(parents=True, exist_ok=True)
     blobs = {
         "model.safetensors": st_save({k: v.contiguous().cpu() for k, v in model_state.items()}),
@@ -144,10 +147,29 @@ def _read_verified(fs, ckpt: str, files: tuple[str, ...] = FILES) -> Loaded:
         if len(blob) != entry["bytes"] or hashlib.sha256(blob).hexdigest() != entry["sha256"]:
             raise ValueError(f"{name} does not match the manifest")
         data[name] = blob
+    from safetensors.torch import load as st_load
+
     state = json.loads(data["trainer_state.json"])
     optimizer = st_load(data["optimizer.safetensors"]) if "optimizer.safetensors" in data else {}
     return Loaded(ckpt, int(state["step"]), st_load(data["model.safetensors"]), optimizer, state,
                   data["config.yaml"].decode())
+
+
+def check_sizes(ckpt_dir: str) -> str:
+    """A cheap look at a checkpoint before serving it: the manifest is there and every file it
+    lists has its recorded size (a cut or missing file shows). Returns config.yaml's text.
+    Checksums are verified when the weights are loaded, so they are read once, not twice.
+    Raises ValueError."""
+    from hydra_ray import storage
+
+    try:
+        manifest = json.loads(storage.read_text(storage.join(ckpt_dir, "manifest.json")))
+        for name, entry in manifest["files"].items():
+            if storage.info(storage.join(ckpt_dir, name)).size != entry["bytes"]:
+                raise ValueError(f"{name} does not match the manifest")
+        return storage.read_text(storage.join(ckpt_dir, "config.yaml"))
+    except Exception as e:  # missing manifest or file, bad JSON, an unreachable store
+        raise ValueError(f"checkpoint {ckpt_dir} is incomplete or corrupt ({e})") from None
 
 
 def read_for_inference(ckpt_dir: str) -> Loaded:

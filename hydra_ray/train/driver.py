@@ -53,7 +53,7 @@ class WorkerSpec:
         return self.min_workers if self.min_workers == self.max_workers else (self.min_workers, self.max_workers)
 
 
-_QUIET = [False]
+_QUIET = False  # set by quiet_ray: whether Ray's console chatter is to be kept off
 
 
 def quiet_ray(verbose: bool = False) -> None:
@@ -65,10 +65,10 @@ def quiet_ray(verbose: bool = False) -> None:
     import logging
     import warnings
 
+    global _QUIET
+    _QUIET = not verbose
     if verbose:
-        _QUIET[0] = False
         return
-    _QUIET[0] = True
     logging.getLogger("ray").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module=r"ray(\.|$)")
     import ray.data  # noqa: F401  (configures the ray.data logger, which does not propagate)
@@ -81,7 +81,7 @@ def quiet_ray(verbose: bool = False) -> None:
 
 def requiet() -> None:
     """Apply `quiet_ray` again if it is on (after Ray reconfigured its loggers)."""
-    if _QUIET[0]:
+    if _QUIET:
         quiet_ray()
 
 

@@ -88,11 +88,16 @@ def read_lines(run: str, kind: str, after: int | None = None):
                 if i + 1 >= len(locs) or starts[i + 1] is None or starts[i + 1] > after + 1]
     for loc in locs:
         try:
-            text = storage.read_bytes(loc).decode("utf-8", errors="replace")  # a torn character is one bad line
+            yield from file_lines(loc)
         except FileNotFoundError:  # deleted by a restart between listing and reading
             continue
-        for n, line in enumerate(text.splitlines(), 1):
-            yield loc, n, line
+
+
+def file_lines(loc: str):
+    """(loc, 1-based line number, line) of one log file; a torn character is one bad line."""
+    text = storage.read_bytes(loc).decode("utf-8", errors="replace")
+    for n, line in enumerate(text.splitlines(), 1):
+        yield loc, n, line
 
 
 def read_records(run: str, kind: str = "metrics", after: int | None = None) -> list[dict]:
