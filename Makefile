@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # CPU build for this machine and CI; GPU clusters install the project into their image's torch.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install browser test demo clean
+.PHONY: install browser test cluster-rehearsal demo clean
 
 install: $(VENV)/.installed
 
@@ -17,7 +17,12 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 test: install browser
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not rehearsal"
+
+# The cluster flow on one machine (cluster-local.yaml's autoscaler, ray job submit, a node lost,
+# serve deploy, hot swap): about 6 minutes on 2 cores, so it runs here and in CI beside `make test`.
+cluster-rehearsal: install
+	$(BIN)/python -m pytest -m rehearsal -s -p no:cacheprovider tests/test_rehearsal.py
 
 # The inspector page's test drives Debian's Chromium through Playwright (no browser download).
 browser:

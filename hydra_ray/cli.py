@@ -163,7 +163,8 @@ def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     try:
         res = train(cfg, args.config, workers=args.workers, gpu=args.gpu, storage=args.storage, name=args.name,
-                    max_steps=args.max_steps, resume=args.resume, cpus_per_worker=args.cpus_per_worker)
+                    max_steps=args.max_steps, resume=args.resume, cpus_per_worker=args.cpus_per_worker,
+                    resize_interval_s=args.resize_interval, resources_per_worker=args.resources_per_worker)
     except CorpusError as e:
         raise ConfigError(str(e)) from None
     if res.get("error"):
@@ -204,6 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
     s.add_argument("--resume", action="store_true", help="continue an existing run from its last checkpoint")
     s.add_argument("--cpus-per-worker", type=float, default=1.0)
+    s.add_argument("--resources-per-worker", default=None, metavar="JSON",
+                   help='extra Ray resources each training worker needs, e.g. \'{"trainer": 1}\' to keep training '
+                        "on the node types that declare them (cluster-local.yaml's worker nodes do)")
+    s.add_argument("--resize-interval", type=float, default=60.0, metavar="SECONDS",
+                   help="elastic --workers MIN-MAX: how often Ray Train checks whether the cluster has room for "
+                        "more workers (growing restarts the group from the last checkpoint)")
     s.set_defaults(func=_train)
 
     d = sub.add_parser("data", help="corpus preparation and tokenizers").add_subparsers(dest="data_command", required=True)

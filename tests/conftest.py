@@ -196,3 +196,48 @@ def s3(tmp_path_factory):
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+class LoadClients:
+    """`n` threads sending requests to a serve endpoint until `stop()`: completions, and routing
+    queries from every other client when `routing`. Non-200 answers and dropped connections go
+    to `errors`; the models that answered go to `seen` (how hot-swap tests watch a swap)."""
+
+    def __init__(self, url: str, n: int, headers: dict | None = None, routing: bool = True):
+        import threading
+
+        self.url, self.headers, self.routing = url, headers or {}, routing
+        self.errors, self.seen, self._stop = [], set(), threading.Event()
+        self.threads = [threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(n)]
+        for t in self.threads:
+            t.start()
+
+    def _client(self, i: int) -> None:
+        import httpx
+
+        with httpx.Client(base_url=self.url, headers=self.headers, timeout=120) as c:
+            while not self._stop.is_set():
+                try:
+                    if self.routing and i % 2:
+                        r = c.post("/v1/routing", json={"text": f"client {i}"})
+                    else:
+                        r = c.post("/v1/completions", json={"prompt": f"client {i}", "max_tokens": 4, "seed": i})
+                    if r.status_code != 200:
+                        self.errors.append((r.status_code, r.text))
+                    else:
+                        self.seen.add(r.json()["model"])
+                except Exception as e:  # noqa: BLE001  (a dropped connection counts as a failure)
+                    self.errors.append(repr(e))
+
+    def wait_for(self, model: str, timeout: float = 60) -> None:
+        import time
+
+        deadline = time.time() + timeout
+        while model not in self.seen and time.time() < deadline:
+            time.sleep(0.2)
+        time.sleep(1)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self.threads:
+            t.join()

@@ -179,3 +179,22 @@ def test_validator_rejects_broken_copies(no_network, breakage, error):
     breakage(broken)
     with pytest.raises(error):
         validate_config(prepare_config(broken))
+
+
+# --------------------------------------------------------------------------- cluster-local.yaml
+LOCAL_YAML = CLUSTER_YAML.parent / "cluster-local.yaml"
+
+
+def test_the_local_cluster_has_cluster_yamls_node_types_scaled_to_one_machine(no_network):
+    local, aws = yaml.safe_load(LOCAL_YAML.read_text()), load()
+    validate_config(local)  # Ray's schema (prepare_config needs a defaults file the wheel lacks)
+    assert local["provider"]["type"] == "fake_multinode"
+    assert local["head_node_type"] == aws["head_node_type"]
+    assert set(local["available_node_types"]) == set(aws["available_node_types"])
+    head, worker = node_types(local)
+    assert head["resources"].get("GPU", 0) == 0 and head["resources"]["CPU"] >= 1
+    assert worker["resources"]["CPU"] == 1 and (worker["min_workers"], worker["max_workers"]) == (0, 3)
+    assert local["max_workers"] == 3
+    # training is pinned to worker nodes by the same resource on both clusters
+    assert worker["resources"]["trainer"] == 1 and node_types(aws)[1]["resources"]["trainer"] == 1
+    assert "trainer" not in head["resources"] and "trainer" not in node_types(aws)[0]["resources"]

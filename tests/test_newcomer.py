@@ -28,7 +28,8 @@ def _tiny_yaml(path: Path, cache: str, train: dict | None = None, **data) -> Pat
 
 
 # --------------------------------------------------------------------------- one-line CLI errors
-@pytest.mark.parametrize("case", ["max-steps-0", "resume-missing", "empty", "list", "tokenizer", "typo"])
+@pytest.mark.parametrize("case", ["max-steps-0", "resume-missing", "empty", "list", "tokenizer", "typo", "resources",
+                                  "custom-resource-locally", "resize-interval"])
 def test_train_mistakes_are_one_line_errors_before_any_work(case, tmp_path, builtin_cache):
     cfg = _tiny_yaml(tmp_path / "tiny.yaml", builtin_cache)
     args = ["train", "--config", str(cfg), "--workers", "1", "--storage", str(tmp_path / "runs")]
@@ -48,6 +49,15 @@ def test_train_mistakes_are_one_line_errors_before_any_work(case, tmp_path, buil
     elif case == "tokenizer":
         _tiny_yaml(cfg, builtin_cache, tokenizer="missing-tok.json")
         names = ("data.tokenizer", "missing-tok.json", "no such file")
+    elif case == "resources":
+        args += ["--resources-per-worker", '{"trainer": -1}']
+        names = ("--resources-per-worker", "non-negative")
+    elif case == "custom-resource-locally":  # no cluster declares it: it would wait forever
+        args += ["--resources-per-worker", '{"trainer": 1}']
+        names = ("trainer", "only a cluster whose node types declare them")
+    elif case == "resize-interval":
+        args += ["--resize-interval", "0"]
+        names = ("--resize-interval 0", "positive")
     else:
         cfg.write_text(cfg.read_text().replace("  lr:", "  lrr:"))
         names = ("train.lrr", "did you mean lr?")

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from hydra_ray.serve.engine import CheckpointStore, Engine, EngineError, GenRequest
+from conftest import LoadClients
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "test-key"
@@ -372,35 +373,13 @@ def test_hot_swap_under_load_drops_no_request(app):
 
     from hydra_ray.serve.app import ServeArgs, build_app
 
-    url, errors, seen, stop = app["url"], [], set(), threading.Event()
-
-    def client(i):
-        with httpx.Client(base_url=url, headers=AUTH, timeout=120) as c:
-            while not stop.is_set():
-                try:
-                    if i % 2:
-                        r = c.post("/v1/routing", json={"text": f"client {i}"})
-                    else:
-                        r = c.post("/v1/completions", json={"prompt": f"client {i}", "max_tokens": 4, "seed": i})
-                    if r.status_code != 200:
-                        errors.append((r.status_code, r.text))
-                    else:
-                        seen.add(r.json()["model"])
-                except Exception as e:  # a dropped connection counts as a failure
-                    errors.append(repr(e))
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
-    [t.start() for t in threads]
+    clients = LoadClients(app["url"], 8, headers=AUTH)
     time.sleep(2)
     serve.run(build_app(ServeArgs(**{**app["args"], "default_model": "tiny@160"})), name="hydra", route_prefix="/")
-    deadline = time.time() + 60
-    while "tiny@160" not in seen and time.time() < deadline:
-        time.sleep(0.2)
-    time.sleep(1)
-    stop.set()
-    [t.join() for t in threads]
-    assert errors == []
-    assert seen == {"tiny@180", "tiny@160"}
+    clients.wait_for("tiny@160")
+    clients.stop()
+    assert clients.errors == []
+    assert clients.seen == {"tiny@180", "tiny@160"}
     assert app["client"].get("/healthz").json()["default_model"] == "tiny@160"
     serve.run(build_app(ServeArgs(**app["args"])), name="hydra", route_prefix="/")  # back to the newest
     assert app["client"].get("/healthz").json()["default_model"] == "tiny@180"

@@ -1,16 +1,13 @@
 """Training on Ray Train: checkpoints, exact resume, NaN handling, the elastic two-worker curriculum
 with a worker killed mid-run, the same on S3 (killed, then --resume), resharding checkpoints
-between worker counts, and `ray job submit`."""
+between worker counts. (`ray job submit` against a real cluster: tests/test_rehearsal.py.)"""
 
 import os
 import shutil
 import signal
 import struct
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +21,6 @@ from hydra_ray.train.runlog import read_lines, read_records
 
 from conftest import tiny_config, train_worker_pids
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _metrics(run_dir):
@@ -339,63 +335,3 @@ def test_three_workers_shard_four_experts_unevenly_and_checkpoints_reshard(elast
     # that tolerance tells experts apart: one stored under the wrong index would be far outside it
     w1 = want.model[next(k for k in want.model if k.endswith(".experts.w1"))]
     assert min((w1[i] - w1[j]).abs().max() for i in range(4) for j in range(i)) > 1e-3
-
-
-# --------------------------------------------------------------------------- ray job submit
-def _free_ports(n):
-    import socket
-
-    socks = [socket.socket() for _ in range(n)]
-    for sock in socks:
-        sock.bind(("127.0.0.1", 0))
-    ports = [sock.getsockname()[1] for sock in socks]
-    for sock in socks:
-        sock.close()
-    return ports
-
-
-@pytest.mark.integration
-def test_ray_job_submit_trains_on_a_ray_head(tmp_path, builtin_cache, tiny_data):
-    """`ray start --head` + `ray job submit --working-dir . -- hydra-ray train ...` (its own cluster,
-    on its own ports, stopped by killing its process group: `ray stop` would stop every Ray here)."""
-    bin_dir = str(Path(sys.executable).parent)
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-           "PATH": bin_dir + os.pathsep + os.environ["PATH"],
-           "HYDRA_CACHE_DIR": builtin_cache}  # the session's built-in corpus (tiny_data built it)
-    ray = str(Path(bin_dir) / "ray")
-    # every port its own: the test session's Ray already holds the defaults (agent 52365, ...)
-    port, dash, agent, agent_grpc, metrics, runtime_env = _free_ports(6)
-    head = subprocess.Popen([ray, "start", "--head", "--block", f"--port={port}", "--num-cpus=4",
-                             f"--dashboard-port={dash}", "--include-dashboard=true", "--disable-usage-stats",
-                             f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
-                             f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}",
-                             "--object-store-memory=268435456"],
-                            env=env, start_new_session=True, stdout=open(tmp_path / "head.log", "w"),
-                            stderr=subprocess.STDOUT)
-    try:
-        for _ in range(90):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{dash}/api/version", timeout=1)
-                break
-            except Exception:
-                time.sleep(1)
-        storage = tmp_path / "runs"
-        for _ in range(30):  # the dashboard answers before the job agent is ready
-            r = subprocess.run([ray, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir",
-                                str(ROOT), "--", "hydra-ray", "train", "--config", "configs/tiny.yaml",
-                                "--max-steps", "40", "--workers", "2", "--storage", str(storage)],
-                               env=env, capture_output=True, text=True, timeout=600)
-            if "No available agent" not in r.stdout + r.stderr:
-                break
-            time.sleep(2)
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-        assert "succeeded" in r.stdout + r.stderr
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        head.wait(timeout=60)
-        current = Path("/tmp/ray/ray_current_cluster")  # don't leave a dead address for `ray.init("auto")`
-        if current.exists() and str(port) in current.read_text():
-            current.unlink()
-    metrics = _metrics(storage / "tiny")
-    assert metrics[-1]["step"] == 40 and metrics[-1]["world_size"] == 2
-    assert [s for s, _ in ckpt.list_steps(str(storage / "tiny"))] == [20, 40]

@@ -146,7 +146,8 @@ class Progress(threading.Thread):
 
 def train(cfg: HydraConfig, config_path: str, workers: str = "2", gpu: bool = False, storage: str = "runs",
           name: str | None = None, max_steps: int | None = None, resume: bool = False,
-          cpus_per_worker: float = 1.0, log=print) -> dict:
+          cpus_per_worker: float = 1.0, resize_interval_s: float = 60.0, resources_per_worker: str | None = None,
+          log=print) -> dict:
     from hydra_ray.data.pipeline import prepare_data
 
     spec = WorkerSpec.parse(workers)
@@ -155,6 +156,13 @@ def train(cfg: HydraConfig, config_path: str, workers: str = "2", gpu: bool = Fa
         if G % (w * cfg.train.grad_accum):
             raise ConfigError(f"train.batch_size {G} does not split over {w} workers x grad_accum "
                               f"{cfg.train.grad_accum}; pick a batch size divisible by every worker count in --workers")
+    extra = parse_resources(resources_per_worker)
+    custom = sorted(set(extra) - {"CPU", "GPU"})
+    if custom and not os.environ.get("RAY_ADDRESS"):
+        raise ConfigError(f"--resources-per-worker asks for {', '.join(custom)}: only a cluster whose node types "
+                          "declare them has those (the local Ray started here does not)")
+    if resize_interval_s <= 0:
+        raise ConfigError(f"--resize-interval {resize_interval_s:g}: must be positive (seconds)")
     if max_steps is not None and max_steps < 1:
         raise ConfigError(f"--max-steps {max_steps}: must be at least 1")
     name = name or cfg.train.run_name or Path(config_path).stem
@@ -186,15 +194,18 @@ def train(cfg: HydraConfig, config_path: str, workers: str = "2", gpu: bool = Fa
         log(f"run {run_dir} is already at step {start} (target {end_step}): nothing to do")
         return {"run_dir": run_dir, "step": start}
     trainer = build_trainer(cfg, prepared, run_dir, storage, name, start, end_step, spec.num_workers, gpu,
-                            cpus_per_worker, keep=cfg.train.keep_checkpoints, tokenizer_json=tokenizer_json)
+                            cpus_per_worker, keep=cfg.train.keep_checkpoints, tokenizer_json=tokenizer_json,
+                            resize_interval_s=resize_interval_s, extra_resources=extra)
     log(f"[train] {run_dir}: steps {start}..{end_step} on {workers} worker(s) "
         f"({'GPU' if gpu else 'CPU'}), global batch {G}")
     progress = Progress(run_dir, start, end_step, log)
     progress.start()
     t0 = time.time()
+    restore = stop_on_sigterm()
     try:
         result = trainer.fit()
     finally:
+        restore()
         progress.stop.set()
         progress.join()
     last = ckpt.list_steps(run_dir)
@@ -203,6 +214,51 @@ def train(cfg: HydraConfig, config_path: str, workers: str = "2", gpu: bool = Fa
         f"checkpoints: {st.join(run_dir, 'checkpoints')} ({', '.join(ckpt.step_dir_name(s) for s, _ in last) or 'none'})")
     return {"run_dir": run_dir, "step": last[-1][0] if last else None,
             "error": getattr(result, "error", None) or stopped}
+
+
+def worker_resources(gpu: bool, cpus_per_worker: float, extra: dict | None) -> dict | None:
+    """What one training worker asks Ray for: a GPU (Ray Train's default) or CPUs, plus `extra`."""
+    if gpu:
+        return {"GPU": 1, **extra} if extra else None
+    return {"CPU": cpus_per_worker, **(extra or {})}
+
+
+def stop_on_sigterm():
+    """Treat SIGTERM like Ctrl-C while the trainer runs: `ray job stop` sends SIGTERM, and Ray
+    Train's SIGINT handler aborts the run gracefully, so its workers end and its request for
+    cluster resources is withdrawn at once (killed outright, the request would hold its nodes
+    until it expires, minutes later). Returns the function that puts the old handler back."""
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def as_sigint(signum, frame):
+        handler = signal.getsignal(signal.SIGINT)
+        if callable(handler) and handler is not signal.default_int_handler:
+            handler(signal.SIGINT, frame)
+        else:
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, as_sigint)
+    return lambda: signal.signal(signal.SIGTERM, previous)
+
+
+def parse_resources(text: str | None) -> dict:
+    """--resources-per-worker: a JSON object of Ray resource names to non-negative amounts."""
+    import json
+
+    if not text:
+        return {}
+    try:
+        res = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--resources-per-worker {text!r}: not JSON ({e.msg}); expected e.g. '{{\"trainer\": 1}}'") from None
+    if not isinstance(res, dict) or not all(isinstance(k, str) and k and isinstance(v, (int, float))
+                                            and not isinstance(v, bool) and v >= 0 for k, v in res.items()):
+        raise ConfigError(f"--resources-per-worker {text!r}: expected a JSON object of resource names to "
+                          "non-negative numbers, e.g. '{\"trainer\": 1}'")
+    return {k: float(v) for k, v in res.items()}
 
 
 def run_tokenizer(cfg: HydraConfig, config_path: str, run_dir: str, resume: bool) -> tuple[HydraConfig, bytes | None]:
@@ -250,7 +306,8 @@ def stop_reason(run_dir: str, since: float = 0.0) -> str | None:
 
 def build_trainer(cfg: HydraConfig, prepared, run_dir: str, storage: str, name: str, start: int, end_step: int,
                   num_workers, gpu: bool = False, cpus_per_worker: float = 1.0, keep: int = 3,
-                  callbacks: list | None = None, tokenizer_json: bytes | None = None):
+                  callbacks: list | None = None, tokenizer_json: bytes | None = None,
+                  resize_interval_s: float = 60.0, extra_resources: dict | None = None):
     """The TorchTrainer of one run (steps start..end_step of its curriculum): datasets per
     curriculum segment, elastic scaling, failure and checkpoint policies. Also used by Tune trials
     with more than one worker (with a TuneReportCallback in `callbacks`)."""
@@ -269,7 +326,8 @@ def build_trainer(cfg: HydraConfig, prepared, run_dir: str, storage: str, name: 
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=gpu,
-                                     resources_per_worker=None if gpu else {"CPU": cpus_per_worker}),
+                                     resources_per_worker=worker_resources(gpu, cpus_per_worker, extra_resources),
+                                     elastic_resize_monitor_interval_s=resize_interval_s),
         run_config=RunConfig(
             storage_path=storage, name=name,
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
