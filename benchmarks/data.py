@@ -1,9 +1,10 @@
-"""`hydra-ray bench data`: tokens per second the Ray Data pipeline delivers against tokens per second
+"""`hydra-ray bench data`: tokens per second the data reader delivers against tokens per second
 the training loop consumes, measured in one run on the same preset (target: data >= 10x training).
 
-The pipeline side iterates the real training dataset (`train_dataset` + `iter_torch_batches`, one
-global batch at a time, as a worker reads it); the training side times forward + backward +
-AdamW steps of the preset's model with every feature on, on batches of the same shape.
+The data side reads the run's order from the packed shards as a one-worker run does
+(`RankReader`, one global batch at a time, with its read-ahead thread); the training side times
+forward + backward + AdamW steps of the preset's model with every feature on, on batches of the
+same shape.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from hydra_ray.config import load_config
 def run(config: str = "small", steps: int = 60, train_steps: int = 4, log=print) -> dict:
     import ray
 
-    from hydra_ray.data.pipeline import prepare_data, train_dataset
+    from hydra_ray.data.pipeline import prepare_data
+    from hydra_ray.data.reader import RankReader
     from hydra_ray.models import HydraLM
 
     cfg = load_config(config)
@@ -29,12 +31,12 @@ def run(config: str = "small", steps: int = 60, train_steps: int = 4, log=print)
         DataContext.get_current().enable_progress_bars = False
     G, L = cfg.train.batch_size, cfg.model.seq_len
     prepared = prepare_data(cfg, seq_lens=[L], log=log)
-    ds = train_dataset(prepared, cfg, global_batch=G, start_step=0, end_step=min(steps, cfg.curriculum.total_steps))
-    it = ds.iterator()
     t0 = time.perf_counter()
+    reader = RankReader(prepared, cfg, G, 0, 1, 0, min(steps, cfg.curriculum.total_steps))
     n_tok = 0
-    for batch in it.iter_torch_batches(batch_size=G, dtypes=torch.int64):
-        n_tok += batch["input_ids"].numel()
+    for _, batch in reader:
+        n_tok += torch.from_numpy(batch["input_ids"]).numel()
+    reader.close()
     data_tps = n_tok / (time.perf_counter() - t0)
 
     model = HydraLM(cfg.model)
@@ -57,6 +59,6 @@ def run(config: str = "small", steps: int = 60, train_steps: int = 4, log=print)
     res = {"config": config, "data_tokens_per_s": data_tps, "train_tokens_per_s": train_tps,
            "data_vs_train": data_tps / train_tps, "data_tokens": n_tok}
     log(f"data bench ({config}: batch {G} x seq {L}, {torch.get_num_threads()} threads)")
-    log(f"  pipeline {data_tps:,.0f} tokens/s ({n_tok:,} tokens through iter_torch_batches) vs "
+    log(f"  reader {data_tps:,.0f} tokens/s ({n_tok:,} tokens from the packed shards) vs "
         f"training {train_tps:,.0f} tokens/s -> data/train {res['data_vs_train']:.1f}x (target >= 10x)")
     return res

@@ -65,6 +65,12 @@ def _bench(args: argparse.Namespace) -> int:
         res = data.run(config=args.config, steps=args.steps)
         if args.json:
             print(json.dumps(res))
+    if args.name == "pack":
+        from hydra_ray.benchmarks import pack as pack_bench
+
+        res = pack_bench.run(sizes_gb=tuple(args.sizes), workdir=args.workdir)
+        if args.json:
+            print(json.dumps(res))
     if args.name == "serve":
         from hydra_ray.benchmarks import serve as serve_bench
 
@@ -132,6 +138,25 @@ def _data_tokenizer(args: argparse.Namespace) -> int:
         raise ConfigError(str(e)) from None
     print(f"trained a byte-level BPE of {tok.vocab_size} tokens on {args.corpus} ({', '.join(domains)}) "
           f"-> {args.out}")
+    return 0
+
+
+def _data_pack(args: argparse.Namespace) -> int:
+    from hydra_ray import storage as st
+    from hydra_ray.data.corpus import CorpusError
+    from hydra_ray.data.pipeline import prepare_data
+
+    cfg = load_config(args.config)
+    out = st.check_storage(args.out, "--out") if args.out else None
+    _ray_init()
+    try:
+        prepared = prepare_data(cfg, out=out)
+    except CorpusError as e:
+        raise ConfigError(str(e)) from None
+    print(f"packed {prepared.extra['corpus']} with tokenizer {prepared.tokenizer} -> {prepared.root}")
+    print(prepared.report())
+    if out:
+        print(f"train from it with `data: {{packed: {prepared.root}}}` in the config")
     return 0
 
 
@@ -227,18 +252,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--vocab", type=int, required=True)
     s.add_argument("--out", required=True)
     s.set_defaults(func=_data_tokenizer)
+    s = d.add_parser("pack", help="pack a config's corpus into token shards once (train, tune and data stats "
+                     "reuse them)")
+    s.add_argument("--config", required=True)
+    s.add_argument("--out", default=None, help="folder or URI for the shards (default: the cache, keyed by the "
+                   "corpus fingerprint); name it as data.packed in the config to train from it")
+    s.set_defaults(func=_data_pack)
     s = d.add_parser("stats", help="run the data pipeline of a config and report documents, tokens, bad records")
     s.add_argument("--config", required=True)
     s.set_defaults(func=_data_stats)
 
     s = sub.add_parser("bench", help="benchmarks that print side-by-side ratios")
-    s.add_argument("name", choices=["dispatch", "data", "serve", "storage"])
+    s.add_argument("name", choices=["dispatch", "data", "pack", "serve", "storage"])
     s.add_argument("--storage", default=None, help="bench storage: where checkpoints are written (local path or URI)")
     s.add_argument("--run", default=None, help="bench serve: the run whose newest checkpoint is served")
     s.add_argument("--seconds", type=float, default=10.0, help="bench serve: seconds per client count")
     s.add_argument("--config", default="small", help="bench data / storage: the preset whose pipeline, model or "
                    "checkpoint is timed")
     s.add_argument("--steps", type=int, default=60, help="bench data: training steps of data to stream")
+    s.add_argument("--sizes", type=float, nargs="+", default=[0.5, 2.0], help="bench pack: GB of generated text")
+    s.add_argument("--workdir", default=None, help="bench pack: keep the generated corpora here (reused)")
     s.add_argument("--tokens", type=int, default=4096)
     s.add_argument("--d-model", type=int, default=256)
     s.add_argument("--hidden", type=int, default=704)

@@ -298,6 +298,8 @@ class DataConfig(_Strict):
     tokenizer_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")  # set by training: the file it used
     mixture: dict[str, float] = Field(default_factory=lambda: {d: 1.0 for d in DEFAULT_DOMAINS})
     eval_fraction: float = Field(0.05, ge=0, lt=1)
+    packed: str | None = None  # a pack written by `hydra-ray data pack` (folder or URI); None = packed on use, cached
+    text_field: str = Field("text", min_length=1)  # the records' text field (JSONL key or Parquet column)
 
 
 class HydraConfig(_Strict):

@@ -746,7 +746,7 @@ def run(args: argparse.Namespace, log=print) -> int:
     from ray import tune
 
     from hydra_ray.data.corpus import CorpusError
-    from hydra_ray.data.pipeline import prepare_data
+    from hydra_ray.data.pipeline import pack_cache, prepare_data
     from hydra_ray.train.driver import ray_init
 
     K, cpus = settings["workers_per_trial"], settings["cpus_per_worker"]
@@ -755,7 +755,7 @@ def run(args: argparse.Namespace, log=print) -> int:
     per_trial, fit = _plan_resources(K, cpus)
     concurrent = min(args.max_concurrent or fit, settings["trials"])
     try:
-        prepared = prepare_data(cfg, log=log)
+        prepared = prepare_data(cfg, log=log, cache=pack_cache(storage.parent(sweep_dir)))
     except CorpusError as e:
         raise ConfigError(str(e)) from None
     storage.makedirs(runs)

@@ -13,7 +13,7 @@ from hydra_ray.config import parse_config
 from hydra_ray.data import builtin
 from hydra_ray.data.corpus import CorpusError, list_corpus
 from hydra_ray.data.packing import IGNORE, inputs_and_labels, pack
-from hydra_ray.data.pipeline import data_config, prepare_data, train_dataset
+from hydra_ray.data.pipeline import prepare_data
 from hydra_ray.data.tokenizer import ByteTokenizer, load_tokenizer, train_bpe
 
 DOMAINS = ["math", "code", "chat", "finefineweb"]
@@ -29,9 +29,15 @@ def _cfg(cache, phases=None, **data):
     })
 
 
-def _rows(ds):
-    rows = ds.take_all()
-    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+def _rows(prep, cfg, global_batch: int, start_step: int = 0, end_step: int | None = None):
+    """Rows [start_step * G, end_step * G) of the run's order, as one worker of one reads them."""
+    from hydra_ray.data.reader import RankReader
+
+    end_step = cfg.curriculum.total_steps if end_step is None else end_step
+    reader = RankReader(prep, cfg, global_batch, 0, 1, start_step, end_step)
+    batches = [b for _, b in reader]
+    reader.close()
+    return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
 
 
 # --------------------------------------------------------------------------- built-in corpus
@@ -145,7 +151,7 @@ def test_realised_mixture_is_within_one_point_for_three_weightings(ray_session, 
     phases = [{"name": f"p{i}", "until_step": 100 * (i + 1), "mixture": w} for i, w in enumerate(weightings)]
     cfg = _cfg(builtin_cache, phases)
     _, prep = tiny_prepared
-    rows = _rows(train_dataset(prep, cfg, global_batch=100))  # 10k sequences per phase
+    rows = _rows(prep, cfg, global_batch=100)  # 10k sequences per phase
     for i, w in enumerate(weightings):
         dom = rows["domain"][rows["step"] // 100 == i]
         assert len(dom) == 10_000
@@ -157,13 +163,13 @@ def test_realised_mixture_is_within_one_point_for_three_weightings(ray_session, 
 @pytest.mark.integration
 def test_order_is_a_function_of_seed_and_resume_position(ray_session, builtin_cache, tiny_prepared):
     cfg, prep = tiny_prepared
-    full = _rows(train_dataset(prep, cfg, global_batch=8))
-    again = _rows(train_dataset(prep, cfg, global_batch=8))
+    full = _rows(prep, cfg, global_batch=8)
+    again = _rows(prep, cfg, global_batch=8)
     assert all(np.array_equal(full[k], again[k]) for k in full)
     reseeded = parse_config({**cfg.model_dump(mode="python"), "train": {"seed": 4}})
-    other = _rows(train_dataset(prep, reseeded, global_batch=8))
+    other = _rows(prep, reseeded, global_batch=8)
     assert not np.array_equal(full["input_ids"], other["input_ids"])  # unlocked phase: seed from train.seed
-    resumed = _rows(train_dataset(prep, cfg, global_batch=8, start_step=17))
+    resumed = _rows(prep, cfg, global_batch=8, start_step=17)
     assert np.array_equal(resumed["input_ids"], full["input_ids"][17 * 8 :])
     assert np.array_equal(resumed["step"], full["step"][17 * 8 :]) and resumed["step"][0] == 17
     # no padding and no cross-document target ever reaches the loss
@@ -175,38 +181,26 @@ def test_order_is_a_function_of_seed_and_resume_position(ray_session, builtin_ca
 
 
 @pytest.mark.integration
-def test_two_train_workers_read_disjoint_slices_of_every_batch(ray_session, tmp_path, tiny_prepared):
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+def test_workers_read_disjoint_slices_of_every_batch_whatever_their_number(tiny_prepared):
+    """Each rank reads only its own rows (data/reader.py): together they cover every global batch
+    exactly once, in slot order, for 1, 2 and 4 workers, from any start step."""
+    from hydra_ray.data.reader import RankReader
 
     cfg, prep = tiny_prepared
-    ds = train_dataset(prep, cfg, global_batch=8, start_step=0, end_step=6)
-
-    def loop(config):
-        import ray.train
-
-        from hydra_ray.data.pipeline import rank_batches
-
-        ctx = ray.train.get_context()
-        rank, world = ctx.get_world_rank(), ctx.get_world_size()
-        seen = []
-        for batch in rank_batches(ray.train.get_dataset_shard("train"), rank, world, 8):
-            assert batch["input_ids"].shape == (4, 64)
-            seen += [(int(s), int(k)) for s, k in zip(batch["step"], batch["slot"])]
-        Path(config["out"], f"rank{rank}.json").write_text(json.dumps(seen))
-
-    trainer = TorchTrainer(
-        loop, train_loop_config={"out": str(tmp_path)},
-        scaling_config=ScalingConfig(num_workers=2),
-        datasets={"train": ds}, dataset_config=data_config(),
-        run_config=RunConfig(storage_path=str(tmp_path / "store"), name="disjoint"),
-    )
-    trainer.fit()
-    a = {tuple(x) for x in json.loads((tmp_path / "rank0.json").read_text())}
-    b = {tuple(x) for x in json.loads((tmp_path / "rank1.json").read_text())}
-    assert a and b and not (a & b)
-    assert a | b == {(s, k) for s in range(6) for k in range(8)}
-    assert {k for _, k in a} == {0, 1, 2, 3} and {k for _, k in b} == {4, 5, 6, 7}
+    whole = _rows(prep, cfg, global_batch=8, start_step=0, end_step=6)
+    for world in (2, 4):
+        for start in (0, 3):
+            readers = [RankReader(prep, cfg, 8, r, world, start, 6) for r in range(world)]
+            per_rank = [list(rd) for rd in readers]
+            for rd in readers:
+                rd.close()
+            for i, step in enumerate(range(start, 6)):
+                parts = [batches[i][1] for batches in per_rank]
+                assert all(batches[i][0] == step for batches in per_rank)
+                assert [int(k) for b in parts for k in b["slot"]] == list(range(8))
+                assert all(b["input_ids"].shape == (8 // world, 64) for b in parts)
+                got = np.concatenate([b["input_ids"] for b in parts])
+                assert np.array_equal(got, whole["input_ids"][step * 8:(step + 1) * 8]), (world, start, step)
 
 
 @pytest.mark.integration
@@ -365,8 +359,6 @@ def own_corpus(tmp_path_factory, ray_session, builtin_cache):
 
 @pytest.mark.integration
 def test_bad_records_of_every_reason_are_counted_and_good_records_all_kept(own_corpus):
-    import ray
-
     _, expected, dirty, clean = own_corpus
     for d in DOMAINS:
         assert dirty.stats[d]["bad"] == expected[d], d
@@ -377,8 +369,8 @@ def test_bad_records_of_every_reason_are_counted_and_good_records_all_kept(own_c
         assert dirty.stats[d]["tokens"] > 0
         for L in dirty.seq_lens:
             assert dirty.counts[L][d] == clean.counts[L][d] and dirty.counts[L][d]["train"] > 0
-            assert np.array_equal(ray.get(dirty.train[L][d]), ray.get(clean.train[L][d]))
-            assert np.array_equal(ray.get(dirty.eval[L][d]), ray.get(clean.eval[L][d]))
+            assert np.array_equal(dirty.windows("train", L, d), clean.windows("train", L, d))
+            assert np.array_equal(dirty.windows("eval", L, d), clean.windows("eval", L, d))
     report = dirty.report()
     assert all(r in report for r in ("malformed", "missing_text", "text_not_string", "empty_text",
                                      "unknown_domain", "domain_mismatch", "unreadable_file", "truncated_file"))
@@ -437,18 +429,24 @@ def test_a_weighted_domain_with_only_bad_records_is_an_error_naming_it(tmp_path,
     assert prep.stats["chat"]["documents"] == 0 and prep.stats["chat"]["bad"]["empty_text"] == 4
 
 
-def test_good_records_that_tokenize_to_nothing_pack_no_eos_only_sequences():
+def test_good_records_that_tokenize_to_nothing_pack_no_eos_only_sequences(tmp_path, monkeypatch):
     """A text the tokenizer maps to no tokens would pack to windows of EOS alone, whose labels are
     all ignored (a NaN loss): it counts as empty_text and packs nothing."""
-    import pandas as pd
+    import pyarrow as pa
 
-    from hydra_ray.data.pipeline import _pack_domain
+    from hydra_ray.data import pack
 
-    group = pd.DataFrame({"domain": ["math"] * 3, "file": [0, 0, 0], "row": [1, 2, 3],
-                          "error": ["", "malformed", ""], "key": [5, 0, 7],
-                          "tokens": [np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.int32)]})
-    out = _pack_domain(group, [8], 0.1, eos=256, pad=257)
-    stats = json.loads(out[out["split"] == "stats"]["stats"].iloc[0])
-    assert stats["documents"] == 0 and stats["tokens"] == 0
-    assert stats["bad"]["empty_text"] == 2 and stats["bad"]["malformed"] == 1
-    assert out[out["split"] != "stats"]["n"].sum() == 0
+    class Silent:  # a tokenizer with no tokens for these texts
+        def encode_batch(self, texts):
+            return [[] for _ in texts]
+
+    monkeypatch.setattr(pack, "load_tokenizer", lambda *a: Silent())
+    (tmp_path / "math").mkdir()
+    (tmp_path / "math" / "a.jsonl").write_text('{"text": "x"}\nnot json\n{"text": "y"}\n')
+    item = {"domain": "math", "path": str(tmp_path / "math" / "a.jsonl"), "index": 0, "root": str(tmp_path)}
+    row = pack._tokenize_file(pa.Table.from_pylist([item]), ["math"], "byte", None, str(tmp_path / "work")).to_pylist()[0]
+    assert (row["documents"], row["tokens"], row["chunks"]) == (0, 0, 0)
+    bad = json.loads(row["bad"])
+    assert bad["empty_text"] == 2 and bad["malformed"] == 1
+    packed = pack._pack_domain("math", [], str(tmp_path / "out"), [8], 0.1, eos=256, pad=257)
+    assert packed["documents"] == 0 and all(m["rows"] == 0 for m in packed["shards"].values())

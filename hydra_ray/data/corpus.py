@@ -168,16 +168,16 @@ def _parse(n: int, line: bytes) -> Iterator[tuple[int, object]]:
         yield n, None
 
 
-def _parquet(fs, path: str) -> Iterator[tuple[int, object]]:
-    """(row, {"text": ..., "domain": ...}) per row, a batch of rows at a time. A file with no
-    `text` column yields empty rows (each counts as missing_text)."""
+def _parquet(fs, path: str, text_field: str = "text") -> Iterator[tuple[int, object]]:
+    """(row, {text_field: ..., "domain": ...}) per row, a batch of rows at a time. A file with no
+    text column yields empty rows (each counts as missing_text)."""
     import pyarrow.parquet as pq
 
     with fs.open_input_file(path) as fh:
         pf = pq.ParquetFile(fh)
-        cols = [c for c in ("text", "domain") if c in pf.schema_arrow.names]
-        if "text" not in cols:
-            log.warning("%s: no 'text' column (has %s); every row counts as missing_text", path,
+        cols = [c for c in dict.fromkeys((text_field, "domain")) if c in pf.schema_arrow.names]
+        if text_field not in cols:
+            log.warning("%s: no %r column (has %s); every row counts as missing_text", path, text_field,
                         ", ".join(pf.schema_arrow.names))
             yield from ((i, {}) for i in range(pf.metadata.num_rows))
             return
@@ -188,12 +188,12 @@ def _parquet(fs, path: str) -> Iterator[tuple[int, object]]:
                 i += 1
 
 
-def _check_record(rec: object, folder: str, known: set[str]) -> tuple[str, str]:
+def _check_record(rec: object, folder: str, known: set[str], text_field: str = "text") -> tuple[str, str]:
     """(text, "") for a good record, ("", reason) for a bad one; `rec` is the parsed JSON (None
     when it did not parse) or a Parquet row."""
     if not isinstance(rec, dict):
         return "", "malformed"
-    text, dom = rec.get("text"), rec.get("domain")
+    text, dom = rec.get(text_field), rec.get("domain")
     if text is None:
         return "", "missing_text"
     if not isinstance(text, str):
@@ -205,9 +205,10 @@ def _check_record(rec: object, folder: str, known: set[str]) -> tuple[str, str]:
     return text, ""
 
 
-def read_records(f: CorpusFile, known: set[str]) -> Iterator[dict]:
+def read_records(f: CorpusFile, known: set[str], text_field: str = "text") -> Iterator[dict]:
     """Rows of RECORD_SCHEMA {domain, file, row, text, error}: `error` is "" for a good record,
-    else one of BAD_REASONS (and `text` is "")."""
+    else one of BAD_REASONS (and `text` is ""). `text_field` names the records' text field (a
+    Hugging Face `datasets` export may call it `content`)."""
 
     def row(i: int, text: str = "", error: str = "") -> dict:
         return {"domain": f.domain, "file": f.index, "row": i, "text": text, "error": error}
@@ -215,10 +216,10 @@ def read_records(f: CorpusFile, known: set[str]) -> Iterator[dict]:
     got = 0
     try:
         fs, _ = _fs(f.root)
-        items = _parquet(fs, f.path) if f.path.endswith(".parquet") else _jsonl(fs, f.path)
+        items = _parquet(fs, f.path, text_field) if f.path.endswith(".parquet") else _jsonl(fs, f.path)
         for i, rec in items:
             got += 1
-            text, error = _check_record(rec, f.domain, known)
+            text, error = _check_record(rec, f.domain, known, text_field)
             yield row(i, text, error)
     except _Damaged as e:
         if e.good:

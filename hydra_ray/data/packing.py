@@ -32,6 +32,38 @@ def pack(docs: list[np.ndarray], seq_len: int, eos: int, pad: int) -> np.ndarray
     return out.reshape(n, width)
 
 
+class StreamPacker:
+    """`pack` one document at a time: full windows go to `sink` in blocks as they fill, the padded
+    last window at `close()`. The windows are exactly those of `pack` over the same documents."""
+
+    def __init__(self, seq_len: int, eos: int, pad: int, sink, block_rows: int = 1024):
+        self.width, self.eos, self.pad, self.sink = seq_len + 1, eos, pad, sink
+        self.parts: list[np.ndarray] = []
+        self.held = 0
+        self.block = block_rows * self.width
+
+    def add(self, doc: np.ndarray) -> None:
+        self.parts += [np.asarray(doc, dtype=np.int32), np.array([self.eos], dtype=np.int32)]
+        self.held += len(doc) + 1
+        if self.held >= self.block:
+            self._emit()
+
+    def _emit(self) -> None:
+        stream = np.concatenate(self.parts)
+        full = len(stream) // self.width * self.width
+        self.sink(stream[:full].reshape(-1, self.width))
+        self.parts, self.held = [stream[full:]], len(stream) - full
+
+    def close(self) -> None:
+        if self.held:
+            self._emit()
+        if self.held:
+            last = np.full(self.width, self.pad, dtype=np.int32)
+            last[: self.held] = np.concatenate(self.parts)
+            self.sink(last[None])
+        self.parts, self.held = [], 0
+
+
 def inputs_and_labels(windows: np.ndarray, eos: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
     """[B, L+1] windows -> (inputs [B, L], labels [B, L]) with -100 at padding and boundaries."""
     inputs = windows[:, :-1].astype(np.int64)

@@ -148,7 +148,7 @@ def train(cfg: HydraConfig, config_path: str, workers: str = "2", gpu: bool = Fa
           name: str | None = None, max_steps: int | None = None, resume: bool = False,
           cpus_per_worker: float = 1.0, resize_interval_s: float = 60.0, resources_per_worker: str | None = None,
           log=print) -> dict:
-    from hydra_ray.data.pipeline import prepare_data
+    from hydra_ray.data.pipeline import pack_cache, prepare_data
 
     spec = WorkerSpec.parse(workers)
     G = cfg.train.batch_size
@@ -185,7 +185,7 @@ def train(cfg: HydraConfig, config_path: str, workers: str = "2", gpu: bool = Fa
     st.write_text(st.join(run_dir, "config.yaml"), dump_config(ckpt.portable_config(cfg)))
 
     ray_init(log, min_cpus=spec.max_workers * cpus_per_worker + 2)
-    prepared = prepare_data(cfg, log=log)
+    prepared = prepare_data(cfg, log=log, cache=pack_cache(storage))
     st.write_text(st.join(run_dir, "data_report.txt"), prepared.report() + "\n")
     log(f"[data] {prepared.extra['corpus']} tokenizer {prepared.tokenizer}\n{prepared.report()}")
     latest = ckpt.latest_valid(run_dir) if resume else None
@@ -308,19 +308,17 @@ def build_trainer(cfg: HydraConfig, prepared, run_dir: str, storage: str, name: 
                   num_workers, gpu: bool = False, cpus_per_worker: float = 1.0, keep: int = 3,
                   callbacks: list | None = None, tokenizer_json: bytes | None = None,
                   resize_interval_s: float = 60.0, extra_resources: dict | None = None):
-    """The TorchTrainer of one run (steps start..end_step of its curriculum): datasets per
-    curriculum segment, elastic scaling, failure and checkpoint policies. Also used by Tune trials
+    """The TorchTrainer of one run (steps start..end_step of its curriculum; every worker reads
+    its own rows of the packed data, data/reader.py): elastic scaling, failure and checkpoint policies. Also used by Tune trials
     with more than one worker (with a TuneReportCallback in `callbacks`)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from hydra_ray.data.pipeline import data_config, train_dataset
     from hydra_ray.train.loop import train_loop_per_worker
 
     segs = segments(cfg, start, end_step)
-    datasets = {f"train_{i}": train_dataset(prepared, cfg, cfg.train.batch_size, a, b) for i, (_, a, b) in enumerate(segs)}
     loop_config = {"config": cfg.model_dump(mode="python"), "run_dir": run_dir, "end_step": end_step,
-                   "segments": segs, "datasets": list(datasets), "prepared": prepared, "use_gpu": gpu,
+                   "segments": segs, "prepared": prepared, "use_gpu": gpu,
                    "tokenizer_json": tokenizer_json}
     return TorchTrainer(
         train_loop_per_worker,
@@ -336,6 +334,4 @@ def build_trainer(cfg: HydraConfig, prepared, run_dir: str, storage: str, name: 
             worker_runtime_env={"env_vars": {k: v for k, v in os.environ.items()
                                              if k.startswith(("HYDRA_", "OMP_NUM_THREADS", "AWS_"))}},
         ),
-        datasets=datasets,
-        dataset_config=data_config(),
     )

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -52,12 +53,11 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------- environment
 @dataclass
 class Env:
-    """Where the loop runs: rank/world, device, and how datasets and reports are reached."""
+    """Where the loop runs: rank/world, device, and how reports are made."""
 
     rank: int = 0
     world: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    dataset: Callable[[str], object] | None = None  # name -> DataIterator
     report: Callable[..., None] | None = None  # (metrics, checkpoint_dir or None, step) -> None
     ray_checkpoints: bool = False  # True: checkpoints travel through report(); else written in place
 
@@ -92,40 +92,50 @@ def ray_train_env(use_gpu: bool) -> Env:
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(ckpt_dir)) if ctx.get_world_rank() == 0
                              else None, checkpoint_dir_name=f"checkpoints/{ckpt.step_dir_name(step)}")
 
-    return Env(ctx.get_world_rank(), ctx.get_world_size(), device,
-               dataset=lambda name: ray.train.get_dataset_shard(name), report=report, ray_checkpoints=True)
+    return Env(ctx.get_world_rank(), ctx.get_world_size(), device, report=report, ray_checkpoints=True)
 
 
 # --------------------------------------------------------------------------- data stream
 class BatchStream:
-    """This rank's slice of each global batch, for the steps of the dataset segments."""
+    """This rank's slice of each global batch, read from the packed shards (data/reader.py), for
+    the steps of the run's segments; measures how long steps wait for data."""
 
-    def __init__(self, env: Env, cfg: HydraConfig, segs: list[tuple[int, int, int]], names: list[str]):
-        self.env, self.cfg, self.segs, self.names = env, cfg, segs, names
-        self.seg: int | None = None
-        self.it = None
+    def __init__(self, env: Env, cfg: HydraConfig, segs: list[tuple[int, int, int]], prepared):
+        self.env, self.cfg, self.segs, self.prepared = env, cfg, segs, prepared
+        self.reader = None
         self.next_step = None
+        self.wait_s, self.gets = 0.0, 0
 
-    def _open(self, i: int):
-        from hydra_ray.data.pipeline import rank_batches
+    def _open(self, step: int):
+        from hydra_ray.data.reader import RankReader
 
-        self.seg = i
-        self.it = rank_batches(self.env.dataset(self.names[i]), self.env.rank, self.env.world,
-                               self.cfg.train.batch_size, device=self.env.device)
-        self.next_step = self.segs[i][1]
+        end = next(b for _, a, b in self.segs if a <= step < b)
+        self.close()
+        self.reader = RankReader(self.prepared, self.cfg, self.cfg.train.batch_size, self.env.rank, self.env.world,
+                                 step, end)
 
     def get(self, step: int) -> dict:
-        i = next(k for k, (_, a, b) in enumerate(self.segs) if a <= step < b)
-        if self.seg != i or self.next_step is None or step < self.next_step:
-            self._open(i)
-        while True:
-            batch = next(self.it)
-            s = int(batch["step"][0])
-            self.next_step = s + 1
-            if s == step:
-                return batch
-            if s > step:
-                raise RuntimeError(f"data stream passed step {step} (at {s})")
+        if self.reader is None or step != self.next_step or step >= self.reader.end:
+            self._open(step)
+        before = self.reader.wait_s
+        s, batch = next(self.reader)
+        if s != step:
+            raise RuntimeError(f"data reader gave step {s} for step {step}")
+        self.wait_s += self.reader.wait_s - before
+        self.gets += 1
+        self.next_step = step + 1
+        return {k: torch.from_numpy(np.ascontiguousarray(v)).to(self.env.device) for k, v in batch.items()}
+
+    def take_wait(self) -> float:
+        """Mean seconds a step waited for its batch since the last call."""
+        mean = self.wait_s / max(self.gets, 1)
+        self.wait_s, self.gets = 0.0, 0
+        return mean
+
+    def close(self) -> None:
+        if self.reader is not None:
+            self.reader.close()
+            self.reader = None
 
 
 # --------------------------------------------------------------------------- optimizer
@@ -228,7 +238,7 @@ def _clip(model: HydraLM, max_norm: float, env: Env) -> tuple[float, float]:
 
 def train_loop_per_worker(config: dict, env: Env | None = None) -> dict:
     """config: {"config": HydraConfig as a dict, "run_dir", "end_step", "segments": [(L, a, b)],
-    "datasets": [names], "prepared": PreparedData, "use_gpu"}."""
+    "prepared": PreparedData, "use_gpu"}."""
     env = env or ray_train_env(config.get("use_gpu", False))
     cfg = parse_config(config["config"])
     run_dir = config["run_dir"]
@@ -256,16 +266,17 @@ def train_loop_per_worker(config: dict, env: Env | None = None) -> dict:
     else:
         metrics.restart(0)  # lines of an earlier attempt that never reached a checkpoint
         metrics.event(event="started", world_size=env.world)
+    stream = BatchStream(env, cfg, [tuple(s) for s in config["segments"]], config["prepared"])
     try:
-        return _train(model, wrapped, opt, metrics, env, cfg, config, run_dir, start, end_step)
+        return _train(model, wrapped, opt, metrics, stream, env, cfg, config, run_dir, start, end_step)
     finally:
+        stream.close()
         metrics.close()
 
 
-def _train(model: HydraLM, wrapped, opt, metrics: RunLog, env: Env, cfg: HydraConfig, config: dict, run_dir: str,
-           start: int, end_step: int) -> dict:
+def _train(model: HydraLM, wrapped, opt, metrics: RunLog, stream: BatchStream, env: Env, cfg: HydraConfig,
+           config: dict, run_dir: str, start: int, end_step: int) -> dict:
     G = cfg.train.batch_size
-    stream = BatchStream(env, cfg, [tuple(s) for s in config["segments"]], config["datasets"])
     tokenizer_json = config.get("tokenizer_json")  # the driver's copy; else the file the config names
     if tokenizer_json is None and cfg.data.tokenizer != "byte" and storage.is_file(cfg.data.tokenizer):
         tokenizer_json = storage.read_bytes(cfg.data.tokenizer)
@@ -372,7 +383,8 @@ def _train(model: HydraLM, wrapped, opt, metrics: RunLog, env: Env, cfg: HydraCo
                    "tokens_per_s": (tokens_total - last_log_tokens) / max(now - last_log_t, 1e-9),
                    "world_size": env.world, "routing_mode": p.routing if p.moe else None,
                    "mod_capacity": p.mod_capacity if p.mod else None, "nan_skipped": not ok,
-                   "seed_locked": p.phase.seed is not None, "time": now, **stat_sum}
+                   "seed_locked": p.phase.seed is not None, "time": now, "data_wait_s": stream.take_wait(),
+                   **stat_sum}
             rec.update(_routing_metrics(trace, trace_dom, model, env))
             if switch is not None:
                 rec["switch_on"] = switch
@@ -469,13 +481,9 @@ def _save(model: HydraLM, opt, env: Env, cfg: HydraConfig, run_dir: str, step: i
 def run_local(cfg: HydraConfig, run_dir: str, prepared, end_step: int | None = None, report=None) -> dict:
     """One worker, in this process (no Ray Train): used by tests, one-worker Tune trials and
     `hydra-ray train --workers 1 --local`."""
-    from hydra_ray.data.pipeline import train_dataset
-
     end_step = end_step or cfg.curriculum.total_steps
     loaded = ckpt.latest_valid(run_dir)
     start = loaded.step if loaded else 0
     segs = segments(cfg, start, end_step) if start < end_step else []
-    datasets = {f"train_{i}": train_dataset(prepared, cfg, cfg.train.batch_size, a, b) for i, (_, a, b) in enumerate(segs)}
-    env = Env(dataset=lambda name: datasets[name].iterator(), report=report)
     return train_loop_per_worker({"config": cfg.model_dump(mode="python"), "run_dir": run_dir, "end_step": end_step,
-                                  "segments": segs, "datasets": list(datasets), "prepared": prepared}, env)
+                                  "segments": segs, "prepared": prepared}, Env(report=report))
