@@ -43,7 +43,9 @@ class StreamPacker:
         self.block = block_rows * self.width
 
     def add(self, doc: np.ndarray) -> None:
-        self.parts += [np.asarray(doc, dtype=np.int32), np.array([self.eos], dtype=np.int32)]
+        # a copy, never a view: a view would keep the caller's whole token chunk alive until the
+        # next emit (the eval packer fills slowly and would pin dozens of chunks)
+        self.parts += [np.array(doc, dtype=np.int32), np.array([self.eos], dtype=np.int32)]
         self.held += len(doc) + 1
         if self.held >= self.block:
             self._emit()
