@@ -139,9 +139,11 @@ def rehearsal(tmp_path_factory, s3, builtin_cache, tiny_prepared):
                 note("other stopped", status=stopped["status"])
             if stopped and killed is None and len(mine) == 3 and last["world_size"] == 3 and last["step"] >= KILL_AFTER_STEP:
                 raylet = sorted(mine)[-1]
-                killed = {"step": last["step"], "raylet": raylet}
+                killed = {"step": last["step"], "raylet": raylet, "seen": last["step"]}
                 os.kill(raylet, signal.SIGKILL)
                 note("killed a worker node", step=last["step"])
+            elif killed and last["world_size"] == 3:  # a killed raylet's worker may run on for a while
+                killed["seen"] = max(killed["seen"], last["step"])
             time.sleep(1)
         m["total_s"] = time.time() - t1
         note("done", worlds=[(r["step"], r["world_size"]) for r in _records(run)],
@@ -172,7 +174,10 @@ def test_the_run_grows_when_a_node_frees_and_survives_a_lost_node(rehearsal):
     assert grown_at > 20, "the run grew before its first checkpoint: not mid-run"
     restored = [e for e in events if e["event"] == "restored"]
     assert [e["world_size"] for e in restored] == [3, 2], restored
-    redone = killed["step"] - restored[-1]["step"]
+    # the group fails once Ray declares the node dead, some seconds after the kill: the restore
+    # point is at most one checkpoint interval before the last step logged on 3 workers
+    last_on_3 = max(s for s, w in zip(steps, worlds) if w == 3)
+    redone = max(killed["seen"], last_on_3) - restored[-1]["step"]
     assert 0 <= redone <= 20 + 5, (killed, restored)  # at most one checkpoint interval (+ a log interval)
     rehearsal["measure"]["steps_redone_after_node_loss"] = redone
     rehearsal["measure"]["grew_at_step"] = grown_at

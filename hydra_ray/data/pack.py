@@ -4,9 +4,9 @@ Design choices
 - Two stages, both bounded in memory whatever the corpus size; nothing is collected on the driver
   but per-file counts, and nothing goes through the object store.
   1. A Ray Data job over the corpus files: each file is read, checked and tokenised in chunks of
-     4096 records, and every chunk's good documents are spilled to `_work/` under the output
-     (their tokens, and the eval key of each: a stable hash of its text). Files run in parallel;
-     bad records are counted per file by reason.
+     4096 records, and every chunk's good documents are spilled to the packer's own `_work-*/`
+     folder under the output (their tokens, and the eval key of each: a stable hash of its text).
+     Files run in parallel; bad records are counted per file by reason.
   2. One Ray task per domain reads its chunks back in corpus order (file, then row): first the
      eval keys only, to choose the held-out documents (the `eval_fraction` smallest keys, ties by
      corpus order: the same rule as ever, one 8-byte key per document in memory), then the tokens,
@@ -166,7 +166,7 @@ def run_pack(out: str, files: dict[str, list[CorpusFile]], domains: list[str], s
     import ray
 
     tok = load_tokenizer(spec, sha256)
-    work = st.join(out, "_work")
+    work = st.join(out, f"_work-{uuid.uuid4().hex[:12]}")  # this packer's own: another may pack here too
     items = [{"domain": f.domain, "path": f.path, "index": f.index, "root": f.root}
              for fs_ in files.values() for f in fs_]
     counts = []
@@ -244,7 +244,6 @@ def ensure_packed(cfg, seq_lens: list[int], corpus: str, cache_root: str, log=pr
     if out is not None:  # a folder of the user's: its old pack (another corpus or tokenizer) goes first
         if manifest is not None:
             st.delete(st.join(out, sh.MANIFEST))
-        st.delete_dir(st.join(out, "_work"))
         manifest = run_pack(out, files, domains, seq_lens, cfg.data.eval_fraction, cfg.data.tokenizer,
                             cfg.data.tokenizer_sha256, header, cfg.data.text_field)
     elif st.is_local(root):
