@@ -250,11 +250,15 @@ def ensure_packed(cfg, seq_lens: list[int], corpus: str, cache_root: str, log=pr
         tmp = f"{root}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         manifest = run_pack(tmp, files, domains, seq_lens, cfg.data.eval_fraction, cfg.data.tokenizer,
                             cfg.data.tokenizer_sha256, header, cfg.data.text_field)
+        if os.path.isdir(root) and sh.read_manifest(root) is None:  # a stale, incomplete folder
+            shutil.rmtree(root, ignore_errors=True)
         try:
             os.rename(tmp, root)
         except OSError:  # another run finished the same pack first: use theirs
             shutil.rmtree(tmp, ignore_errors=True)
-            manifest = sh.read_manifest(root) or manifest
+            manifest = sh.read_manifest(root)
+            if manifest is None:
+                raise CorpusError(f"cannot move the pack into {root} (a folder is in the way); remove it") from None
     else:
         manifest = run_pack(root, files, domains, seq_lens, cfg.data.eval_fraction, cfg.data.tokenizer,
                             cfg.data.tokenizer_sha256, header, cfg.data.text_field)
