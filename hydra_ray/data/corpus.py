@@ -63,6 +63,8 @@ class CorpusFile:
     path: str  # path inside the filesystem
     index: int  # position in the sorted listing of its domain
     root: str  # the corpus URI, to reopen the filesystem in a worker
+    size: int = -1  # bytes and modification time from the listing (the pack's fingerprint)
+    mtime_ns: int = -1
 
 
 def list_corpus(root: str, domains: list[str], required: list[str] | None = None) -> dict[str, list[CorpusFile]]:
@@ -88,9 +90,10 @@ def list_corpus(root: str, domains: list[str], required: list[str] | None = None
             continue
         files = [f for f in fs.get_file_info(pafs.FileSelector(entry.path, recursive=True))
                  if f.type == pafs.FileType.File and not f.base_name.startswith((".", "_"))]
-        shards = sorted(f.path for f in files if f.path.endswith(SUFFIXES))
+        shards = sorted((f for f in files if f.path.endswith(SUFFIXES)), key=lambda f: f.path)
         skipped[name] = sorted(f.base_name for f in files if not f.path.endswith(SUFFIXES))
-        found[name] = [CorpusFile(name, p, i, root) for i, p in enumerate(shards)]
+        found[name] = [CorpusFile(name, f.path, i, root, f.size if f.size is not None else -1,
+                                  f.mtime_ns if f.mtime_ns is not None else -1) for i, f in enumerate(shards)]
     if ignored:
         log.warning("corpus %s: ignoring folders that name no configured domain: %s", root, ", ".join(sorted(ignored)))
     for name, names in skipped.items():
