@@ -83,7 +83,7 @@ def run(run_dir: str, seconds: float = 10.0, port: int = 8765, log=print) -> dic
 
     from hydra_ray.serve.app import ServeArgs, build_app
     from hydra_ray.serve.engine import CheckpointStore, Engine
-    from hydra_ray.train.driver import ray_init
+    from hydra_ray.raystart import ray_init
 
     store, model_id = CheckpointStore.for_run(run_dir)
     torch.set_num_threads(max(1, torch.get_num_threads()))

@@ -176,7 +176,7 @@ def _data_stats(args: argparse.Namespace) -> int:
 
 
 def _ray_init() -> None:
-    from hydra_ray.train.driver import ray_init
+    from hydra_ray.raystart import ray_init
 
     ray_init()
 
@@ -306,7 +306,7 @@ def _cuda() -> bool:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in RAY_COMMANDS and not getattr(args, "verbose", False):
-        from hydra_ray.train.driver import quiet_ray
+        from hydra_ray.raystart import quiet_ray
 
         quiet_ray()
     try:

@@ -12,6 +12,7 @@ Design choices
 
 from __future__ import annotations
 
+import copy
 import difflib
 import math
 import typing
@@ -325,6 +326,18 @@ class HydraConfig(_Strict):
         return self
 
 
+def parse_min_max(text: str, flag: str, low: int = 1) -> tuple[int, int]:
+    """`N` or `MIN-MAX` (--workers, --autoscale) as (MIN, MAX), with low <= MIN <= MAX."""
+    try:
+        lo, _, hi = str(text).partition("-")
+        lo, hi = int(lo), int(hi or lo)
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r}: expected N or MIN-MAX (e.g. 2 or 1-4)") from None
+    if lo < low or hi < lo:
+        raise ConfigError(f"{flag} {text!r}: need {low} <= MIN <= MAX")
+    return lo, hi
+
+
 def did_you_mean(word: str, choices, cutoff: float = 0.6) -> str:
     """' (did you mean X?)' for the closest of `choices`, or '' when none is close."""
     near = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=cutoff)
@@ -419,21 +432,65 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Hy
     if not data:  # an empty file would silently train every default: almost surely a mistake
         raise ConfigError(f"{p}: the config is empty (expected sections model, curriculum, train, data)")
     if overrides:
-        data = dict(data or {})
+        data = copy.deepcopy(data)
         for key, value in overrides.items():
-            node = data
-            *head, last = key.split(".")
-            for i, k in enumerate(head):
-                if node.get(k) is None:
-                    node[k] = {}
-                elif isinstance(node[k], dict):
-                    node[k] = dict(node[k])
-                else:
-                    where = ".".join(head[: i + 1])
-                    raise ConfigError(f"{p}: override {key}: {where} is not a section")
-                node = node[k]
-            node[last] = value
+            set_dotted(data, key, value, create=True, source=f"{p}: override")
     return parse_config(data, str(p))
+
+
+def _field_paths(node: Any, prefix: str = "") -> list[str]:
+    out = []
+    if isinstance(node, dict):
+        for k, v in node.items():
+            out.append(f"{prefix}{k}")
+            out += _field_paths(v, f"{prefix}{k}.")
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            out += _field_paths(v, f"{prefix}{i}.")
+    return out
+
+
+def set_dotted(data: dict, key: str, value: Any, *, create: bool = False, source: str = "config") -> Any:
+    """Set the dotted `key` ('train.lr', 'curriculum.phases.2.until_step': integer parts index
+    lists) of the config mapping `data`, in place; returns the value it replaced. The two uses:
+    - create=False (sweep spaces): every part must already be there and the key must be a field,
+      not a section; a typo is a ConfigError with the closest real field;
+    - create=True (load_config overrides): missing sections are created (as copies, so a mapping
+      shared with another config is never changed).
+    """
+    node: Any = data
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        here = ".".join(parts[: i + 1])
+        last = i == len(parts) - 1
+        if isinstance(node, dict) and (part in node or (create and last)):
+            container, idx = node, part
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            container, idx = node, int(part)
+        elif create and isinstance(node, dict):
+            node[part] = {}
+            container, idx = node, part
+        elif create:
+            raise ConfigError(f"{source} {key}: {'.'.join(parts[:i])} is not a section")
+        else:
+            hint = did_you_mean(key, _field_paths(data))
+            what = "not a config field" if here == key else f"{here} is not a config field"
+            raise ConfigError(f"{source}: {key}: {what}{hint}")
+        if last:
+            break
+        child = container[idx]
+        if child is None and create:
+            child = container[idx] = {}
+        elif isinstance(child, dict) and create:
+            child = container[idx] = dict(child)
+        elif create and not isinstance(child, (dict, list)):
+            raise ConfigError(f"{source} {key}: {here} is not a section")
+        node = child
+    old = container.get(idx) if isinstance(container, dict) else container[idx]
+    if not create and isinstance(old, dict):
+        raise ConfigError(f"{source}: {key}: is a config section, not a field")
+    container[idx] = value
+    return old
 
 
 def dump_config(cfg: HydraConfig) -> str:

@@ -10,7 +10,7 @@ Design choices
   the trainer, its checkpoints and every reader see the same bucket.
 - Writes are whole objects: `write_bytes` is one PUT on an object store, and on a local disk a
   write to a temporary name renamed into place, so a reader never sees half a file either way.
-  Nothing appends (object stores cannot); logs are written as parts (see train/runlog.py).
+  Nothing appends (object stores cannot); logs are written as parts (see hydra_ray/runlog.py).
 - `check_storage` probes a location before any work starts and turns the ways it can fail (an
   unknown scheme, a missing bucket, wrong credentials, an unreachable endpoint, no permission)
   into one `StorageError` line that names the location.

@@ -79,7 +79,7 @@ import yaml
 
 from hydra_ray import storage
 from hydra_ray.config import ConfigError, HydraConfig, did_you_mean, dump_config, load_config, parse_config
-from hydra_ray.train import runlog
+from hydra_ray import runlog
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform")
 METRIC = "eval_loss"
@@ -358,7 +358,7 @@ def _trial(config: dict, setup: dict, prepared) -> None:
     import ray.tune
     import torch
 
-    from hydra_ray.train import checkpoint as ckpt
+    from hydra_ray import checkpoint as ckpt
 
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = trial_config(setup["base"], config)
@@ -402,7 +402,7 @@ def _tune_report_callback(run_dir: str, window: int):
 def _train_v2(cfg: HydraConfig, run_dir: str, trial_id: str, setup: dict, prepared, window: int) -> None:
     """K workers on Ray Train v2, launched from inside the trial (`driver.build_trainer`, with a
     TuneReportCallback): the run is RUNS/TRIAL_ID, so a restarted trial continues it."""
-    from hydra_ray.train import checkpoint as ckpt
+    from hydra_ray import checkpoint as ckpt
     from hydra_ray.train.driver import build_trainer
 
     latest = ckpt.latest_valid(run_dir)
@@ -747,7 +747,7 @@ def run(args: argparse.Namespace, log=print) -> int:
 
     from hydra_ray.data.corpus import CorpusError
     from hydra_ray.data.pipeline import pack_cache, prepare_data
-    from hydra_ray.train.driver import ray_init
+    from hydra_ray.raystart import ray_init
 
     K, cpus = settings["workers_per_trial"], settings["cpus_per_worker"]
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")  # trials keep the command's working directory

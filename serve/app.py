@@ -385,7 +385,7 @@ class HydraIngress:
     def _model(self, requested: str | None):
         """(canonical id, its config) for the request's model field (default when absent)."""
         from hydra_ray import storage
-        from hydra_ray.train import checkpoint as ckpt
+        from hydra_ray import checkpoint as ckpt
 
         if self.default is None:
             raise ApiError(503, "no default model configured yet", "server_error")

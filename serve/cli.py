@@ -44,17 +44,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def serve_args(args: argparse.Namespace):
     from pydantic import ValidationError
 
-    from hydra_ray.config import ConfigError
+    from hydra_ray.config import ConfigError, parse_min_max
     from hydra_ray.serve.app import ServeArgs
     from hydra_ray.serve.engine import Engine, EngineError
 
-    autoscale = None
-    if args.autoscale:
-        try:
-            lo, hi = (int(x) for x in args.autoscale.split("-"))
-        except ValueError:
-            raise ConfigError(f"--autoscale {args.autoscale!r}: expected MIN-MAX, e.g. 1-4") from None
-        autoscale = (lo, hi)
+    autoscale = parse_min_max(args.autoscale, "--autoscale") if args.autoscale else None
     if args.store and not args.model:
         raise ConfigError("--store needs --model RUN[@STEP]: the run served by default")
     if args.model and args.checkpoint:
@@ -94,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     from ray import serve
 
     from hydra_ray.serve.app import build_app
-    from hydra_ray.train.driver import ray_init, requiet
+    from hydra_ray.raystart import ray_init, requiet
 
     ray_init(print, min_cpus=a.num_cpus * (a.autoscale[1] if a.autoscale else a.replicas) + 1)
     serve.start(http_options={"host": args.host, "port": args.port})

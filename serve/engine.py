@@ -45,7 +45,7 @@ from hydra_ray.data.tokenizer import load_tokenizer
 from hydra_ray.models import HydraLM
 from hydra_ray.models.attention import KVCache
 from hydra_ray.models.hydra import sample
-from hydra_ray.train import checkpoint as ckpt
+from hydra_ray import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
 _ID = re.compile(r"[A-Za-z0-9_.-]{1,128}(/[A-Za-z0-9_.-]{1,128}){0,15}(@[0-9]{1,12})?")

@@ -18,7 +18,7 @@ import pytest
 
 from hydra_ray import storage
 from hydra_ray.cli import main
-from hydra_ray.train import runlog
+from hydra_ray import runlog
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hydra_logs"
 LOGS = FIXTURES / "run"

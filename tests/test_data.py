@@ -385,7 +385,7 @@ def test_training_on_a_corpus_with_bad_records_has_finite_loss(own_corpus, built
     base, _, dirty, _ = own_corpus
     cfg = _own_config(builtin_cache, base / "dirty", log_every=1, eval_every=1000, save_every=1000)
     run_local(cfg, str(base / "run"), dirty, end_step=4)
-    from hydra_ray.train.runlog import read_records
+    from hydra_ray.runlog import read_records
 
     rows = read_records(str(base / "run"), "metrics")
     losses = [r["loss"] for r in rows if "loss" in r]

@@ -112,7 +112,7 @@ def test_a_run_of_nan_steps_with_nothing_to_roll_back_to_stops_with_an_error(tmp
     err = capsys.readouterr().err
     assert rc == 1
     assert "3 NaN/Inf steps in a row" in err and "no checkpoint to roll back to" in err
-    from hydra_ray.train.runlog import read_lines, read_records
+    from hydra_ray.runlog import read_lines, read_records
 
     events = read_records(str(tmp_path / "nan"), "events")
     assert [e["event"] for e in events].count("nan_skipped") == 3 and events[-1]["event"] == "stopped"

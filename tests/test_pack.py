@@ -119,7 +119,7 @@ def test_data_pack_to_s3_then_train_from_data_packed(tmp_path, s3):
     """`hydra-ray data pack --out s3://...` then `hydra-ray train` with `data.packed` naming it: the
     corpus is not read again, and a shard changed in the bucket stops the next run before any step."""
     from hydra_ray import storage
-    from hydra_ray.train.runlog import read_records
+    from hydra_ray.runlog import read_records
 
     corpus = _corpus(tmp_path / "corpus")
     cfg = _config(str(tmp_path / "cache"), corpus)
@@ -157,7 +157,7 @@ def test_a_corpus_larger_than_the_object_store_packs_and_trains(tmp_path, ray_se
     import ray
 
     from hydra_ray.train.driver import train
-    from hydra_ray.train.runlog import read_records
+    from hydra_ray.runlog import read_records
 
     rng = np.random.default_rng(0)
     words = np.array(["alpha", "beta", "gamma", "delta", "sigma", "omega", "theta", "kappa"])

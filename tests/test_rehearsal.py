@@ -17,7 +17,7 @@ import httpx
 import pytest
 import yaml
 
-from hydra_ray.train.runlog import read_records
+from hydra_ray.runlog import read_records
 
 from conftest import LoadClients
 from local_cluster import ROOT, LocalCluster, free_ports
@@ -182,7 +182,7 @@ def test_the_run_grows_when_a_node_frees_and_survives_a_lost_node(rehearsal):
     rehearsal["measure"]["steps_redone_after_node_loss"] = redone
     rehearsal["measure"]["grew_at_step"] = grown_at
     # the 4 experts resharded over 3 workers and back over 2: the last checkpoint holds all of them
-    from hydra_ray.train import checkpoint as ckpt
+    from hydra_ray import checkpoint as ckpt
 
     last = ckpt.latest_valid(run)
     assert last.step == 180

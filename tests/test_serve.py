@@ -188,7 +188,7 @@ def test_a_store_on_s3_resolves_like_a_local_one_and_serves_the_same_tokens(s3_s
     from hydra_ray import storage
     from hydra_ray.config import dump_config
     from hydra_ray.data.tokenizer import load_tokenizer, train_bpe
-    from hydra_ray.train.checkpoint import inference_config
+    from hydra_ray.checkpoint import inference_config
 
     s = CheckpointStore(s3_store)
     assert [r.model_id for r in s.list()] == ["tiny@140", "tiny@160", "tiny@180"]

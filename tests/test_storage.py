@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from hydra_ray import storage
-from hydra_ray.train.runlog import RunLog, read_lines, read_records
+from hydra_ray.runlog import RunLog, read_lines, read_records
 
 from conftest import tiny_config
 

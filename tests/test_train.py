@@ -16,8 +16,8 @@ import torch
 
 from hydra_ray import storage
 from hydra_ray.config import parse_config
-from hydra_ray.train import checkpoint as ckpt
-from hydra_ray.train.runlog import read_lines, read_records
+from hydra_ray import checkpoint as ckpt
+from hydra_ray.runlog import read_lines, read_records
 
 from conftest import tiny_config, train_worker_pids
 
@@ -265,7 +265,7 @@ def test_checkpoints_reshard_between_two_workers_and_one(elastic_run, tmp_path, 
         from hydra_ray.config import parse_config as parse
         from hydra_ray.models import HydraLM as Model
         from hydra_ray.parallel.parallelize import parallelize as par
-        from hydra_ray.train import checkpoint as ck
+        from hydra_ray import checkpoint as ck
         from hydra_ray.train.loop import Env, restore
 
         ctx = ray.train.get_context()

@@ -31,7 +31,7 @@ from hydra_ray import storage
 from hydra_ray.analysis.model import (ParseStats, Phase, Record, Source, finite, link_phases, phase_of,
                                       phases_from_config)
 from hydra_ray.config import ConfigError
-from hydra_ray.train import runlog
+from hydra_ray import runlog
 
 
 def _num(x) -> float | None:
@@ -115,7 +115,7 @@ def _dedupe(rows: list[tuple[str, int, Record]], stats: ParseStats) -> list[Reco
 
 
 def _checkpoints(run: str) -> list[dict]:
-    from hydra_ray.train.checkpoint import list_steps, step_dir_name
+    from hydra_ray.checkpoint import list_steps, step_dir_name
 
     return [{"step": step, "path": storage.join(run, "checkpoints", step_dir_name(step))} for step, _ in list_steps(run)]
 

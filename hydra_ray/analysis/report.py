@@ -48,7 +48,7 @@ def load_source(paths: list[str], phase_file: str | None = None):
     from hydra_ray.analysis.hydra_logs import list_log_files, load_logs
     from hydra_ray.analysis.metrics_source import load_run
     from hydra_ray.analysis.model import load_phase_file, reference_phases
-    from hydra_ray.train.runlog import has_logs
+    from hydra_ray.runlog import has_logs
 
     phases = load_phase_file(phase_file) if phase_file else None
     runs, logs = [], []

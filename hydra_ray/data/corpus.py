@@ -35,6 +35,8 @@ from typing import Iterator
 
 import pyarrow as pa
 
+from hydra_ray import storage
+
 log = logging.getLogger(__name__)
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".jsonl.zst")
@@ -49,12 +51,6 @@ _CHUNK = 1 << 20  # bytes of decompressed JSONL per read; Parquet rows per batch
 
 class CorpusError(ValueError):
     """The corpus cannot serve the configured domains (reported before any work starts)."""
-
-
-def _fs(root: str):
-    from hydra_ray import storage
-
-    return storage.resolve(root)
 
 
 @dataclass(frozen=True)
@@ -73,7 +69,7 @@ def list_corpus(root: str, domains: list[str], required: list[str] | None = None
     import pyarrow.fs as pafs
 
     try:
-        fs, base = _fs(root)
+        fs, base = storage.resolve(root)
         info = fs.get_file_info(base)
     except Exception as e:  # pyarrow raises several types for bad URIs
         raise CorpusError(f"corpus {root!r}: cannot open ({e})") from None
@@ -218,7 +214,7 @@ def read_records(f: CorpusFile, known: set[str], text_field: str = "text") -> It
 
     got = 0
     try:
-        fs, _ = _fs(f.root)
+        fs, _ = storage.resolve(f.root)
         items = _parquet(fs, f.path, text_field) if f.path.endswith(".parquet") else _jsonl(fs, f.path)
         for i, rec in items:
             got += 1

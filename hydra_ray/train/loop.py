@@ -40,12 +40,13 @@ import torch.distributed as dist
 
 from hydra_ray.config import HydraConfig, dump_config, parse_config
 from hydra_ray.models import HydraLM
+from hydra_ray.models.trace import imbalance
 from hydra_ray.parallel.dispatch import expert_shard
 from hydra_ray.parallel.parallelize import expert_param_names, gather_expert_state, gather_experts, parallelize
 from hydra_ray import storage
-from hydra_ray.train import checkpoint as ckpt
+from hydra_ray import checkpoint as ckpt
 from hydra_ray.train.curriculum import plan, segments
-from hydra_ray.train.runlog import RunLog
+from hydra_ray.runlog import RunLog
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +203,7 @@ def _routing_metrics(trace, domain_BT, model: HydraLM, env: Env) -> dict:
     return {
         "expert_util": (overall / overall.sum()).tolist() if names and overall.sum() > 0 else None,
         "expert_util_by_layer": util_layer or None,
+        "imbalance": imbalance(util_layer),
         "domain_expert_agreement": float(hits[0] / hits[1]) if hits[1] > 0 else None,
         "mod_selected_frac": float(extra[0] / env.world) if mod is not None else None,
         "mor_mean_depth": float(extra[1] / env.world) if mor is not None else None,
@@ -432,6 +434,8 @@ def _flat(rec: dict) -> dict:
     for k, v in (rec.get("eval") or {}).items():
         if not isinstance(v, dict):
             out[f"eval_{k}"] = v
+    for k, v in (rec.get("imbalance") or {}).items():
+        out[f"imbalance_{k}"] = v
     return out
 
 

@@ -31,6 +31,8 @@ from pathlib import Path
 
 from typing import TYPE_CHECKING
 
+from hydra_ray import storage
+
 if TYPE_CHECKING:  # torch loads only where tensors are touched: listing checkpoints (analysis) needs none
     import torch
 
@@ -41,12 +43,6 @@ FILES = ("model.safetensors", "optimizer.safetensors", "trainer_state.json", "co
 
 def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def _fs(path: str):
-    from hydra_ray import storage
-
-    return storage.resolve(path)
 
 
 def optimizer_tensors(opt: torch.optim.Optimizer, names: dict[int, str]) -> dict[str, torch.Tensor]:
@@ -126,7 +122,6 @@ def inference_config(ckpt_dir: str | Path, config_yaml: str):
     checkpoint's location, a folder or a URI (where training put its copy). Raises ConfigError."""
     import yaml
 
-    from hydra_ray import storage
     from hydra_ray.config import parse_config
 
     cfg = parse_config(yaml.safe_load(config_yaml), storage.join(ckpt_dir, "config.yaml"))
@@ -160,8 +155,6 @@ def check_sizes(ckpt_dir: str) -> str:
     lists has its recorded size (a cut or missing file shows). Returns config.yaml's text.
     Checksums are verified when the weights are loaded, so they are read once, not twice.
     Raises ValueError."""
-    from hydra_ray import storage
-
     try:
         manifest = json.loads(storage.read_text(storage.join(ckpt_dir, "manifest.json")))
         for name, entry in manifest["files"].items():
@@ -175,7 +168,7 @@ def check_sizes(ckpt_dir: str) -> str:
 def read_for_inference(ckpt_dir: str) -> Loaded:
     """Weights, trainer state and config of one checkpoint, checked against its manifest; the
     optimizer state is neither read nor verified (serving never needs it). Raises ValueError."""
-    fs, path = _fs(ckpt_dir)
+    fs, path = storage.resolve(ckpt_dir)
     try:
         return _read_verified(fs, path, INFERENCE_FILES)
     except Exception as e:  # missing manifest, truncated or corrupt file, bad JSON
@@ -185,7 +178,7 @@ def read_for_inference(ckpt_dir: str) -> Loaded:
 def list_steps(run_dir: str) -> list[tuple[int, str]]:
     import pyarrow.fs as pafs
 
-    fs, base = _fs(run_dir)
+    fs, base = storage.resolve(run_dir)
     root = f"{base}/checkpoints"
     if fs.get_file_info(root).type != pafs.FileType.Directory:
         return []
@@ -199,7 +192,7 @@ def list_steps(run_dir: str) -> list[tuple[int, str]]:
 
 def latest_valid(run_dir: str, before: int | None = None) -> Loaded | None:
     """The newest checkpoint whose files all match its manifest (optionally older than `before`)."""
-    fs, _ = _fs(run_dir)
+    fs, _ = storage.resolve(run_dir)
     for step, path in reversed(list_steps(run_dir)):
         if before is not None and step >= before:
             continue
@@ -216,8 +209,6 @@ def save_local(run_dir: str, step: int, keep: int, **parts) -> str:
     storage a reader never takes a half-copied checkpoint for a complete one), keep the newest
     `keep`."""
     import tempfile
-
-    from hydra_ray import storage
 
     final = storage.join(run_dir, "checkpoints", step_dir_name(step))
     storage.delete_dir(final)

@@ -1,0 +1,59 @@
+"""Starting or joining Ray, and keeping its console chatter down: what `train`, `tune`, `serve`,
+`data pack` and the benchmarks share (below train/ and serve/, which both import it)."""
+
+from __future__ import annotations
+
+import os
+
+_QUIET = False  # set by quiet_ray: whether Ray's console chatter is to be kept off
+
+
+def quiet_ray(verbose: bool = False) -> None:
+    """Keep Ray's start-up and progress chatter (auth notices, Ray Data's and Serve's INFO lines,
+    deprecation warnings of Ray's own internals) off the console unless --verbose; errors still
+    show, and Ray's log files under its session folder keep everything. Ray (re)configures its
+    loggers when its libraries load and when Serve starts, so `ray_init` and the serve command
+    apply this again after those points."""
+    import logging
+    import warnings
+
+    global _QUIET
+    _QUIET = not verbose
+    if verbose:
+        return
+    logging.getLogger("ray").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module=r"ray(\.|$)")
+    import ray.data  # noqa: F401  (configures the ray.data logger, which does not propagate)
+
+    for name in ("ray", "ray.data", "ray.serve", "ray.train", "ray.tune"):
+        for h in logging.getLogger(name).handlers:
+            if not isinstance(h, logging.FileHandler):
+                h.setLevel(logging.ERROR)
+
+
+def requiet() -> None:
+    """Apply `quiet_ray` again if it is on (after Ray reconfigured its loggers)."""
+    if _QUIET:
+        quiet_ray()
+
+
+def ray_init(log=print, min_cpus: float = 0) -> None:
+    """Join RAY_ADDRESS's cluster, else start a local Ray. Locally, declare at least `min_cpus`
+    logical CPUs: Ray Data's map tasks need a CPU beside the train workers, or they wait forever."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # reports wait for the Train controller's poll: poll faster than the 2 s default (local runs)
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+    if ray.is_initialized():
+        return
+    requiet()
+    if os.environ.get("RAY_ADDRESS"):  # a cluster (set by `ray job submit`, or by the user)
+        ray.init(log_to_driver=False, configure_logging=False)
+    else:  # an embedded local Ray: never a stale `ray start` left on this machine
+        cpus = max(os.cpu_count() or 1, int(min_cpus + 0.999))
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
