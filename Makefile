@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # CPU build for this machine and CI; GPU clusters install the project into their image's torch.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install browser test cluster-rehearsal demo clean
+.PHONY: install browser test test-fast cluster-rehearsal demo clean
 
 install: $(VENV)/.installed
 
@@ -18,6 +18,10 @@ $(VENV)/.installed: pyproject.toml
 
 test: install browser
 	$(BIN)/python -m pytest -m "not rehearsal"
+
+# The lane to run while working: unit tests only, no Ray, no subprocess runs (under 2 minutes).
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow and not integration and not rehearsal"
 
 # The cluster flow on one machine (cluster-local.yaml's autoscaler, ray job submit, a node lost,
 # serve deploy, hot swap): about 6 minutes on 2 cores, so it runs here and in CI beside `make test`.

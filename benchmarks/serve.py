@@ -81,8 +81,10 @@ def routing_throughput(url: str, clients: int, seconds: float, headers: dict | N
 def run(run_dir: str, seconds: float = 10.0, port: int = 8765, log=print) -> dict:
     from ray import serve
 
-    from hydra_ray.serve.app import ServeArgs, build_app
-    from hydra_ray.serve.engine import CheckpointStore, Engine
+    from hydra_ray.serve.args import ServeArgs
+    from hydra_ray.serve.builder import build_app
+    from hydra_ray.serve.engine import Engine
+    from hydra_ray.serve.store import CheckpointStore
     from hydra_ray.raystart import ray_init
 
     store, model_id = CheckpointStore.for_run(run_dir)

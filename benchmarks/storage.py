@@ -21,7 +21,7 @@ from hydra_ray.config import dump_config, load_config
 def run(uri: str, config: str = "small", rounds: int = 3, log=print) -> dict:
     from hydra_ray.models import HydraLM
     from hydra_ray import checkpoint as ckpt
-    from hydra_ray.train.loop import build_optimizer
+    from hydra_ray.train.state import build_optimizer
 
     uri = storage.check_storage(uri, "--storage")
     cfg = load_config(config)

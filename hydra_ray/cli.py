@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from hydra_ray.config import ConfigError, load_config
@@ -49,12 +50,44 @@ def _summary(args: argparse.Namespace) -> int:
 
 
 def _smoke(args: argparse.Namespace) -> int:
-    from hydra_ray.train.smoke import run_smoke
+    """The curriculum compressed into --steps steps, in this process (no Ray): the real training
+    loop (`run_local` with its smoke flag: no checkpoints, no evals) on the config's data, packed
+    in-process; prints the phases as they start and the mean CE of each."""
+    import tempfile
+
+    from hydra_ray.data.corpus import CorpusError
+    from hydra_ray.data.pipeline import prepare_data
+    from hydra_ray.runlog import read_records
+    from hydra_ray.train.curriculum import compressed
+    from hydra_ray.train.loop import run_local
 
     cfg = load_config(args.config)
-    if args.steps is not None and args.steps < len(cfg.curriculum.phases):
-        raise ConfigError(f"--steps {args.steps}: need at least one step per phase ({len(cfg.curriculum.phases)})")
-    run_smoke(cfg, steps=args.steps, seed=args.seed)
+    steps = args.steps or cfg.curriculum.total_steps
+    if steps < len(cfg.curriculum.phases):
+        raise ConfigError(f"--steps {steps}: need at least one step per phase ({len(cfg.curriculum.phases)})")
+    cfg = compressed(cfg, steps)
+    cfg.train.seed, cfg.train.log_every = args.seed, 1
+    try:
+        prepared = prepare_data(cfg, log=print)
+    except CorpusError as e:
+        raise ConfigError(str(e)) from None
+    t0 = time.time()
+    with tempfile.TemporaryDirectory(prefix="hydra-smoke-") as run_dir:
+        res = run_local(cfg, run_dir, prepared, smoke=True)
+        records = read_records(run_dir)
+    per_phase: dict[str, list[float]] = {}
+    for r in records:
+        if r["phase"] not in per_phase:
+            p = cfg.curriculum.phases[[q.name for q in cfg.curriculum.phases].index(r["phase"])]
+            print(f"[smoke] step {r['step'] - 1:4d}  phase {p.name:<11} mor={p.mor} mod={p.mod} moe={p.moe} "
+                  f"routing={p.routing}")
+        if r.get("ce") is not None:
+            per_phase.setdefault(r["phase"], []).append(r["ce"])
+    if res.get("stopped"):
+        raise ConfigError(f"the smoke run stopped: {res['stopped']}")
+    means = {k: sum(v) / len(v) for k, v in per_phase.items()}
+    print(f"[smoke] {steps} steps in {time.time() - t0:.1f}s; mean CE per phase: "
+          + ", ".join(f"{k} {v:.3f}" for k, v in means.items()))
     return 0
 
 
@@ -284,12 +317,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_bench)
 
     # analyze / tune / serve own their arguments; their modules import nothing heavy at the top.
-    from hydra_ray import tune
     from hydra_ray.analysis import report
     from hydra_ray.serve import cli as serve_cli
+    from hydra_ray.tune import cli as tune_cli
 
     for name, mod, help_ in (("analyze", report, "training-analysis report (report.md, plots, summary.json) of runs or HYDRA logs"),
-                             ("tune", tune, "Ray Tune sweep of routing hyper-parameters"),
+                             ("tune", tune_cli, "Ray Tune sweep of routing hyper-parameters"),
                              ("serve", serve_cli, "serve checkpoints over HTTP with Ray Serve (generation, routing inspection)")):
         s = sub.add_parser(name, help=help_)
         mod.add_arguments(s)

@@ -8,6 +8,12 @@ Design choices
 - `load_config` turns every validation failure into one `ConfigError` whose message is a single line
   naming the file and each offending field; the CLI prints it and exits non-zero, no traceback.
 - Presets are the YAML files under configs/; `preset(name)` resolves a bare name to one of them.
+- One place per rule: what several commands check against a config (a dotted key set by a sweep
+  or an override, `set_dotted`; N or MIN-MAX, `parse_min_max`; the batch split over workers,
+  `check_batch_split`) is written here once and called by each.
+
+Over 400 lines: the whole schema (every field, its limits and cross-field rules) and the loader
+that turns its failures into one line are kept in one file, so the contract reads in one place.
 """
 
 from __future__ import annotations
@@ -288,6 +294,8 @@ class TrainConfig(_Strict):
     dtype: Literal["float32", "bfloat16"] = "float32"  # bfloat16 autocast is for GPUs
     run_name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=200)
     # default run name (--name wins; else the config file's stem): a tuned best.yaml names its sweep
+    inject_nan_steps: list[int] = Field(default_factory=list)
+    # fault drill: the loss of these steps (0-based) is made NaN, to rehearse skipping and roll-back
 
 
 class DataConfig(_Strict):
@@ -329,13 +337,24 @@ class HydraConfig(_Strict):
 def parse_min_max(text: str, flag: str, low: int = 1) -> tuple[int, int]:
     """`N` or `MIN-MAX` (--workers, --autoscale) as (MIN, MAX), with low <= MIN <= MAX."""
     try:
-        lo, _, hi = str(text).partition("-")
-        lo, hi = int(lo), int(hi or lo)
+        first, sep, second = str(text).partition("-")
+        lo = int(first)
+        hi = int(second) if sep else lo
     except ValueError:
         raise ConfigError(f"{flag} {text!r}: expected N or MIN-MAX (e.g. 2 or 1-4)") from None
     if lo < low or hi < lo:
         raise ConfigError(f"{flag} {text!r}: need {low} <= MIN <= MAX")
     return lo, hi
+
+
+def check_batch_split(cfg: "HydraConfig", workers: range | list[int], flag: str = "--workers") -> None:
+    """The global batch must split evenly over every worker count a run may have, times
+    grad_accum (each worker takes an equal slice). ConfigError naming the first count that fails."""
+    G, accum = cfg.train.batch_size, cfg.train.grad_accum
+    for w in workers:
+        if G % (w * accum):
+            raise ConfigError(f"train.batch_size {G} does not split over {w} workers x grad_accum {accum} ({flag}); "
+                              "pick a batch size divisible by every worker count")
 
 
 def did_you_mean(word: str, choices, cutoff: float = 0.6) -> str:

@@ -45,8 +45,9 @@ def serve_args(args: argparse.Namespace):
     from pydantic import ValidationError
 
     from hydra_ray.config import ConfigError, parse_min_max
-    from hydra_ray.serve.app import ServeArgs
-    from hydra_ray.serve.engine import Engine, EngineError
+    from hydra_ray.serve.args import ServeArgs
+    from hydra_ray.serve.engine import Engine
+    from hydra_ray.serve.errors import EngineError
 
     autoscale = parse_min_max(args.autoscale, "--autoscale") if args.autoscale else None
     if args.store and not args.model:
@@ -87,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     check_port(args.host, args.port)
     from ray import serve
 
-    from hydra_ray.serve.app import build_app
+    from hydra_ray.serve.builder import build_app
     from hydra_ray.raystart import ray_init, requiet
 
     ray_init(print, min_cpus=a.num_cpus * (a.autoscale[1] if a.autoscale else a.replicas) + 1)

@@ -1,65 +1,51 @@
 """The serving engine: checkpoint -> batched generation with the KV cache, and routing traces.
-No Ray here: the Serve deployments (app.py) wrap it, tests drive it directly.
+No Ray here: the Serve model deployment (model.py) wraps it, tests drive it directly.
 
 Design choices
 - Loading reads safetensors and JSON/YAML only, verified against the checkpoint's manifest; the
   optimizer state is never read. The config stored in the checkpoint rebuilds the model and its
-  tokenizer; the feature switches (MoR/MoD/MoE, routing mode) come back with the weights.
-- A model id names a checkpoint inside one store: `RUN` (its newest valid checkpoint) or
-  `RUN@STEP`, RUN being a run directory's path relative to the store. Ids are checked twice:
-  syntactically (no absolute paths, no `..` or `.`, no odd characters) and against the store's
-  location (every path we open must still lie inside it; on a local disk after resolving
-  symlinks, on object storage as a key prefix, since a key cannot be a symlink). A violation is
-  an `EngineError(400)`.
-- The store is a local folder or a URI (s3://bucket/runs): everything goes through
-  hydra_ray.storage, so a checkpoint's location is a string, never a Path. Weights are streamed
+  tokenizer; the feature switches (MoR/MoD/MoE, routing mode) come back with the weights. Which
+  checkpoints exist and where they lie is the store's business (store.py); weights are streamed
   into memory once (checkpoint.read_for_inference); nothing is copied to a temporary folder.
+- The request rules that depend on the model (a known domain, prompt + completion within the
+  context) are one function each (`check_domain`, `check_context`): the ingress calls them
+  before queueing any work, the engine again for callers that skip the ingress.
 - Generation is batched across requests of different lengths and sampling settings: prompts are
   right-padded and prefilled in one forward, each row decodes at its own position (a per-row
   `start_pos`), and the padding's cache slots are forgotten after the prefill. Every routing
   decision at generation is causal and per token, so a row's tokens do not depend on the other
   rows; each row samples from its own seeded generator, so the same seed gives the same text.
+  This is the one decoder: the model itself has none.
 - Generation is a generator of per-step events, so streaming and non-streaming requests share
   one path. Stop strings are matched on the decoded text; text that could still become a stop
   string is held back from the stream until it cannot.
-- Expert load is counted from the traces of every forward (prompt and generated tokens, routing
-  requests), per MoE layer, and returned with each result; the ingress keeps the running totals.
+- Routing statistics come from the forward's RoutingTrace (hydra_ray.models.trace), the one
+  source training uses too: expert load per MoE layer of every forward (prompt and generated
+  tokens, routing requests) is returned with each result; the ingress keeps the running totals.
 
-Shape legend: B batch, T sequence.
+Shape legend: B batch, T sequence, E experts.
 """
 
 from __future__ import annotations
 
 import logging
-import posixpath
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 
+from hydra_ray import checkpoint as ckpt
 from hydra_ray import storage
 from hydra_ray.config import HydraConfig
 from hydra_ray.data.tokenizer import load_tokenizer
 from hydra_ray.models import HydraLM
 from hydra_ray.models.attention import KVCache
 from hydra_ray.models.hydra import sample
-from hydra_ray import checkpoint as ckpt
+from hydra_ray.serve.errors import EngineError
+from hydra_ray.serve.store import CheckpointStore
 
 log = logging.getLogger(__name__)
-_ID = re.compile(r"[A-Za-z0-9_.-]{1,128}(/[A-Za-z0-9_.-]{1,128}){0,15}(@[0-9]{1,12})?")
-
-
-class EngineError(Exception):
-    """A request the engine refuses; `status` is the HTTP status the ingress answers with."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status, self.message = status, message
-
-    def __reduce__(self):  # travels between Ray processes intact
-        return EngineError, (self.status, self.message)
 
 
 def context_of(cfg: HydraConfig) -> int:
@@ -68,148 +54,26 @@ def context_of(cfg: HydraConfig) -> int:
     return 8 * cfg.model.seq_len
 
 
-# --------------------------------------------------------------------------- checkpoint store
-@dataclass(frozen=True)
-class CheckpointRef:
-    model_id: str  # canonical: RUN@STEP
-    run: str
-    step: int
-    path: str  # the checkpoint's location: an absolute local path or a URI
+# --------------------------------------------------------------------------- request rules
+def check_domain(domains: Iterable[str], domain: str | None) -> int | None:
+    """The index of `domain` among the model's domains (None for none); EngineError(400) if unknown."""
+    if domain is None:
+        return None
+    domains = list(domains)
+    if domain not in domains:
+        raise EngineError(400, f"unknown domain {domain!r}; this model knows {domains}")
+    return domains.index(domain)
 
 
-def _missing(loc: str, what: str) -> str:
-    """Why `loc` (which does not exist) is missing, in one line: a URI's bucket may be absent."""
-    if storage.is_uri(loc):
-        scheme, _, rest = loc.partition("://")
-        bucket = rest.split("/", 1)[0]
-        if bucket and not storage.exists(f"{scheme}://{bucket}"):
-            return f"{loc}: bucket {bucket!r} does not exist"
-    return f"{loc} is not {what}"
-
-
-class CheckpointStore:
-    """Checkpoints under one location: ROOT/RUN/checkpoints/step_XXXXXXXX (RUN may be nested);
-    ROOT is a local folder or a URI. With `run`, only that run's checkpoints are listed and
-    resolved (`serve --run R` serves R, not whatever else happens to lie beside it).
-    Raises EngineError for a store that is not there, StorageError when it cannot be read."""
-
-    def __init__(self, root: str | Path, run: str | None = None):
-        import pyarrow.fs as pafs
-
-        fs, path = storage.resolve(root)
-        # file:// is a local folder too, and gets the same symlink checks
-        self.local = isinstance(fs, pafs.LocalFileSystem)
-        self.root = str(Path(path).resolve()) if self.local else storage.absolute(root)
-        self.run = run
-        if not storage.is_dir(self.root):
-            raise EngineError(400, f"checkpoint store {_missing(self.root, 'a directory')}")
-
-    @property
-    def spec(self) -> dict:
-        """What a replica needs to open the same store: `CheckpointStore(**spec)`."""
-        return {"root": self.root, "run": self.run}
-
-    def _inside(self, loc: str, model_id: str) -> str:
-        """`loc` itself (local: with symlinks resolved) when it lies inside the store."""
-        if self.local:
-            real, root = Path(loc).resolve(), Path(self.root)
-            inside = real == root or root in real.parents
-            out = str(real)
-        else:
-            scheme, _, rest = loc.partition("://")
-            key, prefix = posixpath.normpath(rest), self.root.partition("://")[2]
-            inside = key == prefix or key.startswith(prefix + "/")
-            out = f"{scheme}://{key}"
-        if not inside:
-            raise EngineError(400, f"model {model_id!r} points outside the checkpoint store")
-        return out
-
-    def resolve(self, model_id: str) -> CheckpointRef:
-        if not isinstance(model_id, str) or not _ID.fullmatch(model_id) or len(model_id) > 512:
-            raise EngineError(400, f"model {model_id!r} is not a valid model id (RUN or RUN@STEP, "
-                                   "a relative path inside the checkpoint store)")
-        run, _, step_s = model_id.partition("@")
-        if any(part in (".", "..") for part in run.split("/")):
-            raise EngineError(400, f"model {model_id!r} may not contain '.' or '..' path segments")
-        if self.run is not None and run != self.run:
-            raise EngineError(404, f"model {model_id!r}: this server serves run {self.run!r} only")
-        try:
-            return self._resolve(model_id, run, step_s)
-        except (storage.StorageError, OSError) as e:
-            if self.local:  # a name the disk refuses
-                raise EngineError(400, f"model {model_id!r}: {getattr(e, 'strerror', None) or e}") from None
-            raise self._unreadable(e) from None
-
-    def _unreadable(self, e: Exception) -> EngineError:
-        """A store on object storage that stopped answering: the bucket went away, the
-        credentials expired, the endpoint is down. Not the client's fault: 503."""
-        return EngineError(503, f"checkpoint store {self.root} cannot be read ({' '.join(str(e).split())[:300]})")
-
-    def _resolve(self, model_id: str, run: str, step_s: str) -> CheckpointRef:
-        run_dir = self._inside(storage.join(self.root, run), model_id)
-
-        def step_dir(step: int) -> str:
-            return storage.join(run_dir, "checkpoints", ckpt.step_dir_name(step))
-
-        if step_s:
-            step = int(step_s)
-        else:  # the newest complete checkpoint (one still being written has no manifest yet)
-            steps = [n for n, _ in ckpt.list_steps(run_dir) if storage.is_file(storage.join(step_dir(n), "manifest.json"))]
-            if not steps:
-                raise EngineError(404, f"model {model_id!r}: no checkpoints in run {run!r}")
-            step = steps[-1]
-        path = self._inside(step_dir(step), model_id)
-        if not storage.is_file(storage.join(path, "manifest.json")):
-            raise EngineError(404, f"model {model_id!r}: no such checkpoint in the store")
-        for name in ckpt.INFERENCE_FILES + ("manifest.json", ckpt.TOKENIZER):  # a symlinked file must not leave either
-            self._inside(storage.join(path, name), model_id)
-        return CheckpointRef(f"{run}@{step}", run, step, path)
-
-    def _runs(self) -> list[str]:
-        """Candidate run paths relative to the store (resolve() still checks each one)."""
-        if self.run is not None:
-            return [self.run]
-        if self.local:  # pathlib's walk does not follow symlinked folders; pyarrow's local one does, loops too
-            root = Path(self.root)
-            return sorted(p.parent.relative_to(root).as_posix() for p in root.rglob("checkpoints") if p.is_dir())
-        return sorted({f.rpartition("/checkpoints/")[0] for f in storage.walk_files(self.root) if "/checkpoints/" in f})
-
-    def list(self) -> list[CheckpointRef]:
-        try:
-            found = [(run, step) for run in self._runs() if _ID.fullmatch(run)
-                     for step, _ in ckpt.list_steps(storage.join(self.root, run))]
-        except (storage.StorageError, OSError) as e:
-            if self.local:
-                raise
-            raise self._unreadable(e) from None
-        out = []
-        for run, step in found:
-            try:
-                out.append(self.resolve(f"{run}@{step}"))
-            except EngineError as e:  # ids that leave the store, incomplete checkpoints: not servable
-                if e.status == 503:
-                    raise
-        return out
-
-    @staticmethod
-    def for_run(run_dir: str | Path) -> tuple["CheckpointStore", str]:
-        """The store around a run directory (local or a URI) and the id of its newest checkpoint."""
-        run = storage.absolute(run_dir)
-        if storage.parent(run) == run or not storage.is_dir(storage.join(run, "checkpoints")):
-            raise EngineError(400, _missing(str(run_dir), "a run directory (no checkpoints/ folder)"))
-        store = CheckpointStore(storage.parent(run), run=storage.name(run))
-        return store, store.resolve(store.run).model_id
-
-    @staticmethod
-    def for_checkpoint(ckpt_dir: str | Path) -> tuple["CheckpointStore", str]:
-        """The store around RUN/checkpoints/step_XXXXXXXX (local or a URI) and that checkpoint's id."""
-        p = storage.absolute(ckpt_dir)
-        m = ckpt.STEP_DIR.match(storage.name(p))
-        if not m or storage.name(storage.parent(p)) != "checkpoints":
-            raise EngineError(400, f"{ckpt_dir} is not a checkpoint directory (RUN/checkpoints/step_XXXXXXXX)")
-        run = storage.parent(storage.parent(p))
-        store = CheckpointStore(storage.parent(run), run=storage.name(run))
-        return store, store.resolve(f"{store.run}@{int(m.group(1))}").model_id
+def check_context(n_tokens: int, context: int, max_tokens: int | None = None) -> None:
+    """`n_tokens` (a prompt, plus `max_tokens` to generate when given) must fit the model's context;
+    EngineError(413) if not."""
+    if max_tokens is None:
+        if n_tokens > context:
+            raise EngineError(413, f"{n_tokens} tokens exceed the model's context of {context}")
+    elif n_tokens + max_tokens > context:
+        raise EngineError(413, f"{n_tokens} prompt tokens + max_tokens {max_tokens} exceed "
+                               f"the model's context of {context}")
 
 
 # --------------------------------------------------------------------------- requests
@@ -350,27 +214,15 @@ class Engine:
         return self.tokenizer.decode([token])
 
     def domain_id(self, domain: str | None) -> int | None:
-        if domain is None:
-            return None
-        if domain not in self.domains:
-            raise EngineError(400, f"unknown domain {domain!r}; this model knows {self.domains}")
-        return self.domains.index(domain)
-
-    # ----------------------------------------------------------------- counters
-    def _count(self, trace, valid_BT: torch.Tensor) -> list[dict[str, list[int]]]:
-        """Tokens per expert and MoE layer of each row's valid positions (the serving layer keeps
-        the running totals, across replicas' answers)."""
-        rows: list[dict[str, list[int]]] = [{} for _ in range(valid_BT.shape[0])]
-        for (b, r), (exp_BTK, _) in sorted(trace.moe.items()):
-            for row, out in enumerate(rows):
-                e = exp_BTK[row][valid_BT[row].expand(exp_BTK.shape[1])]
-                out[f"b{b}r{r}"] = torch.bincount(e[e >= 0], minlength=self.num_experts).tolist()
-        return rows
+        return check_domain(self.domains, domain)
 
     # ----------------------------------------------------------------- routing traces
-    def check_context(self, n_tokens: int) -> None:
-        if n_tokens > self.max_context:
-            raise EngineError(413, f"{n_tokens} tokens exceed this model's context of {self.max_context}")
+    @staticmethod
+    def _rows(trace, valid_BT: torch.Tensor) -> list[dict[str, list[int]]]:
+        """Each row's tokens per expert and MoE layer, over its valid positions (the serving
+        layer keeps the running totals, across replicas' answers)."""
+        by_layer = trace.expert_counts_by_layer(valid_BT, by_row=True)  # layer -> [B, E]
+        return [{k: c_BE[b].tolist() for k, c_BE in by_layer.items()} for b in range(valid_BT.shape[0])]
 
     @torch.no_grad()
     def trace_ids(self, batch: list[list[int]], domains: list[str | None] | None = None) -> list[dict]:
@@ -380,7 +232,7 @@ class Engine:
         dom_ids = [self.domain_id(d) for d in domains]
         lens = [len(ids) for ids in batch]
         for n in lens:
-            self.check_context(n)
+            check_context(n, self.max_context)
         if not batch:
             return []
         B, T = len(batch), max(max(lens), 1)
@@ -391,14 +243,22 @@ class Engine:
             if dom_ids[b] is not None:
                 dom_BT[b] = dom_ids[b]
         valid_BT = torch.arange(T)[None, :] < torch.tensor(lens)[:, None]
-        out = self.model.trace(idx_BT, dom_BT if any(d is not None for d in dom_ids) else None)
-        self._count(out.trace, valid_BT)
-        return [self._routing_json(out.trace, b, batch[b], dom_ids[b]) for b in range(B)]
+        trace = self.model.trace(idx_BT, dom_BT if any(d is not None for d in dom_ids) else None).trace
+        counts = self._rows(trace, valid_BT)
+        out = []
+        for b in range(B):
+            hits = None
+            if dom_ids[b] is not None:  # this row's tokens only: the other rows have their own domain
+                row_BT = valid_BT & (torch.arange(B) == b)[:, None]
+                hits = trace.domain_expert_hits(dom_BT, self.domain_expert, row_BT)
+            out.append(self._routing_json(trace, b, batch[b], dom_ids[b], counts[b], hits))
+        return out
 
     def trace_text(self, text: str, domain: str | None = None) -> dict:
         return self.trace_ids([self.encode(text)], [domain])[0]
 
-    def _routing_json(self, trace, row: int, ids: list[int], dom: int | None) -> dict:
+    def _routing_json(self, trace, row: int, ids: list[int], dom: int | None,
+                      by_layer: dict[str, list[int]], hits: tuple[int, int] | None) -> dict:
         per_token = trace.tokens(row)[:len(ids)] if ids else []
         # a checkpoint with every feature off records nothing: its tokens still get (empty) records
         per_token += [{"moe": {}, "mod": {}, "mor": {}} for _ in range(len(ids) - len(per_token))]
@@ -406,20 +266,14 @@ class Engine:
             for d in rec["mod"].values():
                 d["score"] = round(d["score"], 6)
         tokens = [{"index": i, "id": t, "text": self.piece(t), **rec} for i, (t, rec) in enumerate(zip(ids, per_token))]
-        counts = [0] * self.num_experts
-        by_layer: dict[str, list[int]] = {}
-        for rec in tokens:
-            for layer, d in rec["moe"].items():
-                row_c = by_layer.setdefault(layer, [0] * self.num_experts)
-                for e in d["experts"]:
-                    counts[e] += 1
-                    row_c[e] += 1
-        total = sum(counts)
-        experts = [{"expert": e, "tokens": counts[e], "fraction": counts[e] / total if total else 0.0,
+        by_layer = {k: c for k, c in by_layer.items() if any(c)}  # the layers this text ran
+        counts_E = torch.tensor(list(by_layer.values())).sum(0) if by_layer else torch.zeros(self.num_experts)
+        total, fraction = int(counts_E.sum()), trace.fractions(counts_E)
+        experts = [{"expert": e, "tokens": int(counts_E[e]), "fraction": fraction[e],
                     "domain": next((d for d, x in zip(self.domains, self.domain_expert) if x == e), None)}
                    for e in range(self.num_experts)]
         # per domain: how much of this text went to the expert that domain was trained onto
-        domains = {d: {"expert": x, "fraction": counts[x] / total if total and x >= 0 else 0.0}
+        domains = {d: {"expert": x, "fraction": fraction[x] if x >= 0 else 0.0}
                    for d, x in zip(self.domains, self.domain_expert)}
         mod = [r["selected"] for rec in tokens for r in rec["mod"].values()]
         mor = [v for rec in tokens for v in rec["mor"].values()]
@@ -433,7 +287,7 @@ class Engine:
             "mor_mean_depth": sum(mor) / len(mor) if mor else None,
         }
         if dom is not None:
-            hit, tot = _row_hits(trace, row, len(ids), self.domain_expert[dom])
+            hit, tot = hits
             summary["domain"] = self.domains[dom]
             summary["domain_expert_agreement"] = hit / tot if tot else None
         return {"model": self.model_id, "step": self.step, "features": self.model.features,
@@ -445,7 +299,7 @@ class Engine:
             raise EngineError(400, "the prompt is empty")
         if req.max_tokens < 1:
             raise EngineError(400, "max_tokens must be at least 1")
-        self.check_context(len(req.prompt_ids) + req.max_tokens)
+        check_context(len(req.prompt_ids), self.max_context, req.max_tokens)
         self.domain_id(req.domain)
 
     @torch.no_grad()
@@ -476,7 +330,7 @@ class Engine:
         valid = torch.arange(idx_BT.shape[1])[None, :] < len_B[:, None]
         cache = KVCache(B, int(max(len(s) + r.max_tokens for s, r in zip(seqs, reqs)))) if use_cache else None
         out = model(idx_BT, domain_BT=dom_BT(idx_BT.shape[1]), causal=True, cache=cache, return_trace=True)
-        for row, c in zip(rows, self._count(out.trace, valid)):
+        for row, c in zip(rows, self._rows(out.trace, valid)):
             add_counts(row.counts, c)
         if cache is not None:
             cache.keep_prefix(len_B)
@@ -504,7 +358,7 @@ class Engine:
                 nxt_B1 = torch.tensor([s[-1] for s in seqs])[:, None]
                 out = model(nxt_B1, domain_BT=dom_BT(1), causal=True, cache=cache, start_pos=pos_B,
                             return_trace=True)
-                for row, c in zip(rows, self._count(out.trace, live[:, None])):
+                for row, c in zip(rows, self._rows(out.trace, live[:, None])):
                     add_counts(row.counts, c)
                 logits_BV = out.logits[:, -1]
             else:
@@ -512,7 +366,7 @@ class Engine:
                 out = model(idx_BT, domain_BT=dom_BT(idx_BT.shape[1]), causal=True, return_trace=True)
                 last_BT = torch.zeros(idx_BT.shape, dtype=torch.bool)
                 last_BT[torch.arange(B), len_B - 1] = live  # count each new token once
-                for row, c in zip(rows, self._count(out.trace, last_BT)):
+                for row, c in zip(rows, self._rows(out.trace, last_BT)):
                     add_counts(row.counts, c)
                 logits_BV = out.logits[torch.arange(B), len_B - 1]
 
@@ -533,15 +387,4 @@ def add_counts(total: dict[str, list[int]], more: dict[str, list[int]]) -> None:
         row = total.setdefault(layer, [0] * len(c))
         for i, v in enumerate(c):
             row[i] += v
-
-
-def _row_hits(trace, row: int, n: int, expert: int) -> tuple[int, int]:
-    """(MoE layer, token) pairs of one row whose first expert is `expert`, and all that ran."""
-    hit = tot = 0
-    for exp_BTK, _ in trace.moe.values():
-        e = exp_BTK[row, :n]
-        ran = (e >= 0).any(-1)
-        hit += int((e[..., 0][ran] == expert).sum())
-        tot += int(ran.sum())
-    return hit, tot
 

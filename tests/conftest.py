@@ -49,6 +49,17 @@ def small_model_cfg():
     return make
 
 
+# Fixtures that start Ray or a server: a test that uses one (directly or through another fixture)
+# is an integration test, whether or not it says so, so the fast lane (make test-fast) leaves it out.
+_INTEGRATION_FIXTURES = {"ray_session", "s3"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if _INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
@@ -61,8 +72,9 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=4, include_dashboard=False, object_store_memory=256 * 1024 * 1024,
-                 log_to_driver=False, configure_logging=False)
+        # the dashboard serves Ray's state API, through which tests find the train workers to kill
+        ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_port=_free_port(),
+                 object_store_memory=256 * 1024 * 1024, log_to_driver=False, configure_logging=False)
         from ray.data import DataContext
 
         DataContext.get_current().enable_progress_bars = False
@@ -108,18 +120,14 @@ def assert_one_line_error(r, *names: str) -> str:
 
 
 def train_worker_pids() -> list[int]:
-    """PIDs of live Ray Train worker processes (Ray titles them `ray::RayTrainWorker...`): how
+    """PIDs of the live Ray Train workers of the test session's Ray, from Ray's state API: how
     tests kill a worker without the run advertising its processes anywhere."""
-    from pathlib import Path
+    import ray
+    from ray.util.state import list_actors
 
-    pids = []
-    for proc in Path("/proc").iterdir():
-        try:
-            if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(b"ray::RayTrainWorker"):
-                pids.append(int(proc.name))
-        except OSError:
-            continue
-    return sorted(pids)
+    actors = list_actors(address=ray.get_runtime_context().gcs_address, raise_on_missing_output=False,
+                         filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    return sorted(a.pid for a in actors if a.pid)
 
 
 def tiny_config(cache, **train):
@@ -235,9 +243,37 @@ class LoadClients:
         deadline = time.time() + timeout
         while model not in self.seen and time.time() < deadline:
             time.sleep(0.2)
-        time.sleep(1)
 
     def stop(self) -> None:
         self._stop.set()
         for t in self.threads:
             t.join()
+
+
+class ByteBatches:
+    """Random windows of seq_len + 1 bytes of the built-in tiny corpus, each tagged with its
+    domain id: data for model tests that need real text but no pipeline."""
+
+    def __init__(self, cfg, seed: int = 0):
+        from hydra_ray.data import builtin
+
+        self.domains = cfg.model.domains
+        self.mixture = cfg.data.mixture
+        self.data = {d: torch.frombuffer(bytearray("".join(builtin.documents(d, "tiny", seed)).encode()),
+                                         dtype=torch.uint8).long()
+                     for d in self.domains if d in builtin.DOMAINS}
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def batch(self, batch_size: int, seq_len: int, mixture: dict[str, float] | None = None):
+        mixture = mixture or self.mixture
+        names = [d for d in self.data if mixture.get(d, 0.0) > 0]
+        pick = torch.multinomial(torch.tensor([mixture[d] for d in names], dtype=torch.float), batch_size,
+                                 replacement=True, generator=self.gen)
+        xs, doms = [], []
+        for i in pick.tolist():
+            buf = self.data[names[i]]
+            s = int(torch.randint(0, len(buf) - seq_len - 1, (1,), generator=self.gen))
+            xs.append(buf[s: s + seq_len + 1])
+            doms.append(self.domains.index(names[i]))
+        x = torch.stack(xs)
+        return x[:, :-1], x[:, 1:], torch.tensor(doms)[:, None].expand(batch_size, seq_len)

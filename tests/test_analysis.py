@@ -119,8 +119,10 @@ def test_hydra_logs_figures(tmp_path, truth):
         means = [sum(x[i] for x in us) / len(us) for i in range(4)]
         assert u["per_expert_pct"] == [round(m * 100, 1) for m in means]
         assert u["max_min_ratio"] == pytest.approx(max(means) / min(means))
-        mu = _mean(means)  # logged percentages are rounded: they need not sum to exactly 100
-        assert u["cv"] == pytest.approx(math.sqrt(sum((m - mu) ** 2 for m in means) / 4) / mu)
+        # text logs hold pooled shares only: each sample is one layer, so per-layer CV = pooled CV,
+        # the mean over the samples of std / mean of the sample's shares
+        cvs = [math.sqrt(sum((v - _mean(x)) ** 2 for v in x) / len(x)) / _mean(x) for x in us]
+        assert u["layer_cv"] == pytest.approx(_mean(cvs)) and u["pooled_cv"] == pytest.approx(_mean(cvs))
 
     last_eval = t["eval"][max(t["eval"])]
     assert s["eval"]["last"] == {"step": max(t["eval"]), "loss": last_eval["eval_loss"]}
@@ -175,6 +177,7 @@ def test_phase_file_for_logs(tmp_path, truth):
     assert s["phases"][2]["seed_locked"] is False and s["phases"][1]["features"] == ["moe"]
 
 
+@pytest.mark.slow
 def test_tiny_run_figures(tmp_path, tiny_run):
     cfg, run_dir = tiny_run
     s, out = _analyze(tmp_path, run_dir)
@@ -222,6 +225,10 @@ def test_tiny_run_figures(tmp_path, tiny_run):
         assert u["per_expert_pct"] == [round(sum(r["expert_util"][i] for r in rs) / len(rs) * 100, 1) for i in range(E)]
         agr = [r["domain_expert_agreement"] for r in rs if r["domain_expert_agreement"] is not None]
         assert u["agreement_mean"] == pytest.approx(_mean(agr))
+        # the loop's own imbalance figures, averaged over the mode's samples
+        assert all(r["imbalance"] for r in rs)
+        assert u["layer_cv"] == pytest.approx(_mean([r["imbalance"]["layer_cv"] for r in rs]))
+        assert u["pooled_cv"] == pytest.approx(_mean([r["imbalance"]["pooled_cv"] for r in rs]))
     assert s["agreement"]["by_routing_mode"]["forced"]["mean"] == pytest.approx(1.0)
 
     evals = [r for r in recs if "eval" in r]
@@ -246,6 +253,7 @@ def test_tiny_run_figures(tmp_path, tiny_run):
         assert " | ".join(f"{x:.1f}%" for x in u["per_expert_pct"]) in report
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["metrics.jsonl", "parts"])
 def test_metrics_corrupt_and_relogged_lines(tmp_path, tiny_run, capsys, layout):
     """A torn line is skipped with a warning and listed; a re-logged range counts once, later wins:
@@ -312,6 +320,43 @@ def test_run_on_s3_gives_the_figures_of_the_same_run_on_disk(tmp_path, tiny_run,
     assert not (tmp_path / "o").exists()
 
 
+def test_imbalance_is_the_loops(tmp_path):
+    """The analysis reports the imbalance the loop logged, and for a record without it the loop's
+    one definition (`utilisation.imbalance`) of its per-layer (else pooled) utilisation; the
+    balance advice follows the per-layer CV, not the pooled one."""
+    from hydra_ray.utilisation import imbalance
+
+    logged = {"layer_cv": 0.61, "pooled_cv": 0.07, "layer_max_min": None}  # null: inf in strict JSON
+    opposite = {"b0r0": [0.9, 0.1], "b1r0": [0.1, 0.9]}  # two layers collapsed onto different experts
+    base = {"phase": "moe", "loss": 2.0, "ce": 2.0, "routing_mode": "learned"}
+    recs = [{**base, "step": 1, "expert_util": [0.5, 0.5], "imbalance": logged},
+            {**base, "step": 2, "expert_util": [0.5, 0.5], "expert_util_by_layer": opposite},
+            {**base, "step": 3, "expert_util": [0.7, 0.3]}]  # an older run: pooled utilisation only
+    run = tmp_path / "run"
+    (run / "metrics").mkdir(parents=True)
+    (run / "metrics" / "part-0000000001.jsonl").write_text("".join(runlog.strict_json(r) + "\n" for r in recs))
+    s, out = _analyze(tmp_path, run, extra=["--no-plots"])
+
+    expected = [{**logged, "layer_max_min": math.inf}, imbalance(opposite), imbalance({"all": [0.7, 0.3]})]
+    assert expected[1]["layer_cv"] == pytest.approx(0.8) and expected[1]["pooled_cv"] == pytest.approx(0.0)
+    (u,) = s["utilisation"]
+    assert u["layer_cv"] == pytest.approx(_mean([x["layer_cv"] for x in expected]))
+    assert u["pooled_cv"] == pytest.approx(_mean([x["pooled_cv"] for x in expected]))
+    assert u["n_per_layer"] == 2 and s["last_step"]["imbalance"] == pytest.approx(expected[2])
+    assert "| Per-layer CV | Pooled CV |" in (report := (out / "report.md").read_text())
+    assert f"per-layer CV {expected[2]['layer_cv']:.3f}, pooled CV {expected[2]['pooled_cv']:.3f}" in report
+    advice = [r for r in s["recommendations"] if "aux_weight" in r]
+    assert len(advice) == 1 and f"per-layer CV {u['layer_cv']:.2f}" in advice[0]
+
+    # balanced when pooled, collapsed per layer: the advice follows the per-layer CV
+    for name, by_layer, advised in (("again", opposite, True), ("third", {"a": [0.52, 0.48], "b": [0.48, 0.52]}, False)):
+        (run / "metrics" / "part-0000000001.jsonl").write_text(
+            runlog.strict_json({**recs[1], "expert_util_by_layer": by_layer}) + "\n")
+        s, _ = _analyze(tmp_path / name, run, extra=["--no-plots"])
+        assert s["utilisation"][0]["pooled_cv"] == pytest.approx(0.0)
+        assert any("aux_weight" in r for r in s["recommendations"]) == advised
+
+
 def test_user_mistakes_are_one_line_errors(tmp_path, capsys):
     assert main(["analyze", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
     assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'nope'}: no such file or directory"
@@ -332,6 +377,11 @@ def test_user_mistakes_are_one_line_errors(tmp_path, capsys):
     bad.write_text("- {name: a, until_step: 10, routing: sideways}\n")
     assert main(["analyze", str(LOGS), "--out", str(tmp_path / "o"), "--phases", str(bad)]) == 2
     assert "routing 'sideways'" in capsys.readouterr().err
+
+    bad.write_text("- {name: a, until_stp: 10}\n")
+    assert main(["analyze", str(LOGS), "--out", str(tmp_path / "o"), "--phases", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: --phases {bad}: phase 0 ('a'): unknown key 'until_stp' (did you mean until_step?)\n"
 
     run = tmp_path / "run"
     run.mkdir()

@@ -13,6 +13,8 @@ import pytest
 from conftest import assert_one_line_error
 from conftest import run_cli as hydra_ray
 
+pytestmark = pytest.mark.integration  # every test runs the console script in a subprocess
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = Path(sys.executable).parent / "hydra-ray"
 PHASE_NAMES = ["foundation", "mor", "mod", "moe", "forced", "teacher", "general"]

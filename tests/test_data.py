@@ -1,5 +1,8 @@
 """The data pipeline: built-in corpus, readers and bad records, tokenizers, the Ray Data mixture
-(realised mix, determinism, resume), labels, and two Ray Train workers reading disjoint slices."""
+(realised mix, determinism, resume), labels, and two Ray Train workers reading disjoint slices.
+
+Over 400 lines: the module-scoped prepared data is shared by the mixture, resume and worker tests,
+which would otherwise each prepare their own."""
 
 import json
 import subprocess
@@ -41,6 +44,7 @@ def _rows(prep, cfg, global_batch: int, start_step: int = 0, end_step: int | Non
 
 
 # --------------------------------------------------------------------------- built-in corpus
+@pytest.mark.slow
 def test_prepare_writes_the_same_bytes_twice_with_dozens_of_documents_per_domain(tmp_path):
     script = Path(sys.executable).parent / "hydra-ray"
     for out in ("a", "b"):

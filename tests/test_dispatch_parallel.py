@@ -20,7 +20,8 @@ from hydra_ray.models.moe import Experts
 from hydra_ray.parallel.dispatch import AllToAllDispatcher, LocalDispatcher, expert_shard
 from hydra_ray.parallel.parallelize import gather_expert_state, parallelize, shard_experts, unwrap
 from hydra_ray import checkpoint as ckpt
-from hydra_ray.train.loop import Env, _gather_optimizer, restore
+from hydra_ray.train.env import Env
+from hydra_ray.train.state import _gather_optimizer, restore
 
 D, F = 12, 20
 

@@ -28,6 +28,7 @@ def _tiny_yaml(path: Path, cache: str, train: dict | None = None, **data) -> Pat
 
 
 # --------------------------------------------------------------------------- one-line CLI errors
+@pytest.mark.integration  # the console script, in a subprocess
 @pytest.mark.parametrize("case", ["max-steps-0", "resume-missing", "empty", "list", "tokenizer", "typo", "resources",
                                   "custom-resource-locally", "resize-interval"])
 def test_train_mistakes_are_one_line_errors_before_any_work(case, tmp_path, builtin_cache):
@@ -100,13 +101,12 @@ def _rewrite(ckpt_dir: Path, name: str, data: bytes) -> None:
 # --------------------------------------------------------------------------- no silent empty runs
 @pytest.mark.integration
 def test_a_run_of_nan_steps_with_nothing_to_roll_back_to_stops_with_an_error(tmp_path, ray_session, builtin_cache,
-                                                                              monkeypatch, capsys):
+                                                                              capsys):
     """Every step NaN and no checkpoint yet: the run stops after max_nan_skips steps, exit 1, and
     says why; metrics.jsonl stays strict JSON (no bare NaN)."""
     from hydra_ray.cli import main
 
-    cfg = _tiny_yaml(tmp_path / "tiny.yaml", builtin_cache, train={"log_every": 1})
-    monkeypatch.setenv("HYDRA_INJECT_NAN_AT", ",".join(str(s) for s in range(10)))
+    cfg = _tiny_yaml(tmp_path / "tiny.yaml", builtin_cache, train={"log_every": 1, "inject_nan_steps": list(range(10))})
     rc = main(["train", "--config", str(cfg), "--workers", "1", "--max-steps", "10", "--storage",
                str(tmp_path), "--name", "nan"])
     err = capsys.readouterr().err

@@ -1,6 +1,13 @@
-"""Serving: the engine on its own, then the real Serve app (ingress + multiplexed model deployment)
-on the session's local Ray, against checkpoints of a real tiny run, from a local folder and from
-the session's S3 server; and the inspector page in a real headless Chromium."""
+"""Serving: the request rules and the routing counts on a random model (the fast lane), the engine
+on its own, then the real Serve app (ingress + multiplexed model deployment) on the session's local
+Ray, against checkpoints of a real tiny run, from a local folder and from the session's S3 server;
+and the inspector page in a real headless Chromium.
+
+Every test past the first section needs the tiny run (Ray Data preparation and a 180-step
+training on the session's Ray), the Serve app or the S3 server: all of them are marked
+`integration` and `slow`. Over 400 lines: one file keeps the module-scoped store and app fixtures
+shared by the engine, app and CLI tests, which would otherwise each start their own.
+"""
 
 import json
 import os
@@ -14,7 +21,9 @@ import httpx
 import pytest
 import yaml
 
-from hydra_ray.serve.engine import CheckpointStore, Engine, EngineError, GenRequest
+from hydra_ray.serve.engine import Engine, GenRequest, check_context, check_domain
+from hydra_ray.serve.errors import EngineError
+from hydra_ray.serve.store import CheckpointStore
 from conftest import LoadClients
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,6 +35,95 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _wait_until(condition, timeout: float, what: str, every: float = 0.2):
+    """Poll `condition()` until it returns something true (returned), or fail after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = condition()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(every)
+
+
+# --------------------------------------------------------------------------- fast lane: no run, no Ray
+def test_request_rules_are_one_function_each_with_the_status_and_message_the_api_answers():
+    assert check_domain(["math", "code"], None) is None and check_domain(["math", "code"], "code") == 1
+    with pytest.raises(EngineError) as e:
+        check_domain(("math", "code"), "poetry")
+    assert (e.value.status, e.value.message) == (400, "unknown domain 'poetry'; this model knows ['math', 'code']")
+    check_context(10, 10)
+    check_context(6, 10, max_tokens=4)
+    with pytest.raises(EngineError) as e:
+        check_context(11, 10)
+    assert (e.value.status, e.value.message) == (413, "11 tokens exceed the model's context of 10")
+    with pytest.raises(EngineError) as e:
+        check_context(7, 10, max_tokens=4)
+    assert (e.value.status, e.value.message) == (413, "7 prompt tokens + max_tokens 4 exceed the model's context of 10")
+
+
+@pytest.fixture(scope="module")
+def random_engine():
+    """The tiny preset, narrower, with random weights and every feature on: routing to count, no
+    training."""
+    import torch
+
+    from hydra_ray.config import load_config, parse_config
+    from hydra_ray.models import HydraLM
+
+    data = load_config("tiny").model_dump(mode="python")
+    data["model"].update(d_model=32, ffn_hidden=64, seq_len=32)
+    cfg = parse_config(data)
+    torch.manual_seed(0)
+    model = HydraLM(cfg.model)
+    model.set_features(mor=True, mod=True, moe=True)
+    return Engine(model, cfg, "random")
+
+
+def test_routing_counts_are_the_traces_per_row_and_match_the_per_token_records(random_engine):
+    """A ragged batch: each row's summary counts its own tokens only (not the padding, not the other
+    rows), the same as its per-token records and as tracing it alone."""
+    e = random_engine
+    texts = ["Solve 12 * 7 = ", "def add(a, b):\n    return a + b", "hi"]
+    batched = e.trace_ids([e.encode(t) for t in texts], ["math", None, "code"])
+    for out, text, domain in zip(batched, texts, ["math", None, "code"]):
+        by_layer: dict[str, list[int]] = {}
+        for tok in out["tokens"]:
+            for layer, d in tok["moe"].items():
+                for x in d["experts"]:
+                    by_layer.setdefault(layer, [0] * e.num_experts)[x] += 1
+        s = out["summary"]
+        assert s["expert_tokens_by_layer"] == by_layer and out["moe_layers"] == sorted(by_layer)
+        counts = [sum(c[x] for c in by_layer.values()) for x in range(e.num_experts)]
+        assert [x["tokens"] for x in s["experts"]] == counts
+        assert [x["fraction"] for x in s["experts"]] == pytest.approx([c / sum(counts) for c in counts])
+        assert {d: v["fraction"] for d, v in s["domains"].items()} == pytest.approx(
+            {d: counts[x] / sum(counts) for d, x in zip(e.domains, e.domain_expert)})
+        alone = e.trace_text(text, domain)["summary"]
+        assert alone["expert_tokens_by_layer"] == s["expert_tokens_by_layer"]
+        if domain is None:
+            assert "domain_expert_agreement" not in s
+            continue
+        mapped = e.domain_expert[e.domains.index(domain)]
+        firsts = [d["experts"][0] == mapped for tok in out["tokens"] for d in tok["moe"].values()]
+        assert s["domain_expert_agreement"] == pytest.approx(sum(firsts) / len(firsts))
+        assert alone["domain_expert_agreement"] == pytest.approx(s["domain_expert_agreement"])
+
+
+def test_generation_counts_each_requests_tokens_once(random_engine):
+    """The expert load returned with a finished request: every MoE layer's tokens of its prompt and
+    of the tokens it generated (the last one is sampled, not fed back), cache or not."""
+    e = random_engine
+    reqs = [GenRequest(e.encode(p), max_tokens=n, temperature=0.0) for p, n in (("Solve 3 + 4", 6), ("x", 9))]
+    for use_cache in (True, False):
+        for req, events in zip(reqs, zip(*e.generate(reqs, use_cache))):
+            last = [ev for ev in events if ev is not None][-1]
+            ids = req.prompt_ids + [t for ev in events if ev is not None for t in ev.token_ids][:-1]
+            ref = e.trace_ids([ids])[0]["summary"]["expert_tokens_by_layer"]
+            assert {k: v for k, v in last.expert_counts.items() if any(v)} == ref, use_cache
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +149,8 @@ def engines(store):
 
 
 # --------------------------------------------------------------------------- engine (no Ray)
+@pytest.mark.integration
+@pytest.mark.slow
 def test_engine_loads_a_checkpoint_with_its_features_and_generates_deterministically(engines):
     e = engines["tiny@180"]
     assert e.model_id == "tiny@180" and e.step == 180
@@ -64,6 +164,8 @@ def test_engine_loads_a_checkpoint_with_its_features_and_generates_deterministic
     assert a["token_ids"] != c["token_ids"]
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_engine_batches_ragged_requests_exactly_and_the_cache_equals_recompute(engines):
     e = engines["tiny@180"]
     reqs = [GenRequest(e.encode(p), max_tokens=n, temperature=t, seed=s)
@@ -76,6 +178,8 @@ def test_engine_batches_ragged_requests_exactly_and_the_cache_equals_recompute(e
         assert a["text"] == b["text"]
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_engine_stop_strings_end_generation_and_are_never_emitted(engines):
     e = engines["tiny@180"]
     ids = e.encode("The answer is ")
@@ -87,6 +191,8 @@ def test_engine_stop_strings_end_generation_and_are_never_emitted(engines):
     assert text == full[:full.find(stop)] and stop not in text
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_engine_trace_is_per_token_and_batched_traces_match_single_ones(engines):
     e = engines["tiny@180"]
     texts = ["Solve 12 * 7 = ", "def add(a, b):\n    return a + b", "hi"]
@@ -104,6 +210,8 @@ def test_engine_trace_is_per_token_and_batched_traces_match_single_ones(engines)
     assert abs(sum(fr) - 1) < 1e-9
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_engine_traces_a_checkpoint_with_every_feature_off(engines):
     """A foundation-phase model routes nothing, but every token still gets its (empty) record."""
     from hydra_ray.models import HydraLM
@@ -128,6 +236,8 @@ def _same_routing(a: list[dict], b: list[dict]) -> None:
             assert x["mod"][k]["score"] == pytest.approx(y["mod"][k]["score"], abs=1e-4)
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_store_rejects_ids_that_leave_it_and_reports_missing_or_corrupt_checkpoints(store, tmp_path):
     s = CheckpointStore(store)
     for bad in ("../x", "/etc/passwd", "tiny/../../etc", "tiny/./checkpoints", "escape", "escape@180", "a\\b",
@@ -159,6 +269,8 @@ def test_store_rejects_ids_that_leave_it_and_reports_missing_or_corrupt_checkpoi
     shutil.rmtree(store / "linked")
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_serving_a_run_lists_and_resolves_that_run_only(store):
     """`serve --run R` serves R, not the broken or linked runs that lie beside it; a store of
     runs is explicit (`--store`)."""
@@ -184,6 +296,8 @@ def s3_store(s3, tiny_run):
     return root
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_a_store_on_s3_resolves_like_a_local_one_and_serves_the_same_tokens(s3_store, engines, tmp_path):
     from hydra_ray import storage
     from hydra_ray.config import dump_config
@@ -234,7 +348,8 @@ def test_a_store_on_s3_resolves_like_a_local_one_and_serves_the_same_tokens(s3_s
 def app(ray_session, store):
     from ray import serve
 
-    from hydra_ray.serve.app import ServeArgs, build_app
+    from hydra_ray.serve.args import ServeArgs
+    from hydra_ray.serve.builder import build_app
 
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -253,6 +368,8 @@ def _sse(text: str) -> list:
     return [json.loads(e) for e in events[:-1]]
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_completions_are_openai_shaped_streamed_or_not_and_seeded(app, engines):
     c = app["client"]
     body = {"prompt": "def add(a, b):", "max_tokens": 20, "temperature": 0.8, "top_p": 0.9, "seed": 11}
@@ -287,6 +404,8 @@ def test_completions_are_openai_shaped_streamed_or_not_and_seeded(app, engines):
     assert [x["index"] for x in r.json()["choices"]] == [0, 1] and r.json()["usage"]["prompt_tokens"] == 3
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_routing_endpoints_agree_with_the_engine_trace(app, engines):
     c, e = app["client"], engines["tiny@180"]
     text = "Solve 12 * 7 = "
@@ -310,6 +429,8 @@ def test_routing_endpoints_agree_with_the_engine_trace(app, engines):
     _same_routing(ch["routing"]["tokens"], e.trace_ids([ids])[0]["tokens"])
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_two_checkpoints_are_multiplexed_side_by_side(app, engines):
     c = app["client"]
     texts = {"tiny@160": "Solve 3 + 4 = ", "tiny@180": "Solve 3 + 4 = "}
@@ -333,7 +454,11 @@ def test_two_checkpoints_are_multiplexed_side_by_side(app, engines):
     assert all(m["object"] == "model" for m in models["data"])
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_concurrent_requests_are_batched_and_counted(app):
+    from hydra_ray.utilisation import imbalance
+
     c = app["client"]
     before = c.get("/v1/experts/stats").json()["models"].get("tiny@180", {"tokens_by_expert": [0] * 4})
     out = []
@@ -363,18 +488,25 @@ def test_concurrent_requests_are_batched_and_counted(app):
     routed = sum(sum(x["summary"]["experts"][e]["tokens"] for x in out) for e in range(4))
     assert sum(after["tokens_by_expert"]) - sum(before["tokens_by_expert"]) >= routed
     assert abs(sum(after["fraction_by_expert"]) - 1) < 1e-9
+    want = imbalance(after["by_layer"])  # the one definition training reports too; JSON has no inf
+    assert set(after["imbalance"]) == set(want)
+    for k, v in want.items():
+        assert after["imbalance"][k] == (None if v == float("inf") else pytest.approx(v)), k
     metrics = httpx.get(app["url"] + "/metrics").text
     assert 'hydra_requests_total{endpoint="routing",status="200"}' in metrics
     assert "hydra_expert_tokens_total" in metrics and "hydra_batch_size_bucket" in metrics
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_hot_swap_under_load_drops_no_request(app):
     from ray import serve
 
-    from hydra_ray.serve.app import ServeArgs, build_app
+    from hydra_ray.serve.args import ServeArgs
+    from hydra_ray.serve.builder import build_app
 
     clients = LoadClients(app["url"], 8, headers=AUTH)
-    time.sleep(2)
+    _wait_until(lambda: "tiny@180" in clients.seen or clients.errors, 60, "the clients' first answers")
     serve.run(build_app(ServeArgs(**{**app["args"], "default_model": "tiny@160"})), name="hydra", route_prefix="/")
     clients.wait_for("tiny@160")
     clients.stop()
@@ -385,6 +517,8 @@ def test_hot_swap_under_load_drops_no_request(app):
     assert app["client"].get("/healthz").json()["default_model"] == "tiny@180"
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_bad_requests_are_4xx_json_never_5xx(app):
     url = app["url"]
     c = app["client"]
@@ -441,12 +575,15 @@ def test_bad_requests_are_4xx_json_never_5xx(app):
     assert 'status="400"' in httpx.get(url + "/metrics").text
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_the_serve_app_serves_a_run_on_s3(app, s3_store, engines):
     """ServeArgs(run="s3://..."), as `serve run serve/config.yaml` gives it: a second application
     beside the module's (Serve's HTTP options hold for the whole Ray session), under /s3."""
     from ray import serve
 
-    from hydra_ray.serve.app import ServeArgs, build_app
+    from hydra_ray.serve.args import ServeArgs
+    from hydra_ray.serve.builder import build_app
 
     args = ServeArgs(run=f"{s3_store}/tiny", api_key=KEY, num_cpus=0.5, max_tokens=64)
     serve.run(build_app(args), name="hydra-s3", route_prefix="/s3")
@@ -473,21 +610,25 @@ def test_the_serve_app_serves_a_run_on_s3(app, s3_store, engines):
 
 
 # --------------------------------------------------------------------------- config and CLI
+@pytest.mark.integration
+@pytest.mark.slow
 def test_serve_config_yaml_is_a_valid_serve_deploy_file_whose_builder_accepts_its_args(store):
     from ray.serve.schema import ServeDeploySchema
 
-    from hydra_ray.serve.app import ServeArgs
+    from hydra_ray.serve.args import ServeArgs
 
     cfg = yaml.safe_load((ROOT / "serve" / "config.yaml").read_text())
     ServeDeploySchema.model_validate(cfg)
     (appcfg,) = cfg["applications"]
-    assert appcfg["import_path"] == "hydra_ray.serve.app:build_app"
+    assert appcfg["import_path"] == "hydra_ray.serve.builder:build_app"
     args = ServeArgs.model_validate({**appcfg["args"], "run": str(store / "tiny")})
     assert args.locate()[1] == "tiny@180"
     names = {d["name"] for d in appcfg["deployments"]}
     assert names == {"HydraIngress", "HydraModel"}
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_serve_cli_validates_before_starting_ray(store, tmp_path, capsys):
     from hydra_ray.cli import main
 
@@ -500,6 +641,8 @@ def test_serve_cli_validates_before_starting_ray(store, tmp_path, capsys):
         assert "autoscale" in capsys.readouterr().err
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_serve_cli_names_the_uri_of_a_missing_run_or_bucket_or_refused_credentials(s3, capsys, monkeypatch):
     from hydra_ray.cli import main
 
@@ -514,8 +657,11 @@ def test_serve_cli_names_the_uri_of_a_missing_run_or_bucket_or_refused_credentia
     assert err.startswith(f"error: {s3}/serve-store/tiny") and "access denied" in err and err.count("\n") == 1, err
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_builder_takes_replicas_autoscaling_and_the_default_from_serve_args(store):
-    from hydra_ray.serve.app import ServeArgs, build_app
+    from hydra_ray.serve.args import ServeArgs
+    from hydra_ray.serve.builder import build_app
 
     def model_deployment(app):
         return app._bound_deployment.init_args[0]._bound_deployment
@@ -531,6 +677,7 @@ def test_builder_takes_replicas_autoscaling_and_the_default_from_serve_args(stor
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_serve_cli_runs_until_interrupted_and_shuts_down_cleanly(store, tmp_path):
     """`hydra-ray serve` in its own process (its own embedded Ray), stopped with SIGINT."""
     import signal
@@ -544,16 +691,17 @@ def test_serve_cli_runs_until_interrupted_and_shuts_down_cleanly(store, tmp_path
                              "--port", str(port), "--num-cpus", "0.5"], env=env, cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        url, deadline, ok = f"http://127.0.0.1:{port}", time.time() + 180, False
-        while time.time() < deadline and proc.poll() is None:
+        url = f"http://127.0.0.1:{port}"
+
+        def ready():
+            if proc.poll() is not None:
+                pytest.fail(f"hydra-ray serve exited: {proc.stdout.read()}")
             try:
-                ok = httpx.get(url + "/healthz", timeout=2).json()["default_model"] == "tiny@180"
-                if ok:
-                    break
+                return httpx.get(url + "/healthz", timeout=2).json()["default_model"] == "tiny@180"
             except (httpx.HTTPError, ValueError):
-                pass
-            time.sleep(0.5)
-        assert ok, proc.stdout.read() if proc.poll() is not None else "not ready"
+                return False
+
+        _wait_until(ready, 180, "the server to serve tiny@180", every=0.5)
         assert httpx.post(url + "/v1/routing", json={"text": "x"}).status_code == 401  # key from HYDRA_API_KEY
         r = httpx.post(url + "/v1/routing", json={"text": "x"}, headers={"Authorization": "Bearer env-key"})
         assert r.status_code == 200
@@ -574,6 +722,8 @@ def test_serve_cli_runs_until_interrupted_and_shuts_down_cleanly(store, tmp_path
 CHROMIUM = "/usr/bin/chromium"
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_inspector_page_in_headless_chromium(app, engines):
     if not os.path.exists(CHROMIUM):
         pytest.fail(f"{CHROMIUM} is missing: `make test` installs Debian's chromium package (make browser)")

@@ -73,11 +73,11 @@ def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tmp_path, builtin_c
 
 
 @pytest.mark.integration
-def test_nan_steps_are_skipped_and_repeated_nans_roll_back(tmp_path, builtin_cache, tiny_data, monkeypatch):
+def test_nan_steps_are_skipped_and_repeated_nans_roll_back(tmp_path, builtin_cache, tiny_data):
     from hydra_ray.train.loop import run_local
 
-    cfg = tiny_config(builtin_cache, log_every=1, save_every=20, eval_every=1000, max_nan_skips=3)
-    monkeypatch.setenv("HYDRA_INJECT_NAN_AT", "24,44,45,46")  # 0-based step indices
+    cfg = tiny_config(builtin_cache, log_every=1, save_every=20, eval_every=1000, max_nan_skips=3,
+                      inject_nan_steps=[24, 44, 45, 46])  # 0-based step indices
     run_local(cfg, str(tmp_path / "run"), tiny_data, end_step=60)
     events = _events(tmp_path / "run")
     skipped = [e["step"] for e in events if e["event"] == "nan_skipped"]
@@ -266,7 +266,8 @@ def test_checkpoints_reshard_between_two_workers_and_one(elastic_run, tmp_path, 
         from hydra_ray.models import HydraLM as Model
         from hydra_ray.parallel.parallelize import parallelize as par
         from hydra_ray import checkpoint as ck
-        from hydra_ray.train.loop import Env, restore
+        from hydra_ray.train.env import Env
+        from hydra_ray.train.state import restore
 
         ctx = ray.train.get_context()
         env = Env(rank=ctx.get_world_rank(), world=ctx.get_world_size())

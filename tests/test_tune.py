@@ -1,6 +1,6 @@
-"""`hydra-ray tune`: the space file and its errors, a 4-trial ASHA sweep on a tiny budget whose
-best.yaml trains, `--resume` of an interrupted sweep, and a sweep on S3 (`--storage s3://...`)
-whose best.yaml trains straight from the bucket."""
+"""`hydra-ray tune`: the space file and its errors, the imbalance a trial reports, a 4-trial ASHA
+sweep on a tiny budget whose best.yaml trains, `--resume` of an interrupted sweep, and a sweep on
+S3 (`--storage s3://...`) whose best.yaml trains straight from the bucket."""
 
 from __future__ import annotations
 
@@ -15,9 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from hydra_ray import storage, tune
+from hydra_ray import storage
 from hydra_ray.cli import build_parser, main
 from hydra_ray.config import ConfigError, dump_config, load_config, parse_config
+from hydra_ray.runlog import RunLog
+from hydra_ray.tune import cli as tune
+from hydra_ray.tune.space import Entry, load_space, parse_entry, validate_space
+from hydra_ray.tune.trial import tune_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 ROUTING = ROOT / "configs" / "sweeps" / "routing.yaml"
@@ -52,14 +56,70 @@ def base_yaml(tmp_path_factory, builtin_cache) -> Path:
 
 # --------------------------------------------------------------------------- the space file
 def test_routing_space_covers_the_routing_knobs_and_fits_the_presets():
-    entries = {e.key: e for e in tune.load_space(str(ROUTING))}
+    entries = {e.key: e for e in load_space(str(ROUTING))}
     assert {"model.moe.aux_weight", "model.moe.z_loss", "model.moe.capacity_factor", "model.moe.top_k",
             "model.moe.jitter", "model.moe.teacher_weight", "model.mod.capacity",
             "model.mor.recursions"} <= set(entries)
     assert entries["model.moe.aux_weight"].kind == entries["model.moe.z_loss"].kind == "loguniform"
     assert entries["model.moe.aux_weight"].values == (1e-4, 1e-1)  # `1e-4` is a float, not YAML 1.1's string
     for preset in ("tiny", ROOT / "configs" / "tune-tiny.yaml"):
-        tune.validate_space(list(entries.values()), load_config(preset).model_dump(mode="python"), str(ROUTING))
+        validate_space(list(entries.values()), load_config(preset).model_dump(mode="python"), str(ROUTING))
+
+
+@pytest.mark.parametrize("key, spec, says", [
+    (3, {"choice": [1]}, "entry 3: keys are dotted config paths"),
+    ("  ", {"normal": [1]}, "entry '  ': keys are dotted config paths"),  # the key is said first
+    ("model.moe.jitter", {"uniform": [0.1]}, "model.moe.jitter: uniform needs [low, high], got [0.1]"),
+    ("model.moe.jitter", {"uniform": ["0", 1]}, "uniform needs two finite numbers [low, high]"),
+    ("model.moe.jitter", {"uniform": [True, 2]}, "uniform needs two finite numbers [low, high]"),
+    ("model.moe.jitter", {"uniform": [0, float("inf")]}, "uniform needs two finite numbers [low, high]"),
+    ("model.moe.top_k", {"grid": "12"}, "grid needs a non-empty list of values, got '12'"),
+    ("model.moe.top_k", {"choice": [1], "grid": [2]}, "expected one distribution"),
+    ("model.moe.top_k", {"choise": [1]}, "unknown distribution 'choise' (did you mean choice?)"),
+])
+def test_a_bad_entry_is_one_line_naming_file_and_entry(key, spec, says):
+    with pytest.raises(ConfigError) as err:
+        parse_entry(key, spec, "space.yaml")
+    msg = str(err.value)
+    assert msg.startswith("space.yaml: ") and "\n" not in msg and says in msg, msg
+
+
+def test_an_entry_is_a_frozen_model_of_kind_and_values():
+    e = parse_entry("model.moe.aux_weight", {"loguniform": [1, 100]}, "space.yaml")
+    assert (e.kind, e.values) == ("loguniform", (1.0, 100.0)) and all(type(v) is float for v in e.values)
+    assert e == Entry(key="model.moe.aux_weight", kind="loguniform", values=(1, 100))  # built from fields alike
+    assert e.probes()[0] == 1.0 and 1 < e.probes()[1] < 100 and e.probes()[2] == 100.0
+    assert e.spec() == {"loguniform": [1.0, 100.0]}
+    with pytest.raises(ValueError):
+        e.kind = "uniform"
+    assert parse_entry("model.moe.top_k", {"grid": [1, 2]}, "s").values == (1, 2)
+
+
+def test_the_trial_reports_the_loops_imbalance_over_the_eval_window(tmp_path):
+    """`imbalance` is the mean of the logged records' imbalance.layer_cv over the steps since the
+    previous eval, `util_max_min` the largest layer_max_min (null in strict JSON: an expert that got
+    nothing, inf); with no such record in the window the report's own flat keys stand in."""
+    run = str(tmp_path / "run")
+    log = RunLog(run, tensorboard=False)
+    log.restart(0)
+    for step, imb in [(1, None), (2, {"layer_cv": 9.0, "pooled_cv": 0.0, "layer_max_min": 99.0}),  # before
+                      (3, {"layer_cv": 0.2, "pooled_cv": 0.1, "layer_max_min": 2.0}),
+                      (4, {"layer_cv": 0.4, "pooled_cv": 0.1, "layer_max_min": 3.0}),
+                      (5, {"layer_cv": 0.6, "pooled_cv": 0.1, "layer_max_min": 1.5}),
+                      (6, None), (7, None), (8, None),
+                      (9, {"layer_cv": 0.5, "pooled_cv": 0.2, "layer_max_min": math.inf})]:
+        log.write({"step": step, "loss": 1.0, **({"imbalance": imb} if imb else {})})
+    log.close()
+    flat = {"step": 5, "eval_loss": 2.5, "imbalance_layer_cv": 7.0, "imbalance_layer_max_min": 7.0}
+    m = tune_metrics(flat, run, window=3)  # steps 3, 4, 5
+    assert m["eval_loss"] == 2.5 and m["step"] == 5
+    assert m["imbalance"] == pytest.approx(0.4) and m["util_max_min"] == 3.0
+    m = tune_metrics({**flat, "step": 9}, run, window=4)  # steps 6..9: one record, its ratio infinite
+    assert m["imbalance"] == pytest.approx(0.5) and m["util_max_min"] == math.inf
+    m = tune_metrics({**flat, "step": 8}, run, window=2)  # steps 7, 8 logged no imbalance: the report's
+    assert (m["imbalance"], m["util_max_min"]) == (7.0, 7.0)
+    m = tune_metrics({"step": 1, "eval_loss": 3.0}, run, window=1)  # MoE off
+    assert (m["imbalance"], m["util_max_min"]) == (None, None)
 
 
 @pytest.mark.parametrize("text, names", [
@@ -94,6 +154,8 @@ def test_bad_space_files_are_one_clear_error(tmp_path, base_yaml, text, names):
     assert not (tmp_path / "store").exists()  # refused before anything was started or written
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_bad_space_file_on_the_command_line(tmp_path, base_yaml):
     space = tmp_path / "bad.yaml"
     space.write_text("model.moe.capacity_factor: {choice: [1.0, -1.0]}\n")
@@ -147,6 +209,7 @@ def test_asha_sweep_completes_and_stops_weak_trials_early(asha_sweep):
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_best_yaml_is_the_best_complete_config_and_trains(asha_sweep, tmp_path):
     rc, sweep, _ = asha_sweep
     rows = _rows(sweep / "trials.csv")
@@ -239,6 +302,7 @@ def test_two_worker_trials_run_ray_train_inside_tune(asha_sweep, tmp_path, ray_s
 
 # --------------------------------------------------------------------------- on object storage
 @pytest.mark.integration
+@pytest.mark.slow
 def test_sweep_on_s3_writes_its_results_there_and_best_yaml_trains(tmp_path, ray_session, base_yaml, s3,
                                                                     monkeypatch):
     """--storage s3://...: 2 one-worker trials of 6 steps; the runs, trials.csv and best.yaml are
@@ -270,9 +334,13 @@ def test_sweep_on_s3_writes_its_results_there_and_best_yaml_trains(tmp_path, ray
 
 @pytest.mark.parametrize("where, says", [
     ("foo://x", ["foo://x", "unknown storage scheme 'foo'"]),
-    ("s3://missing-bucket/x", ["--storage s3://missing-bucket/x", "bucket 'missing-bucket' does not exist"]),
+    pytest.param("s3://missing-bucket/x",
+                 ["--storage s3://missing-bucket/x", "bucket 'missing-bucket' does not exist"],
+                 marks=[pytest.mark.integration, pytest.mark.slow]),  # a real S3 server, started once
 ])
-def test_unusable_storage_is_a_one_line_error(tmp_path, base_yaml, s3, capsys, where, says):
+def test_unusable_storage_is_a_one_line_error(tmp_path, base_yaml, capsys, request, where, says):
+    if where.startswith("s3://"):
+        request.getfixturevalue("s3")  # the server's endpoint and credentials in the environment
     space = tmp_path / "space.yaml"
     space.write_text("model.moe.aux_weight: {loguniform: [1e-4, 1e-1]}\n")
     assert main(["tune", "--config", str(base_yaml), "--space", str(space), "--samples", "1",

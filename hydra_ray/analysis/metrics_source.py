@@ -19,6 +19,8 @@ Design choices
 - A step is clipped when its pre-clip norm exceeds train.grad_clip (the trainer's own rule);
   without a config, when the logged post-clip norm is below the pre-clip norm.
 - The events add restores, NaN skips, roll-backs and switch-on costs to the timeline.
+- A record's `imbalance` is kept as the loop logged it (a null worst max/min is an infinite one:
+  strict JSON has no infinity), and `expert_util_by_layer` for records logged without it.
 """
 
 from __future__ import annotations
@@ -58,6 +60,15 @@ def _record(obj: dict) -> Record:
         r.mod_capacity = _num(obj.get("mod_capacity"))
         util = obj.get("expert_util")
         r.util = [float(u) for u in util] if isinstance(util, list) and all(finite(u) for u in util) and util else None
+        by_layer = obj.get("expert_util_by_layer")
+        if isinstance(by_layer, dict) and by_layer and all(
+                isinstance(u, list) and u and all(finite(x) for x in u) for u in by_layer.values()):
+            r.util_by_layer = {str(k): [float(x) for x in u] for k, u in by_layer.items()}
+        imb = obj.get("imbalance")
+        if isinstance(imb, dict) and finite(imb.get("layer_cv")) and finite(imb.get("pooled_cv")):
+            mm = imb.get("layer_max_min")  # null: infinite (strict JSON has no infinity)
+            r.imbalance = {"layer_cv": float(imb["layer_cv"]), "pooled_cv": float(imb["pooled_cv"]),
+                           "layer_max_min": float(mm) if finite(mm) else math.inf}
         r.agreement = _num(obj.get("domain_expert_agreement"))
         r.mod_frac = _num(obj.get("mod_selected_frac"))
         r.mor_depth = _num(obj.get("mor_mean_depth"))

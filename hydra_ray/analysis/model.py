@@ -14,7 +14,9 @@ Design choices
 - `Phase.routing` is None while MoE is off; the routing mode of a utilisation sample comes from
   the record itself (hydra-ray logs it) or else from its phase (HYDRA logs do not).
 - The phase file may be a YAML list of phases, a mapping with `phases:`, or a whole hydra-ray
-  config (its `curriculum.phases`); anything else is a one-line ConfigError.
+  config (its `curriculum.phases`); anything else is a one-line ConfigError. A list is validated by
+  a strict pydantic model (unknown keys are errors, as in config.py); every problem is named on
+  that one line by phase index and name and by key.
 """
 
 from __future__ import annotations
@@ -22,11 +24,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from hydra_ray.config import ConfigError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-ROUTING_MODES = ("learned", "forced", "teacher", "free")
+from hydra_ray.config import ConfigError, RoutingMode, did_you_mean
+
 FEATURES = ("mor", "mod", "moe")
 
 
@@ -50,7 +53,9 @@ class Record:
     routing: str | None = None
     seed_locked: bool | None = None
     mod_capacity: float | None = None
-    util: list[float] | None = None  # fractions, one per expert
+    util: list[float] | None = None  # fractions, one per expert, all MoE layers pooled
+    util_by_layer: dict[str, list[float]] | None = None  # the same per MoE layer (hydra-ray runs)
+    imbalance: dict[str, float] | None = None  # as logged by the loop (`utilisation.imbalance`)
     agreement: float | None = None
     mod_frac: float | None = None
     mor_depth: float | None = None
@@ -189,6 +194,93 @@ def phases_from_config(cfg) -> list[Phase]:
     return link_phases(out)
 
 
+class _PhaseEntry(BaseModel):
+    """One phase of a phase file: the keys of a curriculum phase, plus `features` / `seed_locked`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1)
+    until_step: int | None = Field(None, ge=1, strict=True)  # strict: `true` is not step 1
+    routing: RoutingMode | None = None
+    features: list[Literal["mor", "mod", "moe"]] | None = None
+    mor: bool = False
+    mod: bool = False
+    moe: bool = False
+    seed: int | None = None
+    seed_locked: bool | None = None
+    mixture: dict[str, float] | None = None
+    lr_scale: float | None = Field(None, gt=0)
+    seq_len: int | None = None  # accepted (a curriculum phase has it), not used
+
+    @field_validator("routing", mode="before")
+    @classmethod
+    def _off(cls, v):
+        return None if v in ("none", "off", "") else v
+
+    def phase(self) -> Phase:
+        feats = self.features
+        if feats is None:
+            feats = [f for f in FEATURES if getattr(self, f)]
+            if self.routing is not None and "moe" not in self.model_fields_set:
+                feats = sorted(set(feats) | {"moe"}, key=FEATURES.index)
+        seed_locked = self.seed_locked
+        if seed_locked is None and "seed" in self.model_fields_set:
+            seed_locked = self.seed is not None
+        return Phase(self.name, self.until_step, self.routing, list(feats), seed_locked, self.mixture, self.lr_scale)
+
+
+class _PhaseError(ValueError):
+    """A rule across phases broken by phase `index` (so the message can name that phase)."""
+
+    def __init__(self, index: int, msg: str):
+        super().__init__(msg)
+        self.index = index
+
+
+class _PhaseFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    phases: list[_PhaseEntry] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _order(self) -> "_PhaseFile":
+        prev = None
+        for i, p in enumerate(self.phases):
+            if p.until_step is None and i < len(self.phases) - 1:
+                raise _PhaseError(i, "until_step is required (only the last phase may omit it)")
+            if prev is not None and p.until_step is not None and p.until_step <= prev:
+                raise _PhaseError(i, f"until_step {p.until_step} is not after the previous phase's {prev}")
+            prev = p.until_step
+        if len({p.name for p in self.phases}) != len(self.phases):
+            raise ValueError("phase names must be unique")
+        return self
+
+
+def _phase_errors(err: ValidationError, items: list) -> str:
+    """One line: each problem after the phase it is in (index and name) and the key it is about."""
+    def where(i: int) -> str:
+        name = items[i].get("name") if isinstance(items[i], dict) else None
+        return f"phase {i}" + (f" ({name!r})" if isinstance(name, str) and name else "")
+
+    out = []
+    for e in err.errors():
+        loc, msg = list(e["loc"]), e["msg"].removeprefix("Value error, ")
+        cause = (e.get("ctx") or {}).get("error")
+        if isinstance(cause, _PhaseError):
+            loc = ["phases", cause.index]
+        head = [where(loc[1])] if len(loc) > 1 and isinstance(loc[1], int) else []
+        key = ".".join(map(str, loc[2:]))
+        if e["type"] == "model_type":
+            msg = "expected a mapping with name and until_step"
+        elif key and e["type"] == "extra_forbidden":
+            msg = f"unknown key {key!r}" + did_you_mean(key, list(_PhaseEntry.model_fields))
+        elif key:
+            shown = e.get("input")
+            msg = f"{key}{'' if e['type'] == 'missing' or isinstance(shown, (dict, list)) else f' {shown!r}'}: {msg}"
+        out.append(": ".join(head + [msg]))
+    return " ".join("; ".join(out).split())
+
+
 def load_phase_file(path: str) -> list[Phase]:
     import yaml
 
@@ -208,46 +300,8 @@ def load_phase_file(path: str) -> list[Phase]:
     if not isinstance(data, list) or not data:
         raise ConfigError(f"--phases {path}: expected a non-empty YAML list of phases "
                           "({name, until_step, routing})")
-    out: list[Phase] = []
-    for i, item in enumerate(data):
-        where = f"--phases {path}: phase {i}"
-        if not isinstance(item, dict):
-            raise ConfigError(f"{where}: expected a mapping with name and until_step")
-        unknown = sorted(set(item) - {"name", "until_step", "routing", "features", "mor", "mod", "moe",
-                                      "seed", "seed_locked", "mixture", "lr_scale", "seq_len"})
-        if unknown:
-            raise ConfigError(f"{where}: unknown key(s) {unknown}")
-        name = item.get("name")
-        if not isinstance(name, str) or not name:
-            raise ConfigError(f"{where}: needs a name")
-        until = item.get("until_step")
-        last = i == len(data) - 1
-        if until is None and not last:
-            raise ConfigError(f"{where} ({name!r}): until_step is required (only the last phase may omit it)")
-        if until is not None and (not isinstance(until, int) or isinstance(until, bool) or until < 1):
-            raise ConfigError(f"{where} ({name!r}): until_step must be a positive integer, got {until!r}")
-        if out and until is not None and out[-1].until_step is not None and until <= out[-1].until_step:
-            raise ConfigError(f"{where} ({name!r}): until_step {until} is not after the previous phase's "
-                              f"{out[-1].until_step}")
-        routing = item.get("routing")
-        if routing in ("none", "off", ""):
-            routing = None
-        if routing is not None and routing not in ROUTING_MODES:
-            raise ConfigError(f"{where} ({name!r}): routing {routing!r} is not one of {list(ROUTING_MODES)}")
-        feats = item.get("features")
-        if feats is None:
-            feats = [f for f in FEATURES if item.get(f)]
-            if routing is not None and "moe" not in item:
-                feats = sorted(set(feats) | {"moe"}, key=FEATURES.index)
-        elif not isinstance(feats, list) or any(f not in FEATURES for f in feats):
-            raise ConfigError(f"{where} ({name!r}): features must be a list drawn from {list(FEATURES)}")
-        seed_locked = item.get("seed_locked", None)
-        if seed_locked is None and "seed" in item:
-            seed_locked = item["seed"] is not None
-        mixture = item.get("mixture")
-        if mixture is not None and not isinstance(mixture, dict):
-            raise ConfigError(f"{where} ({name!r}): mixture must be a mapping domain -> weight")
-        out.append(Phase(name, until, routing, list(feats), seed_locked, mixture, item.get("lr_scale")))
-    if len({p.name for p in out}) != len(out):
-        raise ConfigError(f"--phases {path}: phase names must be unique")
-    return link_phases(out)
+    try:
+        parsed = _PhaseFile.model_validate({"phases": data})
+    except ValidationError as err:
+        raise ConfigError(f"--phases {path}: {_phase_errors(err, data)}") from None
+    return link_phases([e.phase() for e in parsed.phases])

@@ -113,11 +113,19 @@ def render(s: dict, plots: list[str]) -> str:
         E = len(s["utilisation"][0]["per_expert_pct"])
         rows = [[u["routing_mode"], ", ".join(u["phases"]), _n(u["n_samples"]),
                  *[f"{x:.1f}%" for x in u["per_expert_pct"]],
-                 _n(u["max_min_ratio"], 2) if u["max_min_ratio"] is not None else "inf", _n(u["cv"], 3),
+                 _n(u["max_min_ratio"], 2) if u["max_min_ratio"] is not None else "inf",
+                 _n(u["layer_cv"], 3), _n(u["pooled_cv"], 3),
                  _n(u["agreement_mean"], pct=True), _n(u["collapsed_samples"])]
                 for u in s["utilisation"]]
-        L += _table(["Routing", "Phases", "Samples", *[f"E{e}" for e in range(E)], "Max/min", "CV",
-                     "Domain->expert agreement", "Collapsed samples"], rows)
+        L += _table(["Routing", "Phases", "Samples", *[f"E{e}" for e in range(E)], "Max/min", "Per-layer CV",
+                     "Pooled CV", "Domain->expert agreement", "Collapsed samples"], rows)
+        per_layer = sum(u["n_per_layer"] for u in s["utilisation"])
+        L += ["Per-layer CV: std / mean of each MoE layer's expert shares, averaged over the layers (the "
+              "training loop's `imbalance.layer_cv`); pooled CV: the same of all layers' shares added up. "
+              "Both are means over the mode's samples; the advice rests on the per-layer one. "
+              + ("Only pooled shares are logged here, so the two coincide." if not per_layer else
+                 f"{per_layer:,} of {sum(u['n_samples'] for u in s['utilisation']):,} samples carry "
+                 "per-layer figures."), ""]
         L += ["Evolution within each mode (first -> last sample):", ""]
         for u in s["utilisation"]:
             L.append(f"- {u['routing_mode']}: step {u['first_step']:,} "
@@ -194,6 +202,7 @@ def render(s: dict, plots: list[str]) -> str:
                  ("Throughput (tok/s)", f"{st['tok_s']:,.0f}" if st["tok_s"] is not None else "-"),
                  ("Expert utilisation", ("/".join(f"{x:.1f}" for x in st["expert_util_pct"]) + "%"
                                          + f" (step {st['expert_util_step']:,})") if st["expert_util_pct"] else "-"),
+                 ("Expert imbalance", _imb(st["imbalance"])),
                  ("Domain->expert agreement", _n(st["agreement"], pct=True)),
                  ("MoD selected fraction", _n(st["mod_frac"], 3)), ("MoR mean depth", _n(st["mor_depth"], 3)),
                  ("Last eval", f"{_n(st['last_eval']['loss'])} at step {st['last_eval']['step']:,}"
@@ -227,6 +236,13 @@ def render(s: dict, plots: list[str]) -> str:
     else:
         L += ["None.", ""]
     return "\n".join(L)
+
+
+def _imb(x: dict | None) -> str:
+    if not x:
+        return "-"
+    mm = _n(x["layer_max_min"], 2) if x["layer_max_min"] is not None else "inf"
+    return f"per-layer CV {_n(x['layer_cv'], 3)}, pooled CV {_n(x['pooled_cv'], 3)}, worst layer max/min {mm}"
 
 
 def _in_phase(step: int, p: dict) -> bool:

@@ -89,13 +89,15 @@ def load_source(paths: list[str], phase_file: str | None = None):
 
 def analyze(paths: list[str], out: str, phase_file: str | None = None, plots: bool = True) -> dict:
     """Write OUT/summary.json, OUT/report.md and the plots (OUT local or a URI); return the summary."""
+    from hydra_ray.analysis.advice import advise
+    from hydra_ray.analysis.figures import summarize
     from hydra_ray.analysis.render import render
-    from hydra_ray.analysis.stats import summarize
 
     src = load_source(paths, phase_file)
     if not src.samples() and not any(r.util or r.eval_loss is not None for r in src.records):
         raise ConfigError("nothing to analyse: no step records in " + ", ".join(paths))
     summary = summarize(src)
+    summary.update(advise(summary))
     remote = storage.is_uri(out)
     if remote:
         storage.check_storage(out, "--out")

@@ -11,6 +11,7 @@ Design choices
      eval keys only, to choose the held-out documents (the `eval_fraction` smallest keys, ties by
      corpus order: the same rule as ever, one 8-byte key per document in memory), then the tokens,
      packing train and eval documents into windows (`StreamPacker`) that stream into the shards.
+  Without a running Ray (the smoke run) both stages run in this process, with the same functions.
 - The output is complete when `manifest.json` is written (shards.py). The cache folder of a pack
   is named by the pack key: a hash of the corpus fingerprint (every file's path, size and
   modification time), the tokenizer's sha256, seq_lens, eval fraction and the format. A changed
@@ -164,20 +165,22 @@ def run_pack(out: str, files: dict[str, list[CorpusFile]], domains: list[str], s
     items = [{"domain": f.domain, "path": f.path, "index": f.index, "root": f.root}
              for fs_ in files.values() for f in fs_]
     counts = []
-    if items:
+    kwargs = {"known": domains, "spec": spec, "sha256": sha256, "work": work, "text_field": text_field}
+    on_ray = ray.is_initialized()  # else in this process, one file after another (smoke runs, small corpora)
+    if items and on_ray:
         ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 256)))
-        ds = ds.map_batches(_tokenize_file, batch_size=1, batch_format="pyarrow",
-                            fn_kwargs={"known": domains, "spec": spec, "sha256": sha256, "work": work,
-                                       "text_field": text_field})
+        ds = ds.map_batches(_tokenize_file, batch_size=1, batch_format="pyarrow", fn_kwargs=kwargs)
         counts = list(ds.iter_rows())  # one small row per corpus file
+    elif items:
+        counts = [row for it in items for row in _tokenize_file(pa.Table.from_pylist([it]), **kwargs).to_pylist()]
     per_file = {(r["domain"], r["file"]): r for r in counts}
-    task = ray.remote(num_cpus=1)(_pack_domain)
+    task = ray.remote(num_cpus=1)(_pack_domain).remote if on_ray else _pack_domain
     refs = []
     for d in domains:
         stems = [st.join(work, f"{d}/{f.index:07d}-{c:07d}") for f in files.get(d, [])
                  for c in range(per_file.get((d, f.index), {}).get("chunks", 0))]
-        refs.append(task.remote(d, stems, out, seq_lens, eval_fraction, tok.eos_id, tok.pad_id))
-    packed = {r["domain"]: r for r in ray.get(refs)}
+        refs.append(task(d, stems, out, seq_lens, eval_fraction, tok.eos_id, tok.pad_id))
+    packed = {r["domain"]: r for r in (ray.get(refs) if on_ray else refs)}
     stats = {}
     for d in domains:
         rows = sorted((r for r in counts if r["domain"] == d), key=lambda r: r["file"])

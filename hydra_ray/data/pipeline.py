@@ -109,7 +109,7 @@ def prepare_data(cfg: HydraConfig, seq_lens: list[int] | None = None, log=print,
     """The configured corpus packed into token shards (pack.py: packed now, or reused when the
     pack of this corpus, tokenizer and seq_lens exists), described for the training order.
     `cache` is where packs are kept (default: `packed/` in the cache folder); `out` packs into that
-    folder instead. Needs ray.init()."""
+    folder instead. Packs on Ray when it is running, else in this process."""
     from hydra_ray.data.pack import ensure_packed
 
     try:

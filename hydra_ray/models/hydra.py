@@ -1,4 +1,4 @@
-"""HydraLM: embed -> shared recursive blocks (MoR / MoD / MoE) -> norm -> head; generate(); trace.
+"""HydraLM: embed -> shared recursive blocks (MoR / MoD / MoE) -> norm -> head; trace; sampling.
 
 Design choices
 - Plain torch: no Ray, no process groups. Expert parallelism swaps each MoE layer's dispatcher from
@@ -10,7 +10,8 @@ Design choices
 - Two routing regimes: training uses expert-choice top-k over each sequence (MoD/MoR), generation
   (`causal=True`) uses each selector's causal predictor so no decision depends on a future token.
   Greedy decoding with the KV cache equals decoding that recomputes the prefix, for every feature
-  combination (tests hold this).
+  combination (tests hold this). The decoder itself is the serving engine's (serve/engine.py): the
+  model gives the forward (with `cache` and a per-row `start_pos`) and `sample`.
 - float32 on CPU: bfloat16 matmuls are ~300x slower there; mixed precision is for GPUs (autocast
   in the trainer), the model itself is dtype-agnostic.
 
@@ -232,58 +233,6 @@ class HydraLM(nn.Module):
             return self.forward(idx_BT, domain_BT=domain_BT, causal=True, return_trace=True)
         finally:
             self.train(was)
-
-    # ----------------------------------------------------------------- generation
-    @torch.no_grad()
-    def generate(
-        self,
-        idx_BT: torch.Tensor,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        seed: int | None = None,
-        eos_id: int | None = None,
-        use_cache: bool = True,
-        domain: int | None = None,
-    ) -> torch.Tensor:
-        """Returns the new tokens [B, <= max_new_tokens]. temperature 0 = greedy. Rows that emit
-        `eos_id` keep emitting it; generation stops early once every row has."""
-        B, T0 = idx_BT.shape
-        was = self.training
-        self.eval()
-        gen = torch.Generator(device=idx_BT.device)
-        if seed is None:
-            gen.seed()
-        else:
-            gen.manual_seed(seed)
-        cache = KVCache(B, T0 + max_new_tokens) if use_cache else None
-
-        def dom(t: int) -> torch.Tensor | None:
-            return None if domain is None else torch.full((B, t), domain, device=idx_BT.device)
-
-        tokens = idx_BT
-        new: list[torch.Tensor] = []
-        done = torch.zeros(B, dtype=torch.bool, device=idx_BT.device)
-        try:
-            out = self.forward(tokens, domain_BT=dom(T0), causal=True, cache=cache)
-            for i in range(max_new_tokens):
-                nxt = sample(out.logits[:, -1], temperature, top_k, top_p, gen)
-                if eos_id is not None:
-                    nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
-                    done |= nxt == eos_id
-                new.append(nxt)
-                tokens = torch.cat([tokens, nxt[:, None]], dim=1)
-                if i == max_new_tokens - 1 or bool(done.all()):
-                    break
-                if cache is not None:
-                    out = self.forward(nxt[:, None], domain_BT=dom(1), causal=True, cache=cache,
-                                       start_pos=tokens.shape[1] - 1)
-                else:
-                    out = self.forward(tokens, domain_BT=dom(tokens.shape[1]), causal=True)
-        finally:
-            self.train(was)
-        return torch.stack(new, dim=1) if new else idx_BT.new_zeros(B, 0)
 
     # ----------------------------------------------------------------- bookkeeping
     def param_category(self, name: str) -> str:

@@ -42,15 +42,28 @@ class RoutingTrace:
     def moe_layers(self) -> list[str]:
         return [f"b{b}r{r}" for b, r in sorted(self.moe)]
 
-    def expert_counts_by_layer(self) -> dict[str, torch.Tensor]:
+    def expert_counts_by_layer(self, valid_BT: torch.Tensor | None = None,
+                               by_row: bool = False) -> dict[str, torch.Tensor]:
+        """Tokens per expert in each MoE layer: [E] per layer, or [B, E] (one row per sequence)
+        with `by_row`. `valid_BT` (a boolean mask that broadcasts to [B, T]) keeps only those
+        positions, e.g. a batch's real tokens and not its padding; None counts every position."""
         out = {}
         for (b, r), (exp_BTK, _) in sorted(self.moe.items()):
-            e = exp_BTK[exp_BTK >= 0]
-            out[f"b{b}r{r}"] = torch.bincount(e, minlength=self.num_experts).cpu()
+            if valid_BT is not None:
+                keep_BT = valid_BT.to(exp_BTK.device).expand(exp_BTK.shape[:2])
+                exp_BTK = exp_BTK.masked_fill(~keep_BT[..., None], -1)
+            if by_row:  # expert -1 goes to column 0, which is dropped
+                B = exp_BTK.shape[0]
+                flat_BN = (exp_BTK + 1).reshape(B, -1)
+                c_BE = torch.zeros(B, self.num_experts + 1, dtype=torch.long, device=exp_BTK.device)
+                out[f"b{b}r{r}"] = c_BE.scatter_add_(1, flat_BN, torch.ones_like(flat_BN))[:, 1:].cpu()
+            else:
+                e = exp_BTK[exp_BTK >= 0]
+                out[f"b{b}r{r}"] = torch.bincount(e, minlength=self.num_experts).cpu()
         return out
 
-    def expert_counts(self) -> torch.Tensor | None:
-        by = self.expert_counts_by_layer()
+    def expert_counts(self, valid_BT: torch.Tensor | None = None) -> torch.Tensor | None:
+        by = self.expert_counts_by_layer(valid_BT)
         return torch.stack(list(by.values())).sum(0) if by else None
 
     @staticmethod
@@ -81,14 +94,18 @@ class RoutingTrace:
         hit, tot = self.domain_expert_hits(domain_BT, domain_expert)
         return hit / tot if tot else None
 
-    def domain_expert_hits(self, domain_BT: torch.Tensor | None, domain_expert: list[int]) -> tuple[int, int]:
+    def domain_expert_hits(self, domain_BT: torch.Tensor | None, domain_expert: list[int],
+                           valid_BT: torch.Tensor | None = None) -> tuple[int, int]:
         """(pairs routed to their domain's expert, pairs that ran with a mapped domain): the counts
-        behind the agreement, so several ranks can add theirs up."""
+        behind the agreement, so several ranks can add theirs up. `valid_BT` (a boolean mask that
+        broadcasts to [B, T]) keeps only those positions, e.g. one row's real tokens."""
         if domain_BT is None or not self.moe or not domain_expert:
             return 0, 0
         table = torch.tensor(domain_expert, device=domain_BT.device)
         known = (domain_BT >= 0) & (domain_BT < len(domain_expert))
         mapped_BT = torch.where(known, table[domain_BT.clamp(0, len(domain_expert) - 1)], -1)
+        if valid_BT is not None:
+            mapped_BT = mapped_BT.masked_fill(~valid_BT.to(mapped_BT.device).expand(mapped_BT.shape), -1)
         hit = tot = 0
         for exp_BTK, _ in self.moe.values():  # a dropped first choice counts as a miss
             ran = (exp_BTK >= 0).any(-1) & (mapped_BT >= 0)
@@ -117,26 +134,3 @@ class RoutingTrace:
                 rec["mor"][f"b{b}"] = int(depth_BT[row, t])
             out.append(rec)
         return out
-
-
-def imbalance(util_by_layer: dict[str, list[float]] | None) -> dict[str, float] | None:
-    """How unevenly tokens spread over the experts: the one definition that training, Tune, the
-    analysis and serving report. Takes each MoE layer's expert counts or fractions.
-    - `layer_cv`: the coefficient of variation (std / mean) of each layer's utilisation, averaged
-      over layers. 0 is perfectly balanced. Per layer, because two layers that collapse onto
-      different experts look balanced once pooled;
-    - `pooled_cv`: the CV of all layers' utilisation added up (what `expert_util` shows);
-    - `layer_max_min`: the worst layer's max / min utilisation (inf when an expert got nothing).
-    None when no MoE layer ran."""
-    import numpy as np
-
-    rows = [np.asarray(u, dtype=np.float64) for u in (util_by_layer or {}).values() if sum(u) > 0]
-    if not rows:
-        return None
-    util = np.stack([r / r.sum() for r in rows])
-    pooled = util.mean(0)
-    cv = util.std(1) / util.mean(1)
-    with np.errstate(divide="ignore"):
-        ratio = np.where(util.min(1) > 0, util.max(1) / util.min(1), np.inf)
-    return {"layer_cv": float(cv.mean()), "pooled_cv": float(pooled.std() / pooled.mean()),
-            "layer_max_min": float(ratio.max())}

@@ -81,3 +81,18 @@ def segments(cfg: HydraConfig, start: int, end: int) -> list[tuple[int, int, int
         else:
             out.append([L, s, s + 1])
     return [tuple(x) for x in out]
+
+
+def compressed(cfg: HydraConfig, steps: int) -> HydraConfig:
+    """The same curriculum squeezed (or stretched) into `steps` steps, for the smoke run: phase
+    ends, LR warm-up and MoD capacity warm-up scale with it; every phase keeps at least one step."""
+    phases, total, n = cfg.curriculum.phases, cfg.curriculum.total_steps, len(cfg.curriculum.phases)
+    if steps < n:
+        raise ValueError(f"steps ({steps}) must be at least the number of phases ({n})")
+    out = cfg.model_copy(deep=True)
+    prev = 0
+    for i, (p, q) in enumerate(zip(phases, out.curriculum.phases)):
+        q.until_step = prev = min(max(round(p.until_step * steps / total), prev + 1), steps - (n - 1 - i))
+    out.train.warmup_steps = round(cfg.train.warmup_steps * steps / total)
+    out.model.mod.capacity_warmup_steps = round(cfg.model.mod.capacity_warmup_steps * steps / total)
+    return out

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hydra_ray import storage as st
-from hydra_ray.config import ConfigError, HydraConfig, dump_config, parse_min_max
+from hydra_ray.config import ConfigError, HydraConfig, check_batch_split, dump_config, parse_min_max
 from hydra_ray.raystart import ray_init
 from hydra_ray import checkpoint as ckpt
 from hydra_ray.train.curriculum import segments
@@ -90,10 +90,7 @@ def train(cfg: HydraConfig, config_path: str, workers: str = "2", gpu: bool = Fa
 
     spec = WorkerSpec.parse(workers)
     G = cfg.train.batch_size
-    for w in range(spec.min_workers, spec.max_workers + 1):
-        if G % (w * cfg.train.grad_accum):
-            raise ConfigError(f"train.batch_size {G} does not split over {w} workers x grad_accum "
-                              f"{cfg.train.grad_accum}; pick a batch size divisible by every worker count in --workers")
+    check_batch_split(cfg, range(spec.min_workers, spec.max_workers + 1))
     extra = parse_resources(resources_per_worker)
     custom = sorted(set(extra) - {"CPU", "GPU"})
     if custom and not os.environ.get("RAY_ADDRESS"):

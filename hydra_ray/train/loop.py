@@ -1,22 +1,25 @@
-"""`train_loop_per_worker`: what every Ray Train worker runs (and what one-worker runs and Tune
-trials run in-process).
+"""`train_loop_per_worker`: what every Ray Train worker runs (and what one-worker runs, smoke
+runs and Tune trials run in-process, through `run_local`).
 
 Design choices
 - Every decision is a function of the step (curriculum.py), every batch a function of the
   position (data/mixture.py), and all state that changes lives in the checkpoint: restoring a
   checkpoint and continuing is bitwise the same as never stopping (one worker, CPU).
 - The model is built whole, the checkpoint (full weights, global expert indices) is loaded, and
-  only then is it parallelised: so any worker count can resume any checkpoint.
+  only then is it parallelised: so any worker count can resume any checkpoint (state.py).
 - Collective decisions (skip a NaN step, roll back, log, save) are agreed across ranks before they
   are acted on, so every rank calls the same collectives and `ray.train.report` equally often.
 - The global batch (train.batch_size sequences) is fixed; each of W workers takes a fixed slice of
-  it and splits its slice into `grad_accum` micro-batches. Gradient norms count expert gradients
-  once, from the rank that owns them.
+  it and splits its slice into `grad_accum` micro-batches.
 - Rank 0 logs one JSON object per logged step, and events such as restores, through
   `runlog.RunLog` (metrics and events parts plus TensorBoard, on a local disk or an object
   store; flushed at every eval and checkpoint). The same values go to `ray.train.report` at
   checkpoint and eval steps: a report is a barrier that waits for Ray Train's controller poll
   (2 s by default), far too slow for every logged step of a small model.
+- Routing figures (expert utilisation per layer, `imbalance`, domain->expert agreement, MoD
+  fraction, MoR depth) are computed here, where the routing trace is, from `RoutingTrace` and
+  `utilisation.imbalance`; Tune, the analysis and the console read them from the records.
+- Faults are drills of the config (`train.inject_nan_steps`), read once when the loop starts.
 - Worker liveness is Ray's business (its health checks restart the group); nothing is written
   to shared storage to say a worker is alive.
 """
@@ -24,76 +27,26 @@ Design choices
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shutil
-import tempfile
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from hydra_ray.config import HydraConfig, dump_config, parse_config
-from hydra_ray.models import HydraLM
-from hydra_ray.models.trace import imbalance
-from hydra_ray.parallel.dispatch import expert_shard
-from hydra_ray.parallel.parallelize import expert_param_names, gather_expert_state, gather_experts, parallelize
-from hydra_ray import storage
 from hydra_ray import checkpoint as ckpt
-from hydra_ray.train.curriculum import plan, segments
+from hydra_ray import storage
+from hydra_ray.config import HydraConfig, check_batch_split, parse_config
+from hydra_ray.models import HydraLM
+from hydra_ray.utilisation import imbalance
+from hydra_ray.parallel.parallelize import parallelize
 from hydra_ray.runlog import RunLog
+from hydra_ray.train.curriculum import plan, segments
+from hydra_ray.train.env import Env, ray_train_env
+from hydra_ray.train.state import build_optimizer, clip_grad_norm, restore, save
 
 log = logging.getLogger(__name__)
-
-
-# --------------------------------------------------------------------------- environment
-@dataclass
-class Env:
-    """Where the loop runs: rank/world, device, and how reports are made."""
-
-    rank: int = 0
-    world: int = 1
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    report: Callable[..., None] | None = None  # (metrics, checkpoint_dir or None, step) -> None
-    ray_checkpoints: bool = False  # True: checkpoints travel through report(); else written in place
-
-    @property
-    def distributed(self) -> bool:
-        return self.world > 1 and dist.is_initialized()
-
-    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
-        if self.distributed:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return t
-
-    def all_max(self, t: torch.Tensor) -> torch.Tensor:
-        if self.distributed:
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return t
-
-
-def ray_train_env(use_gpu: bool) -> Env:
-    import ray.train
-    import ray.train.torch
-
-    ctx = ray.train.get_context()
-    device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
-
-    def report(metrics, ckpt_dir, step):
-        from ray.train import Checkpoint
-
-        if ckpt_dir is None:
-            ray.train.report(metrics)
-        else:
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(ckpt_dir)) if ctx.get_world_rank() == 0
-                             else None, checkpoint_dir_name=f"checkpoints/{ckpt.step_dir_name(step)}")
-
-    return Env(ctx.get_world_rank(), ctx.get_world_size(), device, report=report, ray_checkpoints=True)
 
 
 # --------------------------------------------------------------------------- data stream
@@ -139,52 +92,9 @@ class BatchStream:
             self.reader = None
 
 
-# --------------------------------------------------------------------------- optimizer
-def build_optimizer(model: HydraLM, cfg: HydraConfig) -> torch.optim.AdamW:
-    scales = {"dense": 1.0, "router": cfg.model.moe.router_lr_scale, "expert": cfg.model.moe.expert_lr_scale}
-    groups: dict[tuple[str, bool], list] = {}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            groups.setdefault((model.param_category(name), p.dim() >= 2), []).append(p)
-    param_groups = [{"params": ps, "weight_decay": cfg.train.weight_decay if decay else 0.0,
-                     "lr_scale": scales[cat], "name": f"{cat}{'' if decay else '_nodecay'}"}
-                    for (cat, decay), ps in sorted(groups.items())]
-    return torch.optim.AdamW(param_groups, lr=cfg.train.lr, betas=tuple(cfg.train.betas), eps=1e-8)
-
-
-def _gather_optimizer(model: HydraLM, opt, env: Env) -> dict[str, torch.Tensor]:
-    names = {id(p): n for n, p in model.named_parameters()}
-    local = ckpt.optimizer_tensors(opt, names)
-    if env.distributed:
-        experts = set(expert_param_names(model))
-        for key in sorted(local):
-            if key.rpartition("::")[0] in experts and local[key].dim() > 0:
-                local[key] = gather_experts(local[key], model.cfg.moe.num_experts)
-    return local
-
-
-def _expert_slices(model: HydraLM, env: Env) -> dict[str, slice]:
-    """Global expert rows of this rank's shard, per expert parameter (nothing to cut on one rank)."""
-    if not env.distributed:
-        return {}
-    lo, n = expert_shard(model.cfg.moe.num_experts, env.rank, env.world)
-    return {name: slice(lo, lo + n) for name, _ in model.named_parameters() if ".experts." in name}
-
-
-def restore(model: HydraLM, opt, loaded: ckpt.Loaded, env: Env) -> None:
-    """Load a full checkpoint into a (possibly expert-sharded) model and its optimizer."""
-    slices = _expert_slices(model, env)
-    state = {k: (v[slices[k]] if k in slices else v) for k, v in loaded.model.items()}
-    model.load_state_dict(state)
-    if opt is not None:
-        opt.state.clear()
-        ckpt.load_optimizer_tensors(opt, dict(model.named_parameters()), loaded.optimizer, slices)
-    if "rng" in loaded.trainer_state:
-        torch.set_rng_state(torch.tensor(loaded.trainer_state["rng"], dtype=torch.uint8))
-
-
 # --------------------------------------------------------------------------- metrics
-def _routing_metrics(trace, domain_BT, model: HydraLM, env: Env) -> dict:
+def routing_metrics(trace, domain_BT, model: HydraLM, env: Env) -> dict:
+    """The routing figures of a logged step, summed over ranks, from the step's routing trace."""
     E = model.cfg.moe.num_experts
     by_layer = trace.expert_counts_by_layer() if trace is not None else {}
     names = sorted(by_layer)
@@ -210,226 +120,8 @@ def _routing_metrics(trace, domain_BT, model: HydraLM, env: Env) -> dict:
     }
 
 
-# --------------------------------------------------------------------------- the loop
-def _finite_flag(env: Env, *values: torch.Tensor) -> bool:
-    bad = torch.tensor([0.0 if all(bool(torch.isfinite(v).all()) for v in values) else 1.0])
-    return env.all_max(bad).item() == 0.0
-
-
-def _clip(model: HydraLM, max_norm: float, env: Env) -> tuple[float, float]:
-    experts = set(expert_param_names(model)) if env.distributed else set()
-    dense_sq = torch.zeros((), dtype=torch.float64)
-    expert_sq = torch.zeros((), dtype=torch.float64)
-    grads = []
-    for name, p in model.named_parameters():
-        if p.grad is None:
-            continue
-        grads.append(p.grad)
-        sq = p.grad.detach().double().pow(2).sum().cpu()
-        if name in experts:
-            expert_sq += sq
-        else:
-            dense_sq += sq
-    env.all_sum(expert_sq.view(1))
-    norm = math.sqrt(float(dense_sq + expert_sq))
-    coef = min(1.0, max_norm / (norm + 1e-6)) if math.isfinite(norm) else 1.0
-    if coef < 1.0:
-        torch._foreach_mul_(grads, coef)
-    return norm, min(norm, max_norm) if math.isfinite(norm) else norm
-
-
-def train_loop_per_worker(config: dict, env: Env | None = None) -> dict:
-    """config: {"config": HydraConfig as a dict, "run_dir", "end_step", "segments": [(L, a, b)],
-    "prepared": PreparedData, "use_gpu"}."""
-    env = env or ray_train_env(config.get("use_gpu", False))
-    cfg = parse_config(config["config"])
-    run_dir = config["run_dir"]
-    end_step = config["end_step"]
-    G = cfg.train.batch_size
-    if G % (env.world * cfg.train.grad_accum):
-        raise ValueError(f"train.batch_size {G} must divide into {env.world} workers x {cfg.train.grad_accum} "
-                         "accumulation steps")
-    torch.manual_seed(cfg.train.seed)
-    torch.set_num_threads(max(1, int(os.environ.get("HYDRA_THREADS", torch.get_num_threads()))))
-    model = HydraLM(cfg.model)
-    loaded = ckpt.latest_valid(run_dir)
-    if loaded is not None:
-        model.load_state_dict(loaded.model)
-    model.to(env.device)
-    wrapped = parallelize(model) if env.world > 1 else model
-    opt = build_optimizer(model, cfg)
-    metrics = RunLog(run_dir, enabled=env.rank == 0)
-    start = 0
-    if loaded is not None:
-        restore(model, opt, loaded, env)
-        start = loaded.step
-        metrics.restart(start)
-        metrics.event(event="restored", step=start, checkpoint=loaded.path, world_size=env.world)
-    else:
-        metrics.restart(0)  # lines of an earlier attempt that never reached a checkpoint
-        metrics.event(event="started", world_size=env.world)
-    stream = BatchStream(env, cfg, [tuple(s) for s in config["segments"]], config["prepared"])
-    try:
-        return _train(model, wrapped, opt, metrics, stream, env, cfg, config, run_dir, start, end_step)
-    finally:
-        stream.close()
-        metrics.close()
-
-
-def _train(model: HydraLM, wrapped, opt, metrics: RunLog, stream: BatchStream, env: Env, cfg: HydraConfig,
-           config: dict, run_dir: str, start: int, end_step: int) -> dict:
-    G = cfg.train.batch_size
-    tokenizer_json = config.get("tokenizer_json")  # the driver's copy; else the file the config names
-    if tokenizer_json is None and cfg.data.tokenizer != "byte" and storage.is_file(cfg.data.tokenizer):
-        tokenizer_json = storage.read_bytes(cfg.data.tokenizer)
-    prepared = config.get("prepared")
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.train.dtype == "bfloat16" and env.device.type == "cuda" \
-        else nullcontext()
-    inject = {int(s) for s in os.environ.get("HYDRA_INJECT_NAN_AT", "").split(",") if s.strip()}
-    nan_run, tokens_total, last_log_t, last_log_tokens = 0, 0, time.time(), 0
-    rollbacks: dict[int, int] = {}  # checkpoint step -> roll-backs to it in this attempt
-    step = start
-    micro = G // env.world // cfg.train.grad_accum
-    result: dict = {}
-    while step < end_step:
-        p = plan(cfg, step, cfg.curriculum.total_steps)
-        f = model.features
-        batch = stream.get(step)
-        switch = None
-        if (f["mor"], f["mod"], f["moe"], f["routing"]) != (p.mor, p.mod, p.moe, p.routing) or \
-                abs(f["mod_capacity"] - p.mod_capacity) > 1e-9:
-            turned_on = [k for k in ("mor", "mod", "moe") if getattr(p, k) and not f[k]]
-            before = _batch_ce(model, batch, env, amp) if turned_on and step > 0 else None
-            gen = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step)  # upcycling noise
-            model.set_features(mor=p.mor, mod=p.mod, moe=p.moe, routing=p.routing,
-                               mod_capacity=p.mod_capacity if p.mod else None, generator=gen)
-            if before is not None:  # the cost of switching on, measured on the same batch
-                switch = {"features": turned_on, "ce_before": before, "ce_after": _batch_ce(model, batch, env, amp)}
-                metrics.event(event="switch_on", step=step, **switch)
-        for g in opt.param_groups:
-            g["lr"] = p.lr * g["lr_scale"]
-        log_now = (step + 1) % cfg.train.log_every == 0 or step + 1 == end_step or switch is not None
-        model.train()
-        opt.zero_grad(set_to_none=True)
-        loss_sum = torch.zeros(2, dtype=torch.float64)  # loss, ce
-        aux_sum: dict[str, float] = {}
-        stat_sum: dict[str, float] = {}  # MoD/MoR causal predictor accuracy
-        trace, trace_dom = None, None
-        for m in range(cfg.train.grad_accum):
-            sl = slice(m * micro, (m + 1) * micro)
-            x, y, dom = batch["input_ids"][sl], batch["labels"][sl], batch["domain"][sl]
-            dom_BT = dom[:, None].expand_as(x)
-            want_trace = log_now and m == cfg.train.grad_accum - 1
-            sync = m == cfg.train.grad_accum - 1 or not hasattr(wrapped, "no_sync")
-            with (nullcontext() if sync else wrapped.no_sync()), amp:
-                out = wrapped(x, y, dom_BT, return_trace=want_trace)
-                loss = out.loss
-                if step in inject:
-                    loss = loss * float("nan")
-                (loss / cfg.train.grad_accum).backward()
-            loss_sum += torch.tensor([loss.item(), out.ce.item()], dtype=torch.float64) / cfg.train.grad_accum
-            for k, v in out.aux.items():
-                aux_sum[k] = aux_sum.get(k, 0.0) + v.item() / cfg.train.grad_accum
-            for k, v in out.stats.items():
-                stat_sum[k] = stat_sum.get(k, 0.0) + v / cfg.train.grad_accum
-            if want_trace:
-                trace, trace_dom = out.trace, dom_BT
-        inject.discard(step)
-        ok = _finite_flag(env, loss_sum)
-        grad_norm, clipped = (float("nan"), float("nan"))
-        if ok:
-            grad_norm, clipped = _clip(model, cfg.train.grad_clip, env)
-            ok = _finite_flag(env, torch.tensor([grad_norm]))
-        if ok:
-            opt.step()
-            for layer in model.moe_layers():
-                env.all_sum(layer.load_acc)
-                layer.balance_step()
-            nan_run = 0
-        else:
-            opt.zero_grad(set_to_none=True)
-            for layer in model.moe_layers():
-                layer.load_acc.zero_()
-            nan_run += 1
-            metrics.event(event="nan_skipped", step=step + 1, consecutive=nan_run)
-        tokens_total += G * batch["input_ids"].shape[1]
-        step += 1
-        stopping = None  # why the run cannot make progress: this step is logged, then it ends
-        if not ok and nan_run >= cfg.train.max_nan_skips:
-            back = ckpt.latest_valid(run_dir)
-            if back is None:  # nothing to roll back to: more steps would only skip again
-                stopping = (f"{nan_run} NaN/Inf steps in a row (train.max_nan_skips) at step {step} and no "
-                            "checkpoint to roll back to")
-            elif rollbacks.get(back.step, 0) >= 2:  # batches are deterministic: it would loop forever
-                stopping = (f"NaN/Inf again after rolling back to step {back.step} twice "
-                            f"({nan_run} in a row at step {step})")
-            else:
-                rollbacks[back.step] = rollbacks.get(back.step, 0) + 1
-                restore(model, opt, back, env)
-                metrics.event(event="rolled_back", step=step, to_step=back.step, after_nans=nan_run)
-                metrics.restart(back.step)
-                step, nan_run = back.step, 0
-                continue
-        # never a checkpoint or an eval of a state that stops the run
-        save_now = stopping is None and (step % cfg.train.save_every == 0 or step == end_step)
-        eval_now = stopping is None and prepared is not None and (step % cfg.train.eval_every == 0 or step == end_step)
-        log_now = log_now or stopping is not None
-        rec = None
-        if log_now or save_now:
-            loss_sum = env.all_sum(loss_sum) / env.world
-            now = time.time()
-            rec = {"step": step, "phase": p.phase.name, "loss": float(loss_sum[0]) if ok else None,
-                   "ce": float(loss_sum[1]) if ok else None,
-                   "aux": {k: v for k, v in sorted(aux_sum.items())}, "lr": p.lr,
-                   "grad_norm": grad_norm, "grad_norm_clipped": clipped, "tokens": step * G * cfg.model.seq_len,
-                   "tokens_per_s": (tokens_total - last_log_tokens) / max(now - last_log_t, 1e-9),
-                   "world_size": env.world, "routing_mode": p.routing if p.moe else None,
-                   "mod_capacity": p.mod_capacity if p.mod else None, "nan_skipped": not ok,
-                   "seed_locked": p.phase.seed is not None, "time": now, "data_wait_s": stream.take_wait(),
-                   **stat_sum}
-            rec.update(_routing_metrics(trace, trace_dom, model, env))
-            if switch is not None:
-                rec["switch_on"] = switch
-            last_log_t, last_log_tokens = now, tokens_total
-        if eval_now:
-            ev = evaluate(model, prepared, cfg, env, amp)
-            if rec is None:
-                rec = {"step": step, "phase": p.phase.name, "time": time.time(), "world_size": env.world}
-            rec["eval"] = ev
-        ckpt_dir = None
-        if save_now:
-            ckpt_dir = _save(model, opt, env, cfg, run_dir, step, p, rec, tokenizer_json)
-        if rec is not None:
-            if log_now or eval_now:
-                metrics.write(rec, flush=save_now or eval_now or step == end_step or stopping is not None)
-            result = rec
-            # ray.train.report is a barrier that waits for the controller's poll (seconds), so
-            # Ray Train gets the metrics at checkpoint and eval steps; metrics.jsonl has them all
-            if env.report is not None and (save_now or eval_now):
-                env.report(_flat(rec), ckpt_dir, step)
-        if ckpt_dir is not None:  # Ray Train has copied it into the run by now
-            shutil.rmtree(ckpt_dir, ignore_errors=True)
-        if save_now:
-            metrics.end_part()  # what was logged up to this checkpoint is in a closed part
-        if stopping is not None:
-            metrics.event(event="stopped", step=step, reason=stopping)
-            return {"step": step, "stopped": stopping}
-    return result
-
-
-@torch.no_grad()
-def _batch_ce(model: HydraLM, batch: dict, env: Env, amp) -> float:
-    """CE of this rank's batch with the current features, averaged over ranks (no update)."""
-    was = model.training
-    model.eval()
-    x, y, dom = batch["input_ids"], batch["labels"], batch["domain"]
-    with amp:
-        ce = model(x, y, dom[:, None].expand_as(x)).ce.double().cpu().view(1)
-    model.train(was)
-    return float(env.all_sum(ce) / env.world)
-
-
-def _flat(rec: dict) -> dict:
+def flat(rec: dict) -> dict:
+    """A record as flat scalars, for Ray Train's and Tune's reports (`eval_loss`, `imbalance_layer_cv`, ...)."""
     out = {k: v for k, v in rec.items() if not isinstance(v, (dict, list)) or k == "expert_util"}
     for k, v in (rec.get("eval") or {}).items():
         if not isinstance(v, dict):
@@ -464,30 +156,241 @@ def evaluate(model: HydraLM, prepared, cfg: HydraConfig, env: Env, amp) -> dict:
     return {"loss": loss, "by_domain": by_domain}
 
 
-def _save(model: HydraLM, opt, env: Env, cfg: HydraConfig, run_dir: str, step: int, p, rec,
-          tokenizer_json: bytes | None = None) -> Path | None:
-    state = gather_expert_state(model)
-    opt_state = _gather_optimizer(model, opt, env)
-    trainer_state = {"step": step, "phase": p.phase.name, "data_position": step * cfg.train.batch_size,
-                     "global_batch": cfg.train.batch_size, "world_size": env.world,
-                     "rng": torch.get_rng_state().tolist(), "metrics": _flat(rec) if rec else {}}
-    parts = dict(model_state=state, opt_state=opt_state, trainer_state=trainer_state,
-                 config_yaml=dump_config(ckpt.portable_config(cfg) if tokenizer_json is not None else cfg),
-                 tokenizer_json=tokenizer_json)
-    if env.rank != 0:
-        return None
-    if not env.ray_checkpoints:  # in-process: write straight into the run
-        ckpt.save_local(run_dir, step, cfg.train.keep_checkpoints, **parts)
-        return None
-    return ckpt.write(Path(tempfile.mkdtemp(prefix=f"hydra-ckpt-{step}-")), **parts)
+@torch.no_grad()
+def batch_ce(model: HydraLM, batch: dict, env: Env, amp) -> float:
+    """CE of this rank's batch with the current features, averaged over ranks (no update)."""
+    was = model.training
+    model.eval()
+    x, y, dom = batch["input_ids"], batch["labels"], batch["domain"]
+    with amp:
+        ce = model(x, y, dom[:, None].expand_as(x)).ce.double().cpu().view(1)
+    model.train(was)
+    return float(env.all_sum(ce) / env.world)
 
 
-def run_local(cfg: HydraConfig, run_dir: str, prepared, end_step: int | None = None, report=None) -> dict:
-    """One worker, in this process (no Ray Train): used by tests, one-worker Tune trials and
-    `hydra-ray train --workers 1 --local`."""
+# --------------------------------------------------------------------------- the loop
+def train_loop_per_worker(config: dict, env: Env | None = None) -> dict:
+    """config: {"config": HydraConfig as a dict, "run_dir", "end_step", "segments": [(L, a, b)],
+    "prepared": PreparedData, "use_gpu", "tokenizer_json", "smoke" (default False)}."""
+    env = env or ray_train_env(config.get("use_gpu", False))
+    cfg = parse_config(config["config"])
+    check_batch_split(cfg, [env.world], "world size")
+    torch.manual_seed(cfg.train.seed)
+    torch.set_num_threads(max(1, int(os.environ.get("HYDRA_THREADS", torch.get_num_threads()))))
+    run = _Run(cfg, config, env)
+    try:
+        return run.train(config["end_step"])
+    finally:
+        run.close()
+
+
+class _Run:
+    """One attempt of a run on this rank: model, optimizer, log and data stream, and the step."""
+
+    def __init__(self, cfg: HydraConfig, config: dict, env: Env):
+        self.cfg, self.env, self.run_dir = cfg, env, config["run_dir"]
+        self.prepared = config.get("prepared")
+        self.checkpoints = not config.get("smoke", False)  # a smoke run neither saves, loads nor evaluates
+        self.tokenizer_json = config.get("tokenizer_json")  # the driver's copy; else the file the config names
+        if self.tokenizer_json is None and cfg.data.tokenizer != "byte" and storage.is_file(cfg.data.tokenizer):
+            self.tokenizer_json = storage.read_bytes(cfg.data.tokenizer)
+        self.model = model = HydraLM(cfg.model)
+        loaded = ckpt.latest_valid(self.run_dir) if self.checkpoints else None
+        if loaded is not None:
+            model.load_state_dict(loaded.model)
+        model.to(env.device)
+        self.wrapped = parallelize(model) if env.world > 1 else model
+        self.opt = build_optimizer(model, cfg)
+        self.metrics = RunLog(self.run_dir, enabled=env.rank == 0)
+        self.step = 0
+        if loaded is not None:
+            restore(model, self.opt, loaded, env)
+            self.step = loaded.step
+            self.metrics.restart(self.step)
+            self.metrics.event(event="restored", step=self.step, checkpoint=loaded.path, world_size=env.world)
+        else:
+            self.metrics.restart(0)  # lines of an earlier attempt that never reached a checkpoint
+            self.metrics.event(event="started", world_size=env.world)
+        self.stream = BatchStream(env, cfg, [tuple(s) for s in config["segments"]], self.prepared)
+        self.amp = torch.autocast("cuda", dtype=torch.bfloat16) \
+            if cfg.train.dtype == "bfloat16" and env.device.type == "cuda" else nullcontext()
+        self.inject = set(cfg.train.inject_nan_steps)  # each fires once per attempt
+        self.nan_run, self.tokens_total = 0, 0
+        self.last_log_t, self.last_log_tokens = time.time(), 0
+        self.rollbacks: dict[int, int] = {}  # checkpoint step -> roll-backs to it in this attempt
+
+    def close(self) -> None:
+        self.stream.close()
+        self.metrics.close()
+
+    def train(self, end_step: int) -> dict:
+        result: dict = {}
+        while self.step < end_step:
+            p = plan(self.cfg, self.step, self.cfg.curriculum.total_steps)
+            batch = self.stream.get(self.step)
+            switch = self._set_features(p, batch)
+            for g in self.opt.param_groups:
+                g["lr"] = p.lr * g["lr_scale"]
+            log_now = (self.step + 1) % self.cfg.train.log_every == 0 or self.step + 1 == end_step \
+                or switch is not None
+            sums, trace, trace_dom = self._forward_backward(batch, want_trace=log_now)
+            ok, grad_norm, clipped = self._update(sums[0])
+            self.tokens_total += self.cfg.train.batch_size * batch["input_ids"].shape[1]
+            self.step += 1
+            stopping = self._after_nan() if not ok and self.nan_run >= self.cfg.train.max_nan_skips else None
+            if stopping == "rolled_back":
+                continue
+            rec = self._log(p, end_step, ok, log_now, stopping, sums, grad_norm, clipped, trace, trace_dom, switch)
+            result = rec or result
+            if stopping is not None:
+                self.metrics.event(event="stopped", step=self.step, reason=stopping)
+                return {"step": self.step, "stopped": stopping}
+        return result
+
+    # ----------------------------------------------------------------- pieces of a step
+    def _set_features(self, p, batch: dict) -> dict | None:
+        """Switch features as the plan says; a switch-on's cost is measured on the same batch."""
+        model, f = self.model, self.model.features
+        if (f["mor"], f["mod"], f["moe"], f["routing"]) == (p.mor, p.mod, p.moe, p.routing) and \
+                abs(f["mod_capacity"] - p.mod_capacity) <= 1e-9:
+            return None
+        turned_on = [k for k in ("mor", "mod", "moe") if getattr(p, k) and not f[k]]
+        before = batch_ce(model, batch, self.env, self.amp) if turned_on and self.step > 0 else None
+        gen = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + self.step)  # upcycling noise
+        model.set_features(mor=p.mor, mod=p.mod, moe=p.moe, routing=p.routing,
+                           mod_capacity=p.mod_capacity if p.mod else None, generator=gen)
+        if before is None:
+            return None
+        switch = {"features": turned_on, "ce_before": before, "ce_after": batch_ce(model, batch, self.env, self.amp)}
+        self.metrics.event(event="switch_on", step=self.step, **switch)
+        return switch
+
+    def _forward_backward(self, batch: dict, want_trace: bool):
+        """Gradients of this rank's slice, over its micro-batches; returns the averaged loss, ce,
+        aux losses and predictor stats, and the last micro-batch's routing trace when logging."""
+        cfg, accum = self.cfg, self.cfg.train.grad_accum
+        micro = cfg.train.batch_size // self.env.world // accum
+        self.model.train()
+        self.opt.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros(2, dtype=torch.float64)  # loss, ce
+        aux: dict[str, float] = {}
+        stats: dict[str, float] = {}  # MoD/MoR causal predictor accuracy
+        trace = trace_dom = None
+        for m in range(accum):
+            sl = slice(m * micro, (m + 1) * micro)
+            x, y, dom = batch["input_ids"][sl], batch["labels"][sl], batch["domain"][sl]
+            dom_BT = dom[:, None].expand_as(x)
+            last = m == accum - 1
+            sync = last or not hasattr(self.wrapped, "no_sync")
+            with (nullcontext() if sync else self.wrapped.no_sync()), self.amp:
+                out = self.wrapped(x, y, dom_BT, return_trace=want_trace and last)
+                loss = out.loss * float("nan") if self.step in self.inject else out.loss
+                (loss / accum).backward()
+            loss_sum += torch.tensor([loss.item(), out.ce.item()], dtype=torch.float64) / accum
+            for k, v in out.aux.items():
+                aux[k] = aux.get(k, 0.0) + v.item() / accum
+            for k, v in out.stats.items():
+                stats[k] = stats.get(k, 0.0) + v / accum
+            if want_trace and last:
+                trace, trace_dom = out.trace, dom_BT
+        self.inject.discard(self.step)
+        return (loss_sum, aux, stats), trace, trace_dom
+
+    def _update(self, loss_sum: torch.Tensor) -> tuple[bool, float, float]:
+        """Clip and step when every rank's loss and the gradient norm are finite; else skip."""
+        env = self.env
+        ok = env.all_finite(loss_sum)
+        grad_norm = clipped = float("nan")
+        if ok:
+            grad_norm, clipped = clip_grad_norm(self.model, self.cfg.train.grad_clip, env)
+            ok = env.all_finite(torch.tensor([grad_norm]))
+        if ok:
+            self.opt.step()
+            for layer in self.model.moe_layers():
+                env.all_sum(layer.load_acc)
+                layer.balance_step()
+            self.nan_run = 0
+        else:
+            self.opt.zero_grad(set_to_none=True)
+            for layer in self.model.moe_layers():
+                layer.load_acc.zero_()
+            self.nan_run += 1
+            self.metrics.event(event="nan_skipped", step=self.step + 1, consecutive=self.nan_run)
+        return ok, grad_norm, clipped
+
+    def _after_nan(self) -> str | None:
+        """After max_nan_skips NaN steps in a row: roll back to the last checkpoint ("rolled_back"),
+        or the reason the run cannot make progress."""
+        back = ckpt.latest_valid(self.run_dir) if self.checkpoints else None
+        if back is None:  # nothing to roll back to: more steps would only skip again
+            return (f"{self.nan_run} NaN/Inf steps in a row (train.max_nan_skips) at step {self.step} and no "
+                    "checkpoint to roll back to")
+        if self.rollbacks.get(back.step, 0) >= 2:  # batches are deterministic: it would loop forever
+            return (f"NaN/Inf again after rolling back to step {back.step} twice "
+                    f"({self.nan_run} in a row at step {self.step})")
+        self.rollbacks[back.step] = self.rollbacks.get(back.step, 0) + 1
+        restore(self.model, self.opt, back, self.env)
+        self.metrics.event(event="rolled_back", step=self.step, to_step=back.step, after_nans=self.nan_run)
+        self.metrics.restart(back.step)
+        self.step, self.nan_run = back.step, 0
+        return "rolled_back"
+
+    def _log(self, p, end_step: int, ok: bool, log_now: bool, stopping: str | None, sums, grad_norm: float,
+             clipped: float, trace, trace_dom, switch: dict | None) -> dict | None:
+        """The step's record (logged, evaluated, checkpointed and reported as due); never a
+        checkpoint or an eval of a state that stops the run."""
+        cfg, env, step = self.cfg, self.env, self.step
+        loss_sum, aux, stats = sums
+        save_now = self.checkpoints and stopping is None and (step % cfg.train.save_every == 0 or step == end_step)
+        eval_now = self.checkpoints and stopping is None and (step % cfg.train.eval_every == 0 or step == end_step)
+        log_now = log_now or stopping is not None
+        rec = None
+        if log_now or save_now:
+            loss_sum = env.all_sum(loss_sum) / env.world
+            now = time.time()
+            G = cfg.train.batch_size
+            rec = {"step": step, "phase": p.phase.name, "loss": float(loss_sum[0]) if ok else None,
+                   "ce": float(loss_sum[1]) if ok else None, "aux": dict(sorted(aux.items())), "lr": p.lr,
+                   "grad_norm": grad_norm, "grad_norm_clipped": clipped, "tokens": step * G * cfg.model.seq_len,
+                   "tokens_per_s": (self.tokens_total - self.last_log_tokens) / max(now - self.last_log_t, 1e-9),
+                   "world_size": env.world, "routing_mode": p.routing if p.moe else None,
+                   "mod_capacity": p.mod_capacity if p.mod else None, "nan_skipped": not ok,
+                   "seed_locked": p.phase.seed is not None, "time": now, "data_wait_s": self.stream.take_wait(),
+                   **stats}
+            rec.update(routing_metrics(trace, trace_dom, self.model, env))
+            if switch is not None:
+                rec["switch_on"] = switch
+            self.last_log_t, self.last_log_tokens = now, self.tokens_total
+        if eval_now:
+            ev = evaluate(self.model, self.prepared, cfg, env, self.amp)
+            if rec is None:
+                rec = {"step": step, "phase": p.phase.name, "time": time.time(), "world_size": env.world}
+            rec["eval"] = ev
+        ckpt_dir = save(self.model, self.opt, env, cfg, self.run_dir, step, p.phase.name, flat(rec) if rec else {},
+                        self.tokenizer_json) if save_now else None
+        if rec is not None:
+            if log_now or eval_now:
+                self.metrics.write(rec, flush=save_now or eval_now or step == end_step or stopping is not None)
+            # ray.train.report is a barrier that waits for the controller's poll (seconds), so
+            # Ray Train gets the metrics at checkpoint and eval steps; the run's log has them all
+            if env.report is not None and (save_now or eval_now):
+                env.report(flat(rec), ckpt_dir, step)
+        if ckpt_dir is not None:  # Ray Train has copied it into the run by now
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+        if save_now:
+            self.metrics.end_part()  # what was logged up to this checkpoint is in a closed part
+        return rec
+
+
+def run_local(cfg: HydraConfig, run_dir: str, prepared, end_step: int | None = None, report=None,
+              smoke: bool = False) -> dict:
+    """One worker, in this process (no Ray Train): `hydra-ray train --workers 1 --local`, one-worker
+    Tune trials, tests, and with `smoke` the smoke run: no checkpoints and no evals, every step
+    logged (the run folder holds only its metrics and events)."""
     end_step = end_step or cfg.curriculum.total_steps
-    loaded = ckpt.latest_valid(run_dir)
+    loaded = None if smoke else ckpt.latest_valid(run_dir)
     start = loaded.step if loaded else 0
     segs = segments(cfg, start, end_step) if start < end_step else []
     return train_loop_per_worker({"config": cfg.model_dump(mode="python"), "run_dir": run_dir, "end_step": end_step,
-                                  "segments": segs, "prepared": prepared}, Env(report=report))
+                                  "segments": segs, "prepared": prepared, "smoke": smoke},
+                                 Env(report=report))

@@ -1,12 +1,13 @@
 """Every figure of the report, computed from a `Source` into one JSON-ready dict (summary.json);
-report.md and the observations/recommendations only ever render numbers from this dict.
+report.md and the advice (`advice.py`) only ever render numbers from this dict.
 
 Design choices
 - Samples are step records; NaN steps count as samples (n_samples) but are left out of every
   mean, and are flagged. Means are plain arithmetic means over the logged samples (the logging
   interval is even within a run, so no step weighting).
-- Loss slope: least-squares line of loss on step within the phase, reported per 1,000 steps.
-- Grad p95 uses linear interpolation between order statistics (numpy's default).
+- Loss slope: least-squares line of loss on step within the phase (`np.polyfit`, degree 1),
+  reported per 1,000 steps.
+- Grad p95: `np.percentile` (linear interpolation between order statistics).
 - Clipping rate = clipped samples / samples whose clipping is known (see the loaders for the rule
   of each source); None when no sample says.
 - Loss jump at a boundary = first finite loss of the new phase - last finite loss of the old one,
@@ -18,32 +19,33 @@ Design choices
   once 10 previous samples exist, so the large norms of the first steps are not "spikes". A
   trailing window follows the level changes of a curriculum, which one whole-run threshold would
   not.
-- Utilisation per routing mode: per-expert mean of the logged fractions, x100, one decimal.
-  Imbalance = max/min of those means and their coefficient of variation (population sd / mean).
-  Collapse = a sample in which an expert gets less than 0.2/E of the tokens (a fifth of its fair
-  share); consecutive collapsed samples of one expert are one anomaly.
+- Utilisation per routing mode: per-expert mean of the logged fractions, x100, one decimal, and
+  max/min of those means. Imbalance has one definition, `hydra_ray.utilisation.imbalance`
+  (per-layer CV, pooled CV, worst layer's max/min): a record's own `imbalance` (what the training
+  loop logged) when it has one, else that function of its `expert_util_by_layer`, else of its
+  pooled utilisation taken as a single layer (older runs, HYDRA text logs: per-layer = pooled).
+  A mode's figures are the means over its samples. Collapse = a sample in which an expert gets
+  less than 0.2/E of the tokens (a fifth of its fair share); consecutive collapsed samples of one
+  expert are one anomaly.
 - Train/eval gap = eval loss - the train figure logged with the eval (HYDRA) or the CE of the
   train sample at (or just before) the eval step (hydra-ray: eval is CE, so CE is the like-for-
   like train figure). Positive = eval worse.
-- Recommendations are rules over these figures with the thresholds written next to them; each one
-  quotes the numbers that triggered it.
 """
 
 from __future__ import annotations
 
 import math
-from statistics import median
+
+import numpy as np
 
 from hydra_ray.analysis.model import Phase, Record, Source, finite
+from hydra_ray.utilisation import imbalance
 
 SPIKE_K = 6.0
 SPIKE_WINDOW = 50
 SPIKE_MIN_HISTORY = 10
 COLLAPSE_SHARE = 0.2  # of the fair share 1/E
-CLIP_HIGH = 0.5
-CV_HIGH = 0.25
-GAP_HIGH = 0.1
-AGREEMENT_KEEP = 0.75  # free-routing agreement below 3/4 of the guided phase's counts as fading
+MAD_SD = 1.4826  # MAD -> sd of a normal distribution
 
 
 def _mean(xs: list[float]) -> float | None:
@@ -51,37 +53,25 @@ def _mean(xs: list[float]) -> float | None:
 
 
 def _pct(xs: list[float], q: float) -> float | None:
-    if not xs:
-        return None
-    s = sorted(xs)
-    pos = (len(s) - 1) * q
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+    return float(np.percentile(xs, q * 100)) if xs else None
 
 
 def _slope(pts: list[tuple[int, float]]) -> float | None:
-    if len(pts) < 2:
+    if len({x for x, _ in pts}) < 2:
         return None
-    mx = sum(x for x, _ in pts) / len(pts)
-    my = sum(y for _, y in pts) / len(pts)
-    sxx = sum((x - mx) ** 2 for x, _ in pts)
-    if sxx == 0:
-        return None
-    return sum((x - mx) * (y - my) for x, y in pts) / sxx
+    x, y = np.array(pts, dtype=np.float64).T
+    return float(np.polyfit(x, y, 1)[0])
 
 
-def _robust_sd(xs: list[float]) -> float | None:
-    if len(xs) < 2:
-        return None
-    m = median(xs)
-    return 1.4826 * median([abs(x - m) for x in xs])
+def _mad(xs) -> float:
+    """Median absolute deviation from the median."""
+    return float(np.median(np.abs(np.asarray(xs, dtype=np.float64) - np.median(xs))))
 
 
 def _noise(losses: list[float]) -> float | None:
-    diffs = [b - a for a, b in zip(losses, losses[1:])]
-    sd = _robust_sd(diffs)
-    return sd / math.sqrt(2) if sd is not None else None
+    """Robust per-sample sd of the loss: MAD_SD * MAD of its consecutive differences / sqrt(2)."""
+    diffs = np.diff(losses)
+    return MAD_SD * _mad(diffs) / math.sqrt(2) if len(diffs) >= 2 else None
 
 
 def _phase_list(src: Source) -> list[Phase]:
@@ -169,6 +159,18 @@ def boundaries(src: Source, rows: list[dict]) -> list[dict]:
     return out
 
 
+def record_imbalance(r: Record) -> dict | None:
+    """The record's imbalance as the training loop defines it: its own when logged, else the same
+    function of its per-layer utilisation, else of its pooled utilisation as one layer."""
+    if r.imbalance is not None:
+        return r.imbalance
+    return imbalance(r.util_by_layer or ({"pooled": r.util} if r.util else None))
+
+
+def _fig(imbs: list[dict], key: str) -> float | None:
+    return _mean([x[key] for x in imbs if finite(x.get(key))])
+
+
 def utilisation(src: Source) -> list[dict]:
     groups: dict[str, list[Record]] = {}
     E = src.num_experts
@@ -180,8 +182,7 @@ def utilisation(src: Source) -> list[dict]:
     for mode, rs in groups.items():
         n_e = len(rs[0].util)
         means = [sum(r.util[i] for r in rs) / len(rs) for i in range(n_e)]
-        mu = sum(means) / n_e
-        sd = math.sqrt(sum((m - mu) ** 2 for m in means) / n_e)
+        imbs = [x for x in map(record_imbalance, rs) if x]
         agr = [r.agreement for r in rs if r.agreement is not None]
         rows.append({
             "routing_mode": mode, "n_samples": len(rs),
@@ -191,7 +192,8 @@ def utilisation(src: Source) -> list[dict]:
             "first_pct": [round(u * 100, 1) for u in rs[0].util],
             "last_pct": [round(u * 100, 1) for u in rs[-1].util],
             "max_min_ratio": max(means) / min(means) if min(means) > 0 else None,
-            "cv": sd / mu if mu > 0 else None,
+            "layer_cv": _fig(imbs, "layer_cv"), "pooled_cv": _fig(imbs, "pooled_cv"),
+            "n_per_layer": sum(r.imbalance is not None or r.util_by_layer is not None for r in rs),  # not pooled
             "agreement_mean": _mean(agr), "agreement_n": len(agr),
             "div_mean": _mean([r.moe_div for r in rs if r.moe_div is not None]),
             "ent_mean": _mean([r.moe_ent for r in rs if r.moe_ent is not None]),
@@ -274,8 +276,8 @@ def grad_spikes(src: Source) -> list[dict]:
             continue
         if len(hist) >= SPIKE_MIN_HISTORY:
             w = hist[-SPIKE_WINDOW:]
-            med = median(w)
-            scale = max(1.4826 * median([abs(x - med) for x in w]), 0.05 * med)
+            med = float(np.median(w))
+            scale = max(MAD_SD * _mad(w), 0.05 * med)
             thr = med + SPIKE_K * scale
             if r.grad > thr:
                 out.append({"kind": "grad_spike", "step": r.step, "phase": r.phase, "value": r.grad,
@@ -346,159 +348,10 @@ def last_status(src: Source, ev: dict) -> dict:
         "tokens": r.tokens if r.tokens is not None else (r.step * src.tokens_per_step if src.tokens_per_step else None),
         "expert_util_pct": [round(u * 100, 1) for u in util.util] if util else None,
         "expert_util_step": util.step if util else None,
+        "imbalance": record_imbalance(util) if util else None,
         "agreement": r.agreement, "mod_frac": r.mod_frac, "mod_capacity": r.mod_capacity, "mor_depth": r.mor_depth,
         "last_eval": ev.get("last"), "last_checkpoint": src.checkpoints[-1] if src.checkpoints else None,
     }
-
-
-# --------------------------------------------------------------------------- prose from figures
-def _f(x, nd=4):
-    return "n/a" if x is None else f"{x:.{nd}f}"
-
-
-def observations(s: dict) -> list[str]:
-    out = []
-    smp = [p for p in s["phases"] if p["loss_start"] is not None]
-    if smp:
-        a, b = smp[0], smp[-1]
-        ch = (b["loss_end"] - a["loss_start"]) / a["loss_start"] * 100 if a["loss_start"] else None
-        out.append(f"Loss went from {_f(a['loss_start'])} (step {a['first_step']}) to {_f(b['loss_end'])} "
-                   f"(step {b['last_step']}), {ch:+.1f}% overall." if ch is not None else
-                   f"Loss went from {_f(a['loss_start'])} to {_f(b['loss_end'])}.")
-        sl = [p for p in smp if p["loss_slope_per_1k"] is not None]
-        if sl:
-            best = min(sl, key=lambda p: p["loss_slope_per_1k"])
-            out.append(f"Steepest descent in phase {best['name']} ({best['loss_slope_per_1k']:+.4f} per 1K steps).")
-            up = [p for p in sl if p["loss_slope_per_1k"] > 0 and p["n_loss"] >= 3]
-            if up:
-                out.append("Loss trended upwards within: " + ", ".join(
-                    f"{p['name']} ({p['loss_slope_per_1k']:+.4f}/1K"
-                    + (f", CE {p['ce_slope_per_1k']:+.4f}/1K" if p["ce_slope_per_1k"] is not None else "") + ")"
-                    for p in up) + ".")
-    if s["boundaries"]:
-        big = max(s["boundaries"], key=lambda b: b["loss_jump"])
-        if big["loss_jump"] > 0:
-            ce = f", CE {big['ce_jump']:+.4f}" if big["ce_jump"] is not None else ""
-            out.append(f"Largest loss rise at a boundary: {big['from']} -> {big['to']} at step {big['step_after']} "
-                       f"({big['loss_jump']:+.4f}{ce}).")
-        else:
-            out.append("No phase boundary raised the loss.")
-    clip = [p for p in s["phases"] if p["clip_rate"] is not None]
-    if clip:
-        n = sum(p["n_clip_known"] for p in clip)
-        tot = sum(p["clip_rate"] * p["n_clip_known"] for p in clip) / n
-        hi = max(clip, key=lambda p: p["clip_rate"])
-        out.append(f"Gradients were clipped in {tot * 100:.1f}% of the samples whose clipping is known; most in "
-                   f"{hi['name']} ({hi['clip_rate'] * 100:.1f}%).")
-    gm = [p for p in s["phases"] if p["grad_max"] is not None]
-    if gm:
-        hi = max(gm, key=lambda p: p["grad_max"])
-        out.append(f"Largest grad norm {hi['grad_max']:.3g} in phase {hi['name']} (phase p95 {hi['grad_p95']:.3g}).")
-    if s["utilisation"]:
-        worst = max(s["utilisation"], key=lambda u: u["cv"] if u["cv"] is not None else -1)
-        mm = f"{worst['max_min_ratio']:.2f}" if worst["max_min_ratio"] is not None else "inf"
-        out.append(f"Most imbalanced routing mode: {worst['routing_mode']} (CV {_f(worst['cv'], 3)}, "
-                   f"max/min {mm}, over {worst['n_samples']} samples).")
-    ag = s["agreement"]
-    if ag["available"] and ag["by_routing_mode"]:
-        chance = f" (chance {100 / s['run']['num_experts']:.1f}%)" if s["run"]["num_experts"] else ""
-        out.append("Domain->expert agreement by routing mode: " + ", ".join(
-            f"{m} {v['mean'] * 100:.1f}%" for m, v in ag["by_routing_mode"].items()) + chance + ".")
-    rd = s["mod_mor"]
-    if rd["mod_available"]:
-        out.append(f"MoD selected fraction: {rd['mod_last']:.3f} at the last step "
-                   f"(capacity {_f(rd['mod_capacity_last'], 3)}).")
-    if rd["mor_available"]:
-        out.append(f"MoR mean depth: {rd['mor_last']:.3f} recursions at the last step "
-                   f"(run mean {rd['mor_overall_mean']:.3f}).")
-    ev = s["eval"]
-    if ev["available"]:
-        line = f"Eval loss {_f(ev['last']['loss'])} at step {ev['last']['step']}"
-        if ev["best"] and ev["best"]["step"] != ev["last"]["step"]:
-            line += f" (best {_f(ev['best']['loss'])} at step {ev['best']['step']})"
-        if ev["train_eval_gap"] is not None:
-            line += f"; train/eval gap {ev['train_eval_gap']:+.4f}"
-        if ev["worst_domain"]:
-            bd = ev["by_domain"]
-            line += (f"; hardest domain {ev['worst_domain']} ({bd[ev['worst_domain']]:.4f}), easiest "
-                     f"{ev['best_domain']} ({bd[ev['best_domain']]:.4f})")
-        out.append(line + ".")
-    kinds: dict[str, int] = {}
-    for a in s["anomalies"]:
-        kinds[a["kind"]] = kinds.get(a["kind"], 0) + 1
-    out.append("Anomalies: " + (", ".join(f"{n} {k}" for k, n in kinds.items()) if kinds else "none") + ".")
-    empty = [p["name"] for p in s["phases"] if p["n_samples"] == 0]
-    if empty:
-        out.append("Phases without samples in the data: " + ", ".join(empty) + ".")
-    ps = s["parse"]
-    out.append(f"Parsed {ps['lines_parsed']} of {ps['lines_read'] - ps['lines_blank']} non-blank lines; "
-               f"{ps['unparsed_count']} unparsed; {ps['relogged']} re-logged step(s) counted once.")
-    return out
-
-
-def recommendations(s: dict) -> list[str]:
-    out = []
-    nans = [a for a in s["anomalies"] if a["kind"] == "nan_step"]
-    if nans:
-        out.append(f"{len(nans)} NaN step(s) (first at step {nans[0]['step']}): check the batches at those "
-                   "steps and the LR at that point; consider a lower lr_scale for the phase.")
-    spikes = [a for a in s["anomalies"] if a["kind"] == "grad_spike"]
-    if spikes:
-        out.append(f"{len(spikes)} grad-norm spike(s) (largest {max(a['value'] for a in spikes):.3g} at step "
-                   f"{max(spikes, key=lambda a: a['value'])['step']}): inspect those batches; if they follow a "
-                   "switch-on, add a short LR re-warm-up after it.")
-    hot = [p for p in s["phases"] if p["clip_rate"] is not None and p["clip_rate"] > CLIP_HIGH
-           and p["n_clip_known"] >= 3]
-    if hot:
-        out.append("Gradients clipped in most samples of " + ", ".join(
-            f"{p['name']} ({p['clip_rate'] * 100:.0f}%, mean norm {p['grad_mean']:.3g})" for p in hot)
-            + ": there the clip, not the LR, sets the step size; lower those phases' lr_scale or raise "
-              "train.grad_clip.")
-    for b in s["boundaries"]:
-        if b["rise"] and b["significant"] and (b["ce_jump"] is None or b["ce_jump"] > 0):
-            out.append(f"Switching {b['from']} -> {b['to']} raised the loss by {b['loss_jump']:+.4f} "
-                       f"({_f(b['jump_in_noise_sd'], 1)} noise sd): ease the switch (capacity warm-up, LR "
-                       "re-warm-up, or a lower lr_scale for the first steps).")
-    last = [p for p in s["phases"] if p["loss_slope_per_1k"] is not None]
-    if last:
-        p = last[-1]
-        if p["loss_slope_per_1k"] < 0:
-            out.append(f"Loss still falling in the last phase ({p['name']}, {p['loss_slope_per_1k']:+.4f} per "
-                       "1K steps): more steps would help.")
-        else:
-            out.append(f"Loss flat or rising in the last phase ({p['name']}, {p['loss_slope_per_1k']:+.4f} per "
-                       "1K steps): decay the LR or stop here.")
-    for u in s["utilisation"]:
-        if u["cv"] is not None and u["cv"] > CV_HIGH:
-            out.append(f"Routing mode {u['routing_mode']}: experts imbalanced (CV {u['cv']:.2f}, per-expert "
-                       f"{'/'.join(f'{x:.1f}' for x in u['per_expert_pct'])}%): raise moe.aux_weight or enable "
-                       "moe.bias_balancing.")
-    coll = [a for a in s["anomalies"] if a["kind"] == "utilisation_collapse"]
-    if coll:
-        out.append(f"{len(coll)} utilisation collapse(s) (first at step {coll[0]['step']}): an expert nearly "
-                   "stopped receiving tokens; check the router and the balancing loss there.")
-    # forced routing is 100% agreement by construction, so the learned reference is teacher routing
-    ag = s["agreement"]["by_routing_mode"]
-    guide = "teacher" if "teacher" in ag else "forced" if "forced" in ag else None
-    if guide and "free" in ag and ag[guide]["mean"] and ag["free"]["mean"] is not None \
-            and ag["free"]["mean"] < AGREEMENT_KEEP * ag[guide]["mean"]:
-        out.append(f"Domain specialisation fades in free routing (agreement {ag[guide]['mean'] * 100:.1f}% "
-                   f"under {guide} routing -> {ag['free']['mean'] * 100:.1f}% free): keep a small teacher "
-                   "weight in the free phase or lengthen the teacher phase.")
-    ev = s["eval"]
-    if ev["available"] and ev["train_eval_gap"] is not None and ev["train_eval_gap"] > GAP_HIGH:
-        out.append(f"Eval loss exceeds train by {ev['train_eval_gap']:.4f}: more data per step or stronger "
-                   "regularisation (weight decay) before training longer.")
-    if ev["available"] and ev["by_domain"]:
-        bd = ev["by_domain"]
-        mean = sum(bd.values()) / len(bd)
-        w = ev["worst_domain"]
-        if bd[w] > mean * 1.05:
-            out.append(f"Domain {w} lags (eval {bd[w]:.4f} vs mean {mean:.4f}): raise its mixture weight.")
-    if s["parse"]["unparsed_count"]:
-        out.append(f"{s['parse']['unparsed_count']} line(s) could not be parsed (Appendix B): check they "
-                   "carry no figures the analysis should read.")
-    return out or ["No action indicated by these figures."]
 
 
 def _clean(x):
@@ -512,6 +365,8 @@ def _clean(x):
 
 
 def summarize(src: Source, unparsed_cap: int = 1000) -> dict:
+    """Every figure of the report (JSON-ready: non-finite numbers become None); the advice adds
+    its prose to this dict (`advice.advise`)."""
     rows = phase_rows(src)
     bounds = boundaries(src, rows)
     util = utilisation(src)
@@ -541,7 +396,4 @@ def summarize(src: Source, unparsed_cap: int = 1000) -> dict:
                   "resumes": ps.resumes, "unparsed_count": len(ps.unparsed), "unparsed_by_reason": reasons,
                   "unparsed": [vars(u) for u in ps.unparsed[:unparsed_cap]]},
     }
-    s = _clean(s)
-    s["observations"] = observations(s)
-    s["recommendations"] = recommendations(s)
-    return s
+    return _clean(s)

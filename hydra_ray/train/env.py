@@ -1,0 +1,65 @@
+"""Where the training loop runs: rank, world, device, collectives and how reports leave it.
+
+The loop is written against `Env` only, so the same code runs as a Ray Train worker
+(`ray_train_env`), in-process for one-worker runs, smoke runs and Tune trials (`Env()`), and
+in tests with a gloo group of their own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Env:
+    """Rank/world, device, and how reports are made."""
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    report: Callable[..., None] | None = None  # (metrics, checkpoint_dir or None, step) -> None
+    ray_checkpoints: bool = False  # True: checkpoints travel through report(); else written in place
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1 and dist.is_initialized()
+
+    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.distributed:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    def all_max(self, t: torch.Tensor) -> torch.Tensor:
+        if self.distributed:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t
+
+    def all_finite(self, *values: torch.Tensor) -> bool:
+        """Whether every value is finite on every rank (one agreed decision)."""
+        bad = torch.tensor([0.0 if all(bool(torch.isfinite(v).all()) for v in values) else 1.0])
+        return self.all_max(bad).item() == 0.0
+
+
+def ray_train_env(use_gpu: bool) -> Env:
+    import ray.train
+    import ray.train.torch
+
+    from hydra_ray import checkpoint as ckpt
+
+    ctx = ray.train.get_context()
+    device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
+
+    def report(metrics, ckpt_dir, step):
+        from ray.train import Checkpoint
+
+        if ckpt_dir is None:
+            ray.train.report(metrics)
+        else:
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(ckpt_dir)) if ctx.get_world_rank() == 0
+                             else None, checkpoint_dir_name=f"checkpoints/{ckpt.step_dir_name(step)}")
+
+    return Env(ctx.get_world_rank(), ctx.get_world_size(), device, report=report, ray_checkpoints=True)
