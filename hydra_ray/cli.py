@@ -95,7 +95,7 @@ def _bench(args: argparse.Namespace) -> int:
     if args.name == "data":
         from hydra_ray.benchmarks import data
 
-        res = data.run(config=args.config, steps=args.steps)
+        res = data.run(config=args.config, steps=args.steps or 60)
         if args.json:
             print(json.dumps(res))
     if args.name == "pack":
@@ -118,6 +118,13 @@ def _bench(args: argparse.Namespace) -> int:
         if not args.storage:
             raise ConfigError("bench storage needs --storage URI (e.g. s3://bucket/prefix)")
         res = storage_bench.run(args.storage, config=args.config, rounds=args.rounds)
+        if args.json:
+            print(json.dumps(res))
+    if args.name == "train":
+        from hydra_ray.benchmarks import train as train_bench
+
+        res = train_bench.run(config=args.config, phase=args.phase, workers=args.workers, gpu=args.gpu,
+                              steps=args.steps or 12, threads=args.threads, rounds=min(args.rounds, 5))
         if args.json:
             print(json.dumps(res))
     if args.name == "dispatch":
@@ -296,13 +303,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_data_stats)
 
     s = sub.add_parser("bench", help="benchmarks that print side-by-side ratios")
-    s.add_argument("name", choices=["dispatch", "data", "pack", "serve", "storage"])
+    s.add_argument("name", choices=["dispatch", "data", "pack", "serve", "storage", "train"])
     s.add_argument("--storage", default=None, help="bench storage: where checkpoints are written (local path or URI)")
     s.add_argument("--run", default=None, help="bench serve: the run whose newest checkpoint is served")
     s.add_argument("--seconds", type=float, default=10.0, help="bench serve: seconds per client count")
-    s.add_argument("--config", default="small", help="bench data / storage: the preset whose pipeline, model or "
-                   "checkpoint is timed")
-    s.add_argument("--steps", type=int, default=60, help="bench data: training steps of data to stream")
+    s.add_argument("--config", default="small", help="bench data / storage / train: the preset whose pipeline, "
+                   "model or checkpoint is timed")
+    s.add_argument("--steps", type=int, default=None,
+                   help="bench data: training steps of data to stream (60); bench train: steps per run (12)")
+    s.add_argument("--phase", default=None, help="bench train: the phase timed (default: the first with MoE on)")
+    s.add_argument("--workers", type=int, default=2, help="bench train: N of the 1 -> N worker scaling")
+    s.add_argument("--threads", type=int, default=1, help="bench train: torch threads per worker in the scaling runs")
+    s.add_argument("--gpu", action="store_true", help="bench train: on CUDA (bf16 when the config says so)")
     s.add_argument("--sizes", type=float, nargs="+", default=[0.5, 2.0], help="bench pack: GB of generated text")
     s.add_argument("--workdir", default=None, help="bench pack: keep the generated corpora here (reused)")
     s.add_argument("--tokens", type=int, default=4096)

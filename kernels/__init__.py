@@ -23,6 +23,7 @@ from types import ModuleType
 import torch
 
 from hydra_ray.kernels import torch_dispatch
+from hydra_ray.timing import TIMERS
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -70,8 +71,9 @@ class Routing:
 def route(idx_TK: torch.Tensor, num_experts: int) -> Routing:
     """Histogram, offsets and destination rows from top-k expert ids (-1 = dropped slot)."""
     impl = _impl(idx_TK)
-    counts, offsets, dest = impl.route(idx_TK.contiguous(), num_experts)
-    return Routing(counts, offsets, dest, int(counts.sum()))
+    with TIMERS.section("dispatch"):
+        counts, offsets, dest = impl.route(idx_TK.contiguous(), num_experts)
+        return Routing(counts, offsets, dest, int(counts.sum()))
 
 
 class _Permute(torch.autograd.Function):
@@ -84,7 +86,8 @@ class _Permute(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_AD):
         (dest_TK,) = ctx.saved_tensors
-        return ctx.impl.gather_sum(g_AD.contiguous(), dest_TK), None, None, None
+        with TIMERS.section("dispatch"):
+            return ctx.impl.gather_sum(g_AD.contiguous(), dest_TK), None, None, None
 
 
 class _Combine(torch.autograd.Function):
@@ -98,20 +101,23 @@ class _Combine(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_TD):
         y_AD, w_TK, dest_TK = ctx.saved_tensors
-        g_TD = g_TD.contiguous()
-        gy = ctx.impl.permute(g_TD, dest_TK, y_AD.shape[0], w_TK) if ctx.needs_input_grad[0] else None
-        gw = ctx.impl.slot_dot(g_TD, y_AD, dest_TK, w_TK.dtype) if ctx.needs_input_grad[1] else None
+        with TIMERS.section("dispatch"):
+            g_TD = g_TD.contiguous()
+            gy = ctx.impl.permute(g_TD, dest_TK, y_AD.shape[0], w_TK) if ctx.needs_input_grad[0] else None
+            gw = ctx.impl.slot_dot(g_TD, y_AD, dest_TK, w_TK.dtype) if ctx.needs_input_grad[1] else None
         return gy, gw, None, None
 
 
 def permute(x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
     """Token rows -> expert-contiguous rows (each token once per kept top-k slot). Differentiable."""
-    return _Permute.apply(x_TD, routing.dest_TK, routing.num_rows, _impl(x_TD))
+    with TIMERS.section("dispatch"):
+        return _Permute.apply(x_TD, routing.dest_TK, routing.num_rows, _impl(x_TD))
 
 
 def combine(y_AD: torch.Tensor, w_TK: torch.Tensor, routing: Routing) -> torch.Tensor:
     """Expert rows -> token rows, weighted by the gates. Differentiable in both inputs."""
-    return _Combine.apply(y_AD, w_TK, routing.dest_TK, _impl(y_AD))
+    with TIMERS.section("dispatch"):
+        return _Combine.apply(y_AD, w_TK, routing.dest_TK, _impl(y_AD))
 
 
 __all__ = ["Routing", "backend_for", "combine", "permute", "route"]

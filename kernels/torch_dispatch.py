@@ -47,11 +47,11 @@ def gather_sum(y_AD, dest_TK, weight_TK=None):
     if y_AD.shape[0] == 0:  # every slot dropped
         return y_AD.new_zeros(T, y_AD.shape[1])
     kept_TK = dest_TK >= 0
-    w_TK = kept_TK if weight_TK is None else weight_TK * kept_TK
-    out = None
-    for k in range(K):  # one row gather per slot: no [T, K, D] temporary
-        term = _acc(y_AD.index_select(0, dest_TK[:, k].clamp(min=0))) * _acc(w_TK[:, k : k + 1])
-        out = term if out is None else out.add_(term)
+    w_TK = _acc(kept_TK if weight_TK is None else weight_TK * kept_TK)
+    idx_TK = dest_TK.clamp(min=0)
+    out = _acc(y_AD.index_select(0, idx_TK[:, 0])).mul_(w_TK[:, :1])  # fresh: scaled in place
+    for k in range(1, K):  # one row gather per slot: no [T, K, D] temporary
+        out.addcmul_(_acc(y_AD.index_select(0, idx_TK[:, k])), w_TK[:, k:k + 1])
     return out.to(y_AD.dtype)
 
 

@@ -234,3 +234,4 @@ def test_kernel_dispatch_benchmark_runs_and_reports_ratios():
     assert res["moe_vs_dense_time"] == pytest.approx(res["moe_ms"] / res["dense_ms"])
     assert all(math.isfinite(res[k]) and res[k] > 0 for k in ("dispatch_GBps", "copy_GBps", "moe_ms", "dense_ms"))
     assert res["backend"] == "torch"  # CPU tensors take the torch path by default
+

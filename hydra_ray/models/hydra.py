@@ -172,6 +172,12 @@ class HydraLM(nn.Module):
                           "routing": ROUTING_MODES[int(s[3])], "mod_capacity": s[4] / 1_000_000}
         self._apply_features()
 
+    def set_full_depth(self, on: bool) -> None:
+        """The dense baseline of equal depth (`bench train`): with MoR off, every shared block still
+        runs all its recursions, on every token, ungated. Not part of the curriculum or checkpoints."""
+        for u in self.units:
+            u.full_depth = bool(on)
+
     def _apply_features(self) -> None:
         f = self._features
         for u in self.units:

@@ -89,10 +89,11 @@ class RecursiveBlock(nn.Module):
         self.mod_weight, self.mor_weight = cfg.mod.predictor_weight, cfg.mor.predictor_weight
         self.mod_on = False
         self.mor_on = False
+        self.full_depth = False  # with MoR off: every recursion, every token, no router (dense baseline)
 
     def forward(self, x_BTD: torch.Tensor, pos_BT: torch.Tensor, ctx: ForwardCtx) -> torch.Tensor:
         B, T, _ = x_BTD.shape
-        recursions = 1 + len(self.mor_routers) if self.mor_on else 1
+        recursions = 1 + len(self.mor_routers) if self.mor_on or self.full_depth else 1
         active_BT: torch.Tensor | None = None  # tokens that ran the previous recursion (None = all)
         depth_BT = torch.zeros(B, T, dtype=torch.long, device=x_BTD.device)
         entered = T
@@ -108,6 +109,8 @@ class RecursiveBlock(nn.Module):
                     s = Selection(None, None, None)
                 if s.sel_BT is not None and not ctx.causal:
                     entered = int(s.sel_BT.sum(1).max())
+            elif not self.mor_on:  # full depth: the block again, on every token, ungated
+                s = Selection(None, None, None)
             else:
                 eligible = active_BT if active_BT is not None else torch.ones_like(depth_BT, dtype=torch.bool)
                 s = self.mor_routers[r - 1](x_BTD, self.schedule[r], ctx.causal, eligible, base=entered)

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from hydra_ray import kernels
+from hydra_ray.timing import TIMERS
 
 
 def expert_shard(num_experts: int, rank: int, world: int) -> tuple[int, int]:
@@ -80,7 +81,8 @@ class _AllToAll(torch.autograd.Function):
 
         ctx.splits, ctx.group = (recv_splits, send_splits), group
         out = x.new_empty(sum(recv_splits), *x.shape[1:])
-        dist.all_to_all_single(out, x.contiguous(), recv_splits, send_splits, group=group)
+        with TIMERS.section("all_to_all"):
+            dist.all_to_all_single(out, x.contiguous(), recv_splits, send_splits, group=group)
         return out
 
     @staticmethod
@@ -89,7 +91,8 @@ class _AllToAll(torch.autograd.Function):
 
         recv_splits, send_splits = ctx.splits
         out = g.new_empty(sum(send_splits), *g.shape[1:])
-        dist.all_to_all_single(out, g.contiguous(), send_splits, recv_splits, group=ctx.group)
+        with TIMERS.section("all_to_all"):
+            dist.all_to_all_single(out, g.contiguous(), send_splits, recv_splits, group=ctx.group)
         return out, None, None, None
 
 
@@ -125,7 +128,9 @@ class AllToAllDispatcher(Dispatcher):
         x_AD = kernels.permute(x_TD, routing)
         # rank r gets the counts of its own experts from every rank: L per source, shard sizes out
         recv_WL = routing.counts_E.new_empty(W * L)
-        dist.all_to_all_single(recv_WL, routing.counts_E.contiguous(), [L] * W, self.shard_sizes, group=self.group)
+        with TIMERS.section("all_to_all_counts"):  # the count exchange: it waits for the slowest rank
+            dist.all_to_all_single(recv_WL, routing.counts_E.contiguous(), [L] * W, self.shard_sizes,
+                                   group=self.group)
         recv_WL = recv_WL.view(W, L)
         send_W = torch.stack([c.sum() for c in routing.counts_E.split(self.shard_sizes)])
         send_splits = send_W.tolist()

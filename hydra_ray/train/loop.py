@@ -39,11 +39,12 @@ from hydra_ray import checkpoint as ckpt
 from hydra_ray import storage
 from hydra_ray.config import HydraConfig, check_batch_split, parse_config
 from hydra_ray.models import HydraLM
-from hydra_ray.utilisation import imbalance
 from hydra_ray.parallel.parallelize import parallelize
 from hydra_ray.runlog import RunLog
+from hydra_ray.timing import TIMERS
 from hydra_ray.train.curriculum import plan, segments
 from hydra_ray.train.env import Env, ray_train_env
+from hydra_ray.train.measure import batch_ce, evaluate, flat, routing_metrics
 from hydra_ray.train.state import build_optimizer, clip_grad_norm, restore, save
 
 log = logging.getLogger(__name__)
@@ -90,82 +91,6 @@ class BatchStream:
         if self.reader is not None:
             self.reader.close()
             self.reader = None
-
-
-# --------------------------------------------------------------------------- metrics
-def routing_metrics(trace, domain_BT, model: HydraLM, env: Env) -> dict:
-    """The routing figures of a logged step, summed over ranks, from the step's routing trace."""
-    E = model.cfg.moe.num_experts
-    by_layer = trace.expert_counts_by_layer() if trace is not None else {}
-    names = sorted(by_layer)
-    counts = torch.stack([by_layer[n] for n in names]).double() if names else torch.zeros(0, E, dtype=torch.float64)
-    hits = torch.tensor(trace.domain_expert_hits(domain_BT, model.domain_to_expert) if trace is not None
-                        else (0, 0), dtype=torch.float64)
-    mod = trace.mod_selected_frac() if trace is not None else None
-    mor = trace.mor_mean_depth() if trace is not None else None
-    extra = torch.tensor([mod if mod is not None else 0.0, mor if mor is not None else 0.0], dtype=torch.float64)
-    env.all_sum(counts)
-    env.all_sum(hits)
-    env.all_sum(extra)
-    total = counts.sum(1, keepdim=True).clamp(min=1)
-    util_layer = {n: (counts[i] / total[i]).tolist() for i, n in enumerate(names)}
-    overall = counts.sum(0)
-    return {
-        "expert_util": (overall / overall.sum()).tolist() if names and overall.sum() > 0 else None,
-        "expert_util_by_layer": util_layer or None,
-        "imbalance": imbalance(util_layer),
-        "domain_expert_agreement": float(hits[0] / hits[1]) if hits[1] > 0 else None,
-        "mod_selected_frac": float(extra[0] / env.world) if mod is not None else None,
-        "mor_mean_depth": float(extra[1] / env.world) if mor is not None else None,
-    }
-
-
-def flat(rec: dict) -> dict:
-    """A record as flat scalars, for Ray Train's and Tune's reports (`eval_loss`, `imbalance_layer_cv`, ...)."""
-    out = {k: v for k, v in rec.items() if not isinstance(v, (dict, list)) or k == "expert_util"}
-    for k, v in (rec.get("eval") or {}).items():
-        if not isinstance(v, dict):
-            out[f"eval_{k}"] = v
-    for k, v in (rec.get("imbalance") or {}).items():
-        out[f"imbalance_{k}"] = v
-    return out
-
-
-@torch.no_grad()
-def evaluate(model: HydraLM, prepared, cfg: HydraConfig, env: Env, amp) -> dict:
-    """Held-out loss per domain (every rank runs the same batches: experts may live elsewhere)."""
-    from hydra_ray.data.pipeline import eval_batches
-
-    model.eval()
-    by_domain = {}
-    L = cfg.model.seq_len
-    for d in prepared.domains:
-        tot, n = 0.0, 0
-        for b in eval_batches(prepared, d, L, cfg.train.eval_batch_size, cfg.train.eval_batches):
-            x, y = b["input_ids"].to(env.device), b["labels"].to(env.device)
-            dom = b["domain"].to(env.device)[:, None].expand_as(x)
-            with amp:
-                out = model(x, y, dom)  # not through DDP: nothing to synchronise in eval
-            count = int((y != -100).sum())
-            tot += out.ce.item() * count
-            n += count
-        if n:
-            by_domain[d] = tot / n
-    model.train()
-    loss = sum(by_domain.values()) / len(by_domain) if by_domain else None
-    return {"loss": loss, "by_domain": by_domain}
-
-
-@torch.no_grad()
-def batch_ce(model: HydraLM, batch: dict, env: Env, amp) -> float:
-    """CE of this rank's batch with the current features, averaged over ranks (no update)."""
-    was = model.training
-    model.eval()
-    x, y, dom = batch["input_ids"], batch["labels"], batch["domain"]
-    with amp:
-        ce = model(x, y, dom[:, None].expand_as(x)).ce.double().cpu().view(1)
-    model.train(was)
-    return float(env.all_sum(ce) / env.world)
 
 
 # --------------------------------------------------------------------------- the loop
@@ -215,11 +140,14 @@ class _Run:
         self.amp = torch.autocast("cuda", dtype=torch.bfloat16) \
             if cfg.train.dtype == "bfloat16" and env.device.type == "cuda" else nullcontext()
         self.inject = set(cfg.train.inject_nan_steps)  # each fires once per attempt
+        if config.get("timing"):  # `bench train`: synchronised section timers, logged as step_time_s
+            TIMERS.enable(env.device)
         self.nan_run, self.tokens_total = 0, 0
         self.last_log_t, self.last_log_tokens = time.time(), 0
         self.rollbacks: dict[int, int] = {}  # checkpoint step -> roll-backs to it in this attempt
 
     def close(self) -> None:
+        TIMERS.disable()
         self.stream.close()
         self.metrics.close()
 
@@ -227,14 +155,17 @@ class _Run:
         result: dict = {}
         while self.step < end_step:
             p = plan(self.cfg, self.step, self.cfg.curriculum.total_steps)
-            batch = self.stream.get(self.step)
+            with TIMERS.section("data"):
+                batch = self.stream.get(self.step)
             switch = self._set_features(p, batch)
             for g in self.opt.param_groups:
                 g["lr"] = p.lr * g["lr_scale"]
             log_now = (self.step + 1) % self.cfg.train.log_every == 0 or self.step + 1 == end_step \
                 or switch is not None
             sums, trace, trace_dom = self._forward_backward(batch, want_trace=log_now)
-            ok, grad_norm, clipped = self._update(sums[0])
+            with TIMERS.section("optimizer"):
+                ok, grad_norm, clipped = self._update(sums[0])
+            TIMERS.steps += 1
             self.tokens_total += self.cfg.train.batch_size * batch["input_ids"].shape[1]
             self.step += 1
             stopping = self._after_nan() if not ok and self.nan_run >= self.cfg.train.max_nan_skips else None
@@ -283,9 +214,11 @@ class _Run:
             last = m == accum - 1
             sync = last or not hasattr(self.wrapped, "no_sync")
             with (nullcontext() if sync else self.wrapped.no_sync()), self.amp:
-                out = self.wrapped(x, y, dom_BT, return_trace=want_trace and last)
+                with TIMERS.section("forward"):
+                    out = self.wrapped(x, y, dom_BT, return_trace=want_trace and last)
                 loss = out.loss * float("nan") if self.step in self.inject else out.loss
-                (loss / accum).backward()
+                with TIMERS.section("backward"):
+                    (loss / accum).backward()
             loss_sum += torch.tensor([loss.item(), out.ce.item()], dtype=torch.float64) / accum
             for k, v in out.aux.items():
                 aux[k] = aux.get(k, 0.0) + v.item() / accum
@@ -358,6 +291,9 @@ class _Run:
                    "seed_locked": p.phase.seed is not None, "time": now, "data_wait_s": self.stream.take_wait(),
                    **stats}
             rec.update(routing_metrics(trace, trace_dom, self.model, env))
+            timed = TIMERS.take()
+            if timed is not None:
+                rec["step_time_s"] = timed
             if switch is not None:
                 rec["switch_on"] = switch
             self.last_log_t, self.last_log_tokens = now, self.tokens_total
@@ -383,7 +319,7 @@ class _Run:
 
 
 def run_local(cfg: HydraConfig, run_dir: str, prepared, end_step: int | None = None, report=None,
-              smoke: bool = False) -> dict:
+              smoke: bool = False, timing: bool = False) -> dict:
     """One worker, in this process (no Ray Train): `hydra-ray train --workers 1 --local`, one-worker
     Tune trials, tests, and with `smoke` the smoke run: no checkpoints and no evals, every step
     logged (the run folder holds only its metrics and events)."""
@@ -392,5 +328,6 @@ def run_local(cfg: HydraConfig, run_dir: str, prepared, end_step: int | None = N
     start = loaded.step if loaded else 0
     segs = segments(cfg, start, end_step) if start < end_step else []
     return train_loop_per_worker({"config": cfg.model_dump(mode="python"), "run_dir": run_dir, "end_step": end_step,
-                                  "segments": segs, "prepared": prepared, "smoke": smoke},
+                                  "segments": segs, "prepared": prepared, "smoke": smoke,
+                                  "timing": timing},
                                  Env(report=report))

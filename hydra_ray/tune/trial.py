@@ -59,7 +59,7 @@ def window_imbalance(run_dir: str, lo: int, hi: int, flat: dict) -> tuple[float 
 
 
 def tune_metrics(flat: dict, run_dir: str, window: int) -> dict:
-    """What a trial reports to Tune, from one report of the training loop (`loop._flat`)."""
+    """What a trial reports to Tune, from one report of the training loop (`train.measure.flat`)."""
     step = int(flat["step"])
     cv, ratio = window_imbalance(run_dir, step - window, step, flat)
     return {"step": step, "phase": flat.get("phase"), METRIC: flat.get("eval_loss"), SECOND: cv,

@@ -1,0 +1,224 @@
+"""`hydra-ray bench train`: how fast a config trains, and where the time goes, side by side in one run.
+
+Figures (ratios of things measured in this run, on this machine):
+- tokens/s of the real per-worker loop (`train_loop_per_worker`, in this process, the smoke flag:
+  no checkpoints or evals) on one phase of the config (default: the first with MoE on);
+- MFU: 3 x the phase's forward FLOPs per token x tokens/s, over the measured rate of a matmul of
+  the model's own shape (2048 x d_model @ d_model x ffn) in the run's dtype on the device;
+- the step-time breakdown from the loop's synchronised section timers (hydra_ray/timing.py):
+  data wait, forward, backward, optimizer; inside forward+backward, MoE dispatch (route, permute,
+  combine and their backward) and the all-to-all exchanges;
+- HYDRA against the dense model of equal depth: the same weights with every token through every
+  recursion and no MoD or MoE, forward+backward interleaved on one batch. The time ratio beside
+  the FLOPs ratio; their quotient is the routing overhead (1.0: time scales exactly with FLOPs);
+- 1 -> N workers: N processes with a torch.distributed group (gloo on CPU, NCCL on GPUs; experts
+  sharded, the rest DDP) running the same loop, each with `--threads` threads, against 1 such
+  process. No Ray: the processes are spawned here, so this also runs where Ray is not installed.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import statistics
+import tempfile
+
+import torch
+
+from hydra_ray.benchmarks.common import compare
+
+MATMUL_M = 2048
+
+
+def matmul_rate(d_model: int, ffn: int, device: torch.device, dtype: torch.dtype, rounds: int = 10) -> float:
+    """FLOP/s of a [2048, d_model] @ [d_model, ffn] matmul: the model's own FFN shape."""
+    a = torch.randn(MATMUL_M, d_model, device=device, dtype=dtype)
+    b = torch.randn(d_model, ffn, device=device, dtype=dtype)
+    t = compare({"mm": lambda: a @ b}, device, rounds)["mm"]
+    return 2 * MATMUL_M * d_model * ffn / t
+
+
+def bench_config(cfg, phase: str | None, steps: int, log_every: int):
+    """The config trained for `steps` steps of one phase only (MoD at its target capacity at once)."""
+    phases = cfg.curriculum.phases
+    pick = next((p for p in phases if p.name == phase), None) if phase else next((p for p in phases if p.moe), None)
+    if pick is None:
+        from hydra_ray.config import ConfigError
+
+        raise ConfigError(f"--phase {phase}: the config has phases {[p.name for p in phases]}" if phase
+                          else "the config has no phase with MoE on: name one with --phase")
+    out = cfg.model_copy(deep=True)
+    one = pick.model_copy(deep=True)
+    one.until_step = steps
+    out.curriculum.phases = [one]
+    out.model.mod.capacity_warmup_steps = 0
+    out.train.warmup_steps = 0
+    out.train.log_every = log_every
+    return out, one
+
+
+def phase_flops(cfg, mor: bool, mod: bool, moe: bool, full_depth: bool = False) -> int:
+    """Forward FLOPs per token of the model with these features (hydra.flops_per_token)."""
+    from hydra_ray.models import HydraLM
+
+    m = cfg.model.model_copy(deep=True)
+    R = m.mor.recursions
+    if full_depth:
+        m.mor.capacity_schedule = [1.0] * R
+    elif not mor:
+        m.mor.recursions, m.mor.capacity_schedule = 1, None
+    if not mod:
+        m.mod.blocks = []
+    if not moe:
+        m.moe.blocks = []
+    with torch.device("meta"):
+        return HydraLM(m).flops_per_token()
+
+
+def _records_tokens_per_s(run_dir: str) -> tuple[float, dict | None]:
+    from hydra_ray.runlog import read_records
+
+    recs = read_records(run_dir)[1:]  # the first interval holds the warm-up
+    if not recs:
+        raise RuntimeError("the benchmark run logged no steps past its warm-up: raise --steps")
+    tps = statistics.median(r["tokens_per_s"] for r in recs)
+    times = [r["step_time_s"] for r in recs if r.get("step_time_s")]
+    breakdown = {k: statistics.median(t.get(k, 0.0) for t in times) for k in times[0]} if times else None
+    return tps, breakdown
+
+
+def _loop_config(cfg, prepared, run_dir: str, steps: int, timing: bool, use_gpu: bool) -> dict:
+    from hydra_ray.train.curriculum import segments
+
+    return {"config": cfg.model_dump(mode="python"), "run_dir": run_dir, "end_step": steps,
+            "segments": segments(cfg, 0, steps), "prepared": prepared, "smoke": True, "timing": timing,
+            "use_gpu": use_gpu}
+
+
+def _worker(rank: int, world: int, port: int, threads: int, loop_config: dict, device_type: str) -> None:
+    import torch.distributed as dist
+
+    from hydra_ray.train.env import Env
+    from hydra_ray.train.loop import train_loop_per_worker
+
+    torch.set_num_threads(threads)
+    os.environ["HYDRA_THREADS"] = str(threads)
+    device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
+    if device_type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1:
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                                rank=rank, world_size=world)
+    try:
+        train_loop_per_worker(loop_config, Env(rank=rank, world=world, device=device))
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def _spawned(world: int, threads: int, cfg, prepared, steps: int, device_type: str) -> tuple[float, dict | None]:
+    """(tokens/s, rank 0's step-time breakdown) of `world` spawned worker processes."""
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory(prefix=f"hydra-bench-{world}w-") as run_dir:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        mp.spawn(_worker, args=(world, port, threads, _loop_config(cfg, prepared, run_dir, steps, True,
+                                                                     device_type == "cuda"), device_type),
+                 nprocs=world, join=True)
+        return _records_tokens_per_s(run_dir)
+
+
+def hydra_vs_dense(cfg, phase, device: torch.device, amp, rounds: int) -> dict:
+    """Forward+backward of the phase's model and of its dense twin of equal depth, interleaved."""
+    from hydra_ray.models import HydraLM
+
+    torch.manual_seed(0)
+    hydra = HydraLM(cfg.model).to(device)
+    hydra.set_features(mor=phase.mor, mod=phase.mod, moe=phase.moe, routing=phase.routing,
+                       mod_capacity=cfg.model.mod.capacity if phase.mod else None)
+    dense = HydraLM(cfg.model).to(device)
+    dense.load_state_dict(hydra.state_dict(), strict=False)
+    dense.set_features(mor=False, mod=False, moe=False)
+    dense.set_full_depth(True)
+    B, T, V = cfg.train.batch_size, cfg.model.seq_len, cfg.model.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, V, (B, T), generator=gen).to(device)
+    y = torch.randint(0, V, (B, T), generator=gen).to(device)
+    dom = torch.randint(0, len(cfg.model.domains), (B, 1), generator=gen).expand(B, T).to(device)
+
+    def step(model):
+        def run():
+            with amp:
+                loss = model(x, y, dom).loss
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+        return run
+
+    t = compare({"hydra": step(hydra), "dense": step(dense)}, device, rounds)
+    f_h = phase_flops(cfg, phase.mor, phase.mod, phase.moe)
+    f_d = phase_flops(cfg, False, False, False, full_depth=True)
+    time_ratio, flops_ratio = t["hydra"] / t["dense"], f_h / f_d
+    return {"hydra_ms": t["hydra"] * 1e3, "dense_ms": t["dense"] * 1e3, "time_ratio": time_ratio,
+            "flops_ratio": flops_ratio, "routing_overhead": time_ratio / flops_ratio}
+
+
+def run(config: str = "small", phase: str | None = None, workers: int = 2, gpu: bool = False, steps: int = 12,
+        threads: int = 1, rounds: int = 5, log=print) -> dict:
+    from contextlib import nullcontext
+
+    from hydra_ray.config import ConfigError, load_config
+    from hydra_ray.data.pipeline import prepare_data
+    from hydra_ray.train.env import Env
+    from hydra_ray.train.loop import train_loop_per_worker
+
+    if gpu and not torch.cuda.is_available():
+        raise ConfigError("--gpu: no CUDA device here")
+    if workers < 1 or steps < 4 or threads < 1:
+        raise ConfigError("bench train: --workers and --threads must be at least 1, --steps at least 4")
+    if gpu and workers > torch.cuda.device_count():
+        raise ConfigError(f"--workers {workers}: only {torch.cuda.device_count()} GPU(s) here")
+    device = torch.device("cuda") if gpu else torch.device("cpu")
+    base = load_config(config)
+    log_every = max(1, steps // 4)
+    cfg, ph = bench_config(base, phase, steps, log_every)
+    dtype = torch.bfloat16 if gpu and cfg.train.dtype == "bfloat16" else torch.float32
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if dtype == torch.bfloat16 else nullcontext()
+    prepared = prepare_data(cfg, log=lambda *_: None)  # in-process: no Ray needed
+    tokens_per_step = cfg.train.batch_size * (ph.seq_len or cfg.model.seq_len)
+    log(f"bench train: {config}, phase {ph.name} (mor={ph.mor} mod={ph.mod} moe={ph.moe} routing={ph.routing}), "
+        f"{steps} steps of {tokens_per_step} tokens, {device.type} {str(dtype).removeprefix('torch.')}")
+
+    rate = matmul_rate(cfg.model.d_model, cfg.model.ffn_width, device, dtype)
+    with tempfile.TemporaryDirectory(prefix="hydra-bench-") as run_dir:
+        train_loop_per_worker(_loop_config(cfg, prepared, run_dir, steps, True, gpu), Env(device=device))
+        tps, breakdown = _records_tokens_per_s(run_dir)
+    flops = phase_flops(cfg, ph.mor, ph.mod, ph.moe)
+    mfu = 3 * flops * tps / rate
+    step_s = tokens_per_step / tps
+    vs = hydra_vs_dense(cfg, ph, device, amp, rounds)
+    res = {"config": config, "phase": ph.name, "device": torch.cuda.get_device_name() if gpu else "cpu",
+           "dtype": str(dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
+           "tokens_per_s": tps, "flops_per_token": flops, "matmul_flops": rate, "mfu": mfu,
+           "step_s": step_s, "breakdown_s": breakdown,
+           "breakdown_share": {k: v / step_s for k, v in (breakdown or {}).items()}, "hydra_vs_dense": vs}
+    log(f"  tokens/s {tps:,.0f}; MFU {100 * mfu:.1f}% of the measured {rate / 1e9:,.1f} GFLOP/s matmul "
+        f"(3 x {flops / 1e6:,.1f} MFLOP/token)")
+    if breakdown:
+        log("  step " + f"{step_s * 1e3:.0f} ms: " + ", ".join(
+            f"{k} {v * 1e3:.0f} ms ({100 * v / step_s:.0f}%)" for k, v in breakdown.items()))
+    log(f"  HYDRA vs dense of equal depth: time {vs['time_ratio']:.2f}x, FLOPs {vs['flops_ratio']:.2f}x -> "
+        f"routing overhead {vs['routing_overhead']:.2f} (1.00 = time follows FLOPs)")
+    if workers > 1:
+        one, _ = _spawned(1, threads, cfg, prepared, steps, device.type)
+        many, parts = _spawned(workers, threads, cfg, prepared, steps, device.type)
+        res["scaling"] = {"workers": workers, "threads_per_worker": threads, "tokens_per_s_1": one,
+                          "tokens_per_s_n": many, "speedup": many / one, "breakdown_s_n": parts}
+        log(f"  1 -> {workers} workers ({threads} thread(s) each): {one:,.0f} -> {many:,.0f} tokens/s, "
+            f"{many / one:.2f}x")
+        if parts:
+            step_n = tokens_per_step / many
+            log(f"  step on {workers} workers {step_n * 1e3:.0f} ms: " + ", ".join(
+                f"{k} {v * 1e3:.0f} ms ({100 * v / step_n:.0f}%)" for k, v in parts.items()))
+    return res
