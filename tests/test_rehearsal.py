@@ -236,7 +236,7 @@ def test_serve_deploy_serves_the_run_and_hot_swaps_without_dropping_a_request(re
     r = c.post("/v1/completions", json={"prompt": "def ", "max_tokens": 8, "seed": 0})
     assert r.status_code == 200 and r.json()["model"] == "tiny36@180", r.text
     clients = LoadClients(url, 4, routing=False)
-    time.sleep(2)
+    clients.wait_for("tiny36@180", timeout=60)  # the load is flowing before the swap
     ingress["user_config"]["default_model"] = "tiny36@160"
     path.write_text(yaml.safe_dump(conf))
     r = cluster.cli("serve", "deploy", str(path), "--address", cluster.dashboard)
