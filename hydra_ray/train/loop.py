@@ -239,8 +239,12 @@ class _Run:
             ok = env.all_finite(torch.tensor([grad_norm]))
         if ok:
             self.opt.step()
-            for layer in self.model.moe_layers():
-                env.all_sum(layer.load_acc)
+            layers = self.model.moe_layers()
+            if layers and env.distributed:  # every layer's expert load in one all-reduce, not one each
+                acc = env.all_sum(torch.cat([layer.load_acc for layer in layers]))
+                for layer, part in zip(layers, acc.split([layer.load_acc.numel() for layer in layers])):
+                    layer.load_acc.copy_(part)
+            for layer in layers:
                 layer.balance_step()
             self.nan_run = 0
         else:
