@@ -474,8 +474,7 @@ def set_dotted(data: dict, key: str, value: Any, *, create: bool = False, source
     lists) of the config mapping `data`, in place; returns the value it replaced. The two uses:
     - create=False (sweep spaces): every part must already be there and the key must be a field,
       not a section; a typo is a ConfigError with the closest real field;
-    - create=True (load_config overrides): missing sections are created (as copies, so a mapping
-      shared with another config is never changed).
+    - create=True (load_config overrides, on its own deep copy): missing sections are created.
     """
     node: Any = data
     parts = key.split(".")
@@ -500,8 +499,6 @@ def set_dotted(data: dict, key: str, value: Any, *, create: bool = False, source
         child = container[idx]
         if child is None and create:
             child = container[idx] = {}
-        elif isinstance(child, dict) and create:
-            child = container[idx] = dict(child)
         elif create and not isinstance(child, (dict, list)):
             raise ConfigError(f"{source} {key}: {here} is not a section")
         node = child

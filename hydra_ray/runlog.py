@@ -44,20 +44,21 @@ KINDS = ("metrics", "events")
 _PART = re.compile(r"^part-(\d+)\.jsonl$")
 
 
-def _finite(v):
+def json_safe(v):
+    """`v` with NaN and infinities as None (strict JSON has neither), through dicts and lists."""
     if isinstance(v, float) and not math.isfinite(v):
         return None
     if isinstance(v, dict):
-        return {k: _finite(x) for k, x in v.items()}
+        return {k: json_safe(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
-        return [_finite(x) for x in v]
+        return [json_safe(x) for x in v]
     return v
 
 
 def strict_json(rec: dict) -> str:
     """One JSON object that strict parsers accept: NaN and infinities become null (a skipped
     step also says so in `nan_skipped`)."""
-    return json.dumps(_finite(rec), allow_nan=False)
+    return json.dumps(json_safe(rec), allow_nan=False)
 
 
 # --------------------------------------------------------------------------- reading

@@ -26,3 +26,10 @@ def imbalance(util_by_layer: dict[str, list[float]] | None) -> dict[str, float] 
         ratio = np.where(util.min(1) > 0, util.max(1) / util.min(1), np.inf)
     return {"layer_cv": float(cv.mean()), "pooled_cv": float(pooled.std() / pooled.mean()),
             "layer_max_min": float(ratio.max())}
+
+
+def from_log(logged: dict) -> dict[str, float | None]:
+    """An `imbalance` as read back from a strict-JSON log or answer: an infinite worst max/min
+    (an expert that got nothing) was written as null, and is inf again."""
+    mm = logged.get("layer_max_min")
+    return {**logged, "layer_max_min": float(mm) if mm is not None else float("inf")}

@@ -41,6 +41,7 @@ from pydantic import BaseModel, ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from hydra_ray.runlog import json_safe
 from hydra_ray.utilisation import imbalance
 from hydra_ray.serve.bodies import CompletionBody, RoutingBody
 from hydra_ray.serve.engine import add_counts, check_context, check_domain, context_of
@@ -54,13 +55,6 @@ UNAUTHORIZED = "missing or wrong API key: send 'Authorization: Bearer <key>'"
 
 def error_response(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
-
-
-def finite(x):
-    """JSON has no infinity: a ratio with an idle expert (imbalance's layer_max_min) becomes null."""
-    if isinstance(x, dict):
-        return {k: finite(v) for k, v in x.items()}
-    return None if isinstance(x, float) and x in (float("inf"), float("-inf")) else x
 
 
 def authorized(key: str | None, request: Request) -> bool:
@@ -291,7 +285,7 @@ def make_ingress(settings: dict) -> type:
                 s = sum(total)
                 out[model_id] = {"requests": self.served.get(model_id, 0), "tokens_by_expert": total,
                                  "fraction_by_expert": [t / s if s else 0.0 for t in total],
-                                 "imbalance": finite(imbalance(by_layer)), "by_layer": by_layer}
+                                 "imbalance": json_safe(imbalance(by_layer)), "by_layer": by_layer}
             return {"default_model": self.default, "models": out}
 
         @api.post("/v1/routing")

@@ -34,6 +34,7 @@ from hydra_ray.analysis.model import (ParseStats, Phase, Record, Source, finite,
                                       phases_from_config)
 from hydra_ray.config import ConfigError
 from hydra_ray import runlog
+from hydra_ray.utilisation import from_log
 
 
 def _num(x) -> float | None:
@@ -66,9 +67,9 @@ def _record(obj: dict) -> Record:
             r.util_by_layer = {str(k): [float(x) for x in u] for k, u in by_layer.items()}
         imb = obj.get("imbalance")
         if isinstance(imb, dict) and finite(imb.get("layer_cv")) and finite(imb.get("pooled_cv")):
-            mm = imb.get("layer_max_min")  # null: infinite (strict JSON has no infinity)
-            r.imbalance = {"layer_cv": float(imb["layer_cv"]), "pooled_cv": float(imb["pooled_cv"]),
-                           "layer_max_min": float(mm) if finite(mm) else math.inf}
+            r.imbalance = from_log({"layer_cv": float(imb["layer_cv"]), "pooled_cv": float(imb["pooled_cv"]),
+                                    "layer_max_min": imb.get("layer_max_min") if finite(imb.get("layer_max_min"))
+                                    else None})
         r.agreement = _num(obj.get("domain_expert_agreement"))
         r.mod_frac = _num(obj.get("mod_selected_frac"))
         r.mor_depth = _num(obj.get("mor_mean_depth"))

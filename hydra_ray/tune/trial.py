@@ -23,13 +23,13 @@ Design choices
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Any
 
 from hydra_ray import runlog, storage
 from hydra_ray.config import HydraConfig, dump_config, parse_config
 from hydra_ray.tune.space import apply_values
+from hydra_ray.utilisation import from_log
 
 METRIC = "eval_loss"
 SECOND = "imbalance"
@@ -54,7 +54,7 @@ def window_imbalance(run_dir: str, lo: int, hi: int, flat: dict) -> tuple[float 
     if not window:
         return flat.get("imbalance_layer_cv"), flat.get("imbalance_layer_max_min")
     cvs = [m["layer_cv"] for m in window if m.get("layer_cv") is not None]
-    ratios = [m["layer_max_min"] if m.get("layer_max_min") is not None else math.inf for m in window]
+    ratios = [from_log(m)["layer_max_min"] for m in window]
     return (sum(cvs) / len(cvs) if cvs else None), max(ratios)
 
 
