@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # CPU build for this machine and CI; GPU clusters install the project into their image's torch.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install browser test test-fast cluster-rehearsal demo clean
+.PHONY: install browser test test-fast cluster-rehearsal demo gpu-check gpu-wheels clean
 
 install: $(VENV)/.installed
 
@@ -33,6 +33,22 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
+
+# The GPU path on one CUDA device (benchmarks/gpu_check.py, about 5 minutes), report in docs/gpu-check.md.
+# It needs no .venv and no registry: on a GPU image it runs with that image's python3, torch and
+# triton, and installs the wheels `make gpu-wheels` put in .whl/. Without a GPU it prints a skip line.
+GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+gpu-check:
+	PYTHONUNBUFFERED=1 $(GPU_PYTHON) benchmarks/gpu_check.py
+
+# Wheels for a GPU image without pydantic & co (Python 3.12, x86-64): a few MB, carried in .whl/.
+GPU_WHEELS ?= pydantic==2.12.5 pydantic-core==2.41.5 annotated-types==0.7.0 typing-inspection==0.4.2 tensorboardX==2.6.4
+gpu-wheels:
+	rm -rf .whl && mkdir -p .whl
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	  -d .whl $(GPU_WHEELS)
+	@du -sh .whl && ls .whl
 
 DEMO_PORT ?= 8765
 

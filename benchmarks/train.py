@@ -142,7 +142,8 @@ def hydra_vs_dense(cfg, phase, device: torch.device, amp, rounds: int) -> dict:
     dense.load_state_dict(hydra.state_dict(), strict=False)
     dense.set_features(mor=False, mod=False, moe=False)
     dense.set_full_depth(True)
-    B, T, V = cfg.train.batch_size, cfg.model.seq_len, cfg.model.vocab_size
+    # one micro-batch, as the loop runs it (a step of grad_accum micro-batches scales both models alike)
+    B, T, V = max(1, cfg.train.batch_size // cfg.train.grad_accum), cfg.model.seq_len, cfg.model.vocab_size
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(0, V, (B, T), generator=gen).to(device)
     y = torch.randint(0, V, (B, T), generator=gen).to(device)

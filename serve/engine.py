@@ -22,6 +22,10 @@ Design choices
 - Routing statistics come from the forward's RoutingTrace (hydra_ray.models.trace), the one
   source training uses too: expert load per MoE layer of every forward (prompt and generated
   tokens, routing requests) is returned with each result; the ingress keeps the running totals.
+- Device: the model runs where `device` says (default: CUDA when there is one, else the CPU),
+  in `dtype` if given. Token ids are built on the CPU and moved once per forward; the logits
+  of the B sampled positions come back to the CPU, where each row's seeded generator samples,
+  so the same seed gives the same text on either device (up to the logits' own rounding).
 
 Shape legend: B batch, T sequence, E experts.
 """
@@ -152,8 +156,10 @@ class _Row:
 # --------------------------------------------------------------------------- engine
 class Engine:
     def __init__(self, model: HydraLM, cfg: HydraConfig, model_id: str = "model", step: int = 0,
-                 max_context: int | None = None):
-        self.model = model.eval()
+                 max_context: int | None = None, device: str | torch.device | None = None,
+                 dtype: torch.dtype | None = None):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = model.to(self.device, dtype).eval()
         self.cfg = cfg
         self.model_id, self.step = model_id, step
         self.tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_sha256)
@@ -166,7 +172,8 @@ class Engine:
     # ----------------------------------------------------------------- loading
     @classmethod
     def from_checkpoint(cls, path: str | Path, model_id: str | None = None, **kw) -> "Engine":
-        """An engine for the checkpoint at `path` (a local folder or a URI)."""
+        """An engine for the checkpoint at `path` (a local folder or a URI); `kw`: max_context,
+        device, dtype."""
         try:
             loaded = ckpt.read_for_inference(str(path))  # streamed into memory, no temporary copy
             cfg = ckpt.inference_config(str(path), loaded.config_yaml)
@@ -243,7 +250,8 @@ class Engine:
             if dom_ids[b] is not None:
                 dom_BT[b] = dom_ids[b]
         valid_BT = torch.arange(T)[None, :] < torch.tensor(lens)[:, None]
-        trace = self.model.trace(idx_BT, dom_BT if any(d is not None for d in dom_ids) else None).trace
+        dom = dom_BT.to(self.device) if any(d is not None for d in dom_ids) else None
+        trace = self.model.trace(idx_BT.to(self.device), dom).trace
         counts = self._rows(trace, valid_BT)
         out = []
         for b in range(B):
@@ -302,13 +310,24 @@ class Engine:
         check_context(len(req.prompt_ids), self.max_context, req.max_tokens)
         self.domain_id(req.domain)
 
+    def _forward(self, idx_BT: torch.Tensor, dom_BT: torch.Tensor | None, last_B: torch.Tensor,
+                 cache: KVCache | None = None, start_pos: torch.Tensor | int = 0):
+        """One causal forward on the engine's device -> (its output, the logits at each row's
+        position `last_B`, on the CPU in float32: sampling and stop handling are per row, on the host)."""
+        dev = self.device
+        out = self.model(idx_BT.to(dev), domain_BT=None if dom_BT is None else dom_BT.to(dev), causal=True,
+                         cache=cache, start_pos=start_pos,
+                         return_trace=True)
+        B = idx_BT.shape[0]
+        return out, out.logits[torch.arange(B, device=dev), last_B.to(dev)].float().cpu()
+
     @torch.no_grad()
     def generate(self, reqs: list[GenRequest], use_cache: bool = True) -> Iterator[list[GenEvent | None]]:
         """Decode a batch of requests together; yields, per step, one event per row (None for rows
         that finished earlier). Every row ends with an event that carries its finish reason."""
         for r in reqs:
             self.check_request(r)
-        model, B = self.model, len(reqs)
+        B = len(reqs)
         rows = [_Row(r, self.tokenizer) for r in reqs]
         seqs = [list(r.prompt_ids) for r in reqs]
         dom_ids = [self.domain_id(r.domain) for r in reqs]
@@ -329,12 +348,11 @@ class Engine:
         idx_BT, len_B = padded()
         valid = torch.arange(idx_BT.shape[1])[None, :] < len_B[:, None]
         cache = KVCache(B, int(max(len(s) + r.max_tokens for s, r in zip(seqs, reqs)))) if use_cache else None
-        out = model(idx_BT, domain_BT=dom_BT(idx_BT.shape[1]), causal=True, cache=cache, return_trace=True)
+        out, logits_BV = self._forward(idx_BT, dom_BT(idx_BT.shape[1]), len_B - 1, cache=cache)
         for row, c in zip(rows, self._rows(out.trace, valid)):
             add_counts(row.counts, c)
         if cache is not None:
             cache.keep_prefix(len_B)
-        logits_BV = out.logits[torch.arange(B), len_B - 1]
         while True:
             events: list[GenEvent | None] = []
             for b, row in enumerate(rows):
@@ -356,19 +374,17 @@ class Engine:
                 # finished rows re-feed their last token at its own position: a harmless rewrite
                 pos_B = torch.tensor([len(s) - 1 for s in seqs])
                 nxt_B1 = torch.tensor([s[-1] for s in seqs])[:, None]
-                out = model(nxt_B1, domain_BT=dom_BT(1), causal=True, cache=cache, start_pos=pos_B,
-                            return_trace=True)
+                out, logits_BV = self._forward(nxt_B1, dom_BT(1), torch.zeros(B, dtype=torch.long), cache=cache,
+                                               start_pos=pos_B)
                 for row, c in zip(rows, self._rows(out.trace, live[:, None])):
                     add_counts(row.counts, c)
-                logits_BV = out.logits[:, -1]
             else:
                 idx_BT, len_B = padded()
-                out = model(idx_BT, domain_BT=dom_BT(idx_BT.shape[1]), causal=True, return_trace=True)
+                out, logits_BV = self._forward(idx_BT, dom_BT(idx_BT.shape[1]), len_B - 1)
                 last_BT = torch.zeros(idx_BT.shape, dtype=torch.bool)
                 last_BT[torch.arange(B), len_B - 1] = live  # count each new token once
                 for row, c in zip(rows, self._rows(out.trace, last_BT)):
                     add_counts(row.counts, c)
-                logits_BV = out.logits[torch.arange(B), len_B - 1]
 
     def complete(self, reqs: list[GenRequest], use_cache: bool = True) -> list[dict]:
         """Run `generate` to the end: per request its text, token ids and finish reason."""

@@ -3,8 +3,10 @@ import os
 # CPU runs: keep BLAS to the two cores CI has, deterministic enough for exact comparisons.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 # Triton kernels run on CPU tensors through the interpreter; it must be set before triton loads.
-# (The cubin test builds real GPU binaries in a subprocess without it.)
-os.environ["TRITON_INTERPRET"] = "1"
+# (The cubin test builds real GPU binaries in a subprocess without it.) HYDRA_TEST_DEVICE=cuda:
+# the kernel tests run compiled on the GPU (make gpu-check), so the interpreter stays off.
+if os.environ.get("HYDRA_TEST_DEVICE", "cpu") == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")

@@ -1,5 +1,8 @@
 """Triton dispatch kernels (run by the interpreter on CPU) against the torch reference and naive
-loops: data movement exact, weighted sums within tolerance, every gradient; GPU builds (cubin)."""
+loops: data movement exact, weighted sums within tolerance, every gradient; GPU builds (cubin).
+
+`HYDRA_TEST_DEVICE=cuda` runs the same tests with the kernels on a GPU (compiled, not
+interpreted): `make gpu-check` does. The references always run on the CPU."""
 
 import math
 import json
@@ -16,6 +19,15 @@ from hydra_ray.config import MoEConfig, load_config
 from hydra_ray.kernels import torch_dispatch as ref
 from hydra_ray.kernels import triton_dispatch as tri
 from hydra_ray.models.moe import MoELayer
+
+DEV = torch.device(os.environ.get("HYDRA_TEST_DEVICE", "cpu"))
+
+
+def on(*ts):
+    """The tensors on the device under test (the kernels' inputs)."""
+    out = tuple(t.to(DEV) for t in ts)
+    return out if len(out) > 1 else out[0]
+
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 
@@ -48,7 +60,7 @@ CASES = [  # (T, K, E, D): odd token counts, every top-k, hidden sizes that are 
 @pytest.mark.parametrize("T,K,E,D", CASES)
 def test_kernel_route_histogram_offsets_and_dest_are_exact(T, K, E, D):
     idx = _ids(T, K, E)
-    got = tri.route(idx, E)
+    got = [t.cpu() for t in tri.route(on(idx), E)]
     for want in (ref.route(idx, E), ref.route_loop(idx, E)):
         for a, b in zip(got, want):
             assert torch.equal(a.cpu(), b.cpu())
@@ -57,10 +69,10 @@ def test_kernel_route_histogram_offsets_and_dest_are_exact(T, K, E, D):
 
 def test_kernel_route_handles_everything_dropped_and_one_hot_expert():
     idx = torch.full((50, 2), -1)
-    counts, offsets, dest = tri.route(idx, 4)
+    counts, offsets, dest = (t.cpu() for t in tri.route(on(idx), 4))
     assert counts.tolist() == [0, 0, 0, 0] and torch.all(dest == -1)
     idx = torch.full((50, 1), 3)  # a single busy expert, three idle
-    counts, offsets, dest = tri.route(idx, 4)
+    counts, offsets, dest = (t.cpu() for t in tri.route(on(idx), 4))
     assert counts.tolist() == [0, 0, 0, 50] and offsets.tolist() == [0, 0, 0, 0]
     assert dest[:, 0].tolist() == list(range(50))
 
@@ -70,14 +82,14 @@ def test_kernel_route_handles_everything_dropped_and_one_hot_expert():
 def test_kernel_permute_and_unweighted_combine_move_data_exactly(T, K, E, D, dtype):
     _, dest, A = _routed(T, K, E, seed=1)
     x = torch.randn(T, D).to(dtype)
-    got = tri.permute(x, dest, A)
+    got = tri.permute(*on(x, dest), A).cpu()
     assert got.dtype == dtype
     assert torch.equal(got, ref.permute_loop(x, dest, A))
     assert torch.equal(got, ref.permute(x, dest, A))
     # unweighted combine with top-1 is pure data movement too
     if K == 1:
         y = torch.randn(A, D).to(dtype)
-        assert torch.equal(tri.gather_sum(y, dest), ref.gather_sum_loop(y, dest))
+        assert torch.equal(tri.gather_sum(*on(y, dest)).cpu(), ref.gather_sum_loop(y, dest))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -86,13 +98,14 @@ def test_kernel_weighted_combine_scaled_permute_and_slot_dot_within_tolerance(T,
     _, dest, A = _routed(T, K, E, seed=2)
     y = torch.randn(A, D).to(dtype)
     w = torch.rand(T, K)
-    torch.testing.assert_close(tri.gather_sum(y, dest, w), ref.gather_sum_loop(y, dest, w), **TOL[dtype])
-    torch.testing.assert_close(tri.gather_sum(y, dest), ref.gather_sum(y, dest), **TOL[dtype])
+    torch.testing.assert_close(tri.gather_sum(*on(y, dest, w)).cpu(), ref.gather_sum_loop(y, dest, w), **TOL[dtype])
+    torch.testing.assert_close(tri.gather_sum(*on(y, dest)).cpu(), ref.gather_sum(y, dest), **TOL[dtype])
     x = torch.randn(T, D).to(dtype)
-    torch.testing.assert_close(tri.permute(x, dest, A, w), ref.permute_loop(x, dest, A, w), **TOL[dtype])
+    torch.testing.assert_close(tri.permute(*on(x, dest), A, on(w)).cpu(), ref.permute_loop(x, dest, A, w),
+                               **TOL[dtype])
     want = torch.tensor([[float((x[t].double() * y[dest[t, k]].double()).sum()) if dest[t, k] >= 0 else 0.0
                           for k in range(K)] for t in range(T)]).reshape(T, K)
-    torch.testing.assert_close(tri.slot_dot(x, y, dest, torch.float32), want.float(),
+    torch.testing.assert_close(tri.slot_dot(*on(x, y, dest), torch.float32).cpu(), want.float(),
                                atol=1e-3 if dtype == torch.float32 else 0.5, rtol=1e-4 if dtype == torch.float32 else 2e-2)
 
 
@@ -123,11 +136,11 @@ def test_kernel_gradients_match_reference_and_naive_loop(monkeypatch, T, K, E, D
     w0 = torch.rand(T, K)
     proj = torch.randn(T, D).to(dtype)
     grads = {}
-    for backend in ("triton", "torch"):
+    for backend, dev in (("triton", DEV), ("torch", torch.device("cpu"))):
         monkeypatch.setenv("HYDRA_KERNELS", backend)
-        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
-        loss = _autograd_path(x, w, idx, E, proj)
-        grads[backend] = (loss.detach(), *torch.autograd.grad(loss, (x, w)))
+        x, w = x0.to(dev).requires_grad_(), w0.to(dev).requires_grad_()
+        loss = _autograd_path(x, w, idx.to(dev), E, proj.to(dev))
+        grads[backend] = tuple(t.cpu() for t in (loss.detach(), *torch.autograd.grad(loss, (x, w))))
     if T <= 100:  # the one-slot-at-a-time loop is slow in bfloat16 on CPU
         x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
         loss = _loop_path(x, w, idx, E, proj)
@@ -145,15 +158,17 @@ def test_kernel_moe_layer_gives_the_same_result_on_both_backends(monkeypatch):
         layer.router.weight.normal_()
     x0 = torch.randn(101, 24)
     results = {}
-    for backend in ("triton", "torch"):
+    for backend, dev in (("triton", DEV), ("torch", torch.device("cpu"))):
         monkeypatch.setenv("HYDRA_KERNELS", backend)
-        layer.zero_grad()
-        x = x0.clone().requires_grad_()
+        layer.to(dev).zero_grad()
+        x = x0.to(dev).requires_grad_()
         y = layer(x).y_ND
         y.pow(2).sum().backward()
-        results[backend] = (y.detach(), x.grad, layer.router.weight.grad.clone(), layer.experts.w2.grad.clone())
+        results[backend] = tuple(t.cpu() for t in (y.detach(), x.grad, layer.router.weight.grad,
+                                                    layer.experts.w2.grad))
+    tol = 1e-5 if DEV.type == "cpu" else 1e-4  # GPU matmuls sum in another order than the CPU's
     for a, b in zip(results["triton"], results["torch"]):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a, b, atol=tol, rtol=tol)
 
 
 def test_kernel_launchers_reject_bad_inputs_clearly():

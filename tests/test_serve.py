@@ -755,7 +755,8 @@ def test_inspector_page_in_headless_chromium(app, engines):
             bars = page.locator("#bars .bar-row")
             assert bars.count() == 4
             pct = [float(x.rstrip("%")) for x in page.locator("#bars .pct").all_text_contents()]
-            assert pct == pytest.approx([round(100 * e["fraction"], 1) for e in ref["summary"]["experts"]], abs=0.051)
+            # shown with one decimal: within half a unit of the exact share (6.25 may show as 6.3 or 6.2)
+            assert pct == pytest.approx([100 * e["fraction"] for e in ref["summary"]["experts"]], abs=0.0501)
             page.fill("#apikey", "wrong")
             page.click("#submit")
             page.wait_for_selector("body[data-state=error]", timeout=30_000)

@@ -158,15 +158,17 @@ def tokenizer_sha(spec: str, sha256: str | None) -> str:
 def run_pack(out: str, files: dict[str, list[CorpusFile]], domains: list[str], seq_lens: list[int],
              eval_fraction: float, spec: str, sha256: str | None, header: dict, text_field: str = "text") -> dict:
     """Pack `files` into `out` (a local folder or URI); returns the manifest (written last)."""
-    import ray
-
+    try:
+        import ray
+    except ImportError:  # a machine without Ray (the GPU check's): pack in this process
+        ray = None
     tok = load_tokenizer(spec, sha256)
     work = st.join(out, f"_work-{uuid.uuid4().hex[:12]}")  # this packer's own: another may pack here too
     items = [{"domain": f.domain, "path": f.path, "index": f.index, "root": f.root}
              for fs_ in files.values() for f in fs_]
     counts = []
     kwargs = {"known": domains, "spec": spec, "sha256": sha256, "work": work, "text_field": text_field}
-    on_ray = ray.is_initialized()  # else in this process, one file after another (smoke runs, small corpora)
+    on_ray = ray is not None and ray.is_initialized()  # else in this process, one file after another (smoke runs, small corpora)
     if items and on_ray:
         ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 256)))
         ds = ds.map_batches(_tokenize_file, batch_size=1, batch_format="pyarrow", fn_kwargs=kwargs)

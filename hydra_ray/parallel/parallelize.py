@@ -55,10 +55,11 @@ def shard_experts(model: nn.Module, group=None) -> int:
     return len(layers)
 
 
-def parallelize(model: nn.Module, data_parallel: bool = True, device_ids=None) -> nn.Module:
+def parallelize(model: nn.Module, data_parallel: bool = True, device_ids=None, force: bool = False) -> nn.Module:
     """Shard experts over all ranks of the default group, then wrap the rest in DDP.
-    With one rank (or no process group) the model is returned unchanged."""
-    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+    With one rank (or no process group) the model is returned unchanged, unless `force` (one rank
+    still takes the all-to-all and DDP paths: the GPU check)."""
+    if not dist.is_available() or not dist.is_initialized() or (dist.get_world_size() == 1 and not force):
         return model
     ep_group = dist.new_group(list(range(dist.get_world_size())))
     shard_experts(model, ep_group)

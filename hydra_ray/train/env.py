@@ -23,20 +23,31 @@ class Env:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     report: Callable[..., None] | None = None  # (metrics, checkpoint_dir or None, step) -> None
     ray_checkpoints: bool = False  # True: checkpoints travel through report(); else written in place
+    # Run the process-group paths (DDP, the expert all-to-all, gathers) even with one rank, as the
+    # GPU check does on its one GPU with an NCCL group of world size 1.
+    group_of_one: bool = False
 
     @property
     def distributed(self) -> bool:
-        return self.world > 1 and dist.is_initialized()
+        return (self.world > 1 or self.group_of_one) and dist.is_initialized()
+
+    def _reduce(self, t: torch.Tensor, op) -> torch.Tensor:
+        if not self.distributed:
+            return t
+        if t.device != self.device and self.device.type == "cuda":  # NCCL reduces CUDA tensors only
+            on = t.to(self.device)
+            dist.all_reduce(on, op=op)
+            t.copy_(on)
+        else:
+            dist.all_reduce(t, op=op)
+        return t
 
     def all_sum(self, t: torch.Tensor) -> torch.Tensor:
-        if self.distributed:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return t
+        """Sum over ranks, in place (a CPU tensor too: it travels through the device under NCCL)."""
+        return self._reduce(t, dist.ReduceOp.SUM)
 
     def all_max(self, t: torch.Tensor) -> torch.Tensor:
-        if self.distributed:
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return t
+        return self._reduce(t, dist.ReduceOp.MAX)
 
     def all_finite(self, *values: torch.Tensor) -> bool:
         """Whether every value is finite on every rank (one agreed decision)."""

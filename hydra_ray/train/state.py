@@ -36,18 +36,18 @@ def clip_grad_norm(model: HydraLM, max_norm: float, env: Env) -> tuple[float, fl
     """(global gradient norm, norm after clipping). Expert gradients are counted once, from the
     rank that owns them; dense gradients are the same on every rank after DDP's all-reduce."""
     experts = set(expert_param_names(model)) if env.distributed else set()
-    dense_sq = torch.zeros((), dtype=torch.float64)
-    expert_sq = torch.zeros((), dtype=torch.float64)
-    grads = []
+    dense, owned = [], []
     for name, p in model.named_parameters():
-        if p.grad is None:
-            continue
-        grads.append(p.grad)
-        sq = p.grad.detach().double().pow(2).sum().cpu()
-        if name in experts:
-            expert_sq += sq
-        else:
-            dense_sq += sq
+        if p.grad is not None:
+            (owned if name in experts else dense).append(p.grad.detach())
+
+    def sq(gs: list[torch.Tensor]) -> torch.Tensor:  # on the device: one host sync per step, not one per tensor
+        if not gs:
+            return torch.zeros((), dtype=torch.float64)
+        return torch.stack(torch._foreach_norm(gs)).double().pow(2).sum().cpu()
+
+    grads = dense + owned
+    dense_sq, expert_sq = sq(dense), sq(owned)
     env.all_sum(expert_sq.view(1))
     norm = math.sqrt(float(dense_sq + expert_sq))
     coef = min(1.0, max_norm / (norm + 1e-6)) if math.isfinite(norm) else 1.0
