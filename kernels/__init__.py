@@ -62,6 +62,7 @@ class Routing:
     offsets_E: torch.Tensor
     dest_TK: torch.Tensor
     num_rows: int
+    slot_A: torch.Tensor | None = None  # torch path: the slot that fills each row (from route's sort)
 
     @property
     def counts(self) -> list[int]:
@@ -72,30 +73,39 @@ def route(idx_TK: torch.Tensor, num_experts: int) -> Routing:
     """Histogram, offsets and destination rows from top-k expert ids (-1 = dropped slot)."""
     impl = _impl(idx_TK)
     with TIMERS.section("dispatch"):
+        if impl is torch_dispatch:
+            counts, offsets, dest, slot_A = impl.route(idx_TK.contiguous(), num_experts, with_slots=True)
+            return Routing(counts, offsets, dest, int(slot_A.shape[0]), slot_A)
         counts, offsets, dest = impl.route(idx_TK.contiguous(), num_experts)
         return Routing(counts, offsets, dest, int(counts.sum()))
 
 
+def _slots(impl: ModuleType, routing: "Routing | None") -> dict:
+    """The torch path's row -> slot map when route made it (the Triton kernels need none)."""
+    return {"slot_A": routing.slot_A} if impl is torch_dispatch and routing is not None and routing.slot_A is not None \
+        else {}
+
+
 class _Permute(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_TD, dest_TK, num_rows, impl):
+    def forward(ctx, x_TD, dest_TK, num_rows, impl, routing=None):
         ctx.save_for_backward(dest_TK)
         ctx.impl = impl
-        return impl.permute(x_TD.contiguous(), dest_TK, num_rows)
+        return impl.permute(x_TD.contiguous(), dest_TK, num_rows, **_slots(impl, routing))
 
     @staticmethod
     def backward(ctx, g_AD):
         (dest_TK,) = ctx.saved_tensors
         with TIMERS.section("dispatch"):
-            return ctx.impl.gather_sum(g_AD.contiguous(), dest_TK), None, None, None
+            return ctx.impl.gather_sum(g_AD.contiguous(), dest_TK), None, None, None, None
 
 
 class _Combine(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, y_AD, w_TK, dest_TK, impl):
+    def forward(ctx, y_AD, w_TK, dest_TK, impl, routing=None):
         y_AD, w_TK = y_AD.contiguous(), w_TK.contiguous()
         ctx.save_for_backward(y_AD, w_TK, dest_TK)
-        ctx.impl = impl
+        ctx.impl, ctx.routing = impl, routing
         return impl.gather_sum(y_AD, dest_TK, w_TK)
 
     @staticmethod
@@ -103,21 +113,22 @@ class _Combine(torch.autograd.Function):
         y_AD, w_TK, dest_TK = ctx.saved_tensors
         with TIMERS.section("dispatch"):
             g_TD = g_TD.contiguous()
-            gy = ctx.impl.permute(g_TD, dest_TK, y_AD.shape[0], w_TK) if ctx.needs_input_grad[0] else None
+            gy = ctx.impl.permute(g_TD, dest_TK, y_AD.shape[0], w_TK, **_slots(ctx.impl, ctx.routing)) \
+                if ctx.needs_input_grad[0] else None
             gw = ctx.impl.slot_dot(g_TD, y_AD, dest_TK, w_TK.dtype) if ctx.needs_input_grad[1] else None
-        return gy, gw, None, None
+        return gy, gw, None, None, None
 
 
 def permute(x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
     """Token rows -> expert-contiguous rows (each token once per kept top-k slot). Differentiable."""
     with TIMERS.section("dispatch"):
-        return _Permute.apply(x_TD, routing.dest_TK, routing.num_rows, _impl(x_TD))
+        return _Permute.apply(x_TD, routing.dest_TK, routing.num_rows, _impl(x_TD), routing)
 
 
 def combine(y_AD: torch.Tensor, w_TK: torch.Tensor, routing: Routing) -> torch.Tensor:
     """Expert rows -> token rows, weighted by the gates. Differentiable in both inputs."""
     with TIMERS.section("dispatch"):
-        return _Combine.apply(y_AD, w_TK, routing.dest_TK, _impl(y_AD))
+        return _Combine.apply(y_AD, w_TK, routing.dest_TK, _impl(y_AD), routing)
 
 
 __all__ = ["Routing", "backend_for", "combine", "permute", "route"]

@@ -5,12 +5,19 @@ Two flavours with the signatures of kernels/triton_dispatch.py:
   (CPU tensors, HYDRA_KERNELS=torch). Stable argsort gives the same dest as the Triton ranks.
 - deliberately naive loops (`*_loop`): one slot at a time, obviously right, for tests only.
 
+Speed on the CPU: with top-k > 1, combine is one fused pass through `F.embedding_bag` with
+per-sample weights (gather, scale and sum per token) where the data and the weights share a dtype;
+with top-1 it is a row gather scaled in place, which is faster than bags of one. The row -> slot
+map that permute needs comes from route's own sort (`route(..., with_slots=True)`) instead of
+being rebuilt at every permute.
+
 Shape legend: T tokens, K top-k, A kept rows, D hidden, E experts.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def _acc(t: torch.Tensor) -> torch.Tensor:
@@ -18,7 +25,8 @@ def _acc(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-def route(idx_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def route(idx_TK: torch.Tensor, num_experts: int, with_slots: bool = False):
+    """(counts, offsets, dest), and with `with_slots` the slot that fills each row (`slot_A`)."""
     key_S = idx_TK.reshape(-1).long()
     key_S = torch.where(key_S < 0, num_experts, key_S)
     counts = torch.bincount(key_S, minlength=num_experts + 1)[:num_experts]
@@ -27,19 +35,29 @@ def route(idx_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.T
     A = int(counts.sum())
     dest_S = torch.full_like(key_S, -1)
     dest_S[order_S[:A]] = torch.arange(A, device=idx_TK.device)
-    return counts, offsets, dest_S.view(idx_TK.shape)
+    out = (counts, offsets, dest_S.view(idx_TK.shape))
+    return (*out, order_S[:A]) if with_slots else out
 
 
-def permute(x_TD, dest_TK, num_rows, scale_TK=None):
-    K = dest_TK.shape[1]
+def slots(dest_TK: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """The inverse of dest: which top-k slot (t * K + k) fills each of the `num_rows` rows."""
     dest_S = dest_TK.reshape(-1)
     kept_S = (dest_S >= 0).nonzero().squeeze(1)
-    slot_A = torch.empty(num_rows, dtype=torch.long, device=x_TD.device)
-    slot_A[dest_S[kept_S]] = kept_S  # inverse map: which slot fills each row
-    rows = x_TD.index_select(0, slot_A // K)  # contiguous writes: much faster than scattering rows
-    if scale_TK is not None:
-        rows = (_acc(rows) * _acc(scale_TK.reshape(-1)[slot_A, None])).to(x_TD.dtype)
-    return rows
+    slot_A = torch.empty(num_rows, dtype=torch.long, device=dest_TK.device)
+    slot_A[dest_S[kept_S]] = kept_S
+    return slot_A
+
+
+def permute(x_TD, dest_TK, num_rows, scale_TK=None, slot_A=None):
+    K = dest_TK.shape[1]
+    slot_A = slots(dest_TK, num_rows) if slot_A is None else slot_A
+    tok_A = slot_A // K if K > 1 else slot_A
+    if scale_TK is None:
+        return x_TD.index_select(0, tok_A)  # contiguous writes: much faster than scattering rows
+    scale_A = scale_TK.reshape(-1)[slot_A]
+    if scale_A.dtype == x_TD.dtype:  # scaled in place: no second temporary
+        return x_TD.index_select(0, tok_A).mul_(scale_A[:, None])
+    return (_acc(x_TD.index_select(0, tok_A)) * _acc(scale_A[:, None])).to(x_TD.dtype)
 
 
 def gather_sum(y_AD, dest_TK, weight_TK=None):
@@ -49,6 +67,8 @@ def gather_sum(y_AD, dest_TK, weight_TK=None):
     kept_TK = dest_TK >= 0
     w_TK = _acc(kept_TK if weight_TK is None else weight_TK * kept_TK)
     idx_TK = dest_TK.clamp(min=0)
+    if K > 1 and w_TK.dtype == y_AD.dtype:  # each token's K rows gathered, weighted and summed in one pass
+        return F.embedding_bag(idx_TK, y_AD, mode="sum", per_sample_weights=w_TK)
     out = _acc(y_AD.index_select(0, idx_TK[:, 0])).mul_(w_TK[:, :1])  # fresh: scaled in place
     for k in range(1, K):  # one row gather per slot: no [T, K, D] temporary
         out.addcmul_(_acc(y_AD.index_select(0, idx_TK[:, k])), w_TK[:, k:k + 1])

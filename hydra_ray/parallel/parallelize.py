@@ -21,6 +21,8 @@ Design choices
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -66,7 +68,11 @@ def parallelize(model: nn.Module, data_parallel: bool = True, device_ids=None, f
     if not data_parallel:
         return model
     DDP._set_params_and_buffers_to_ignore_for_model(model, expert_param_names(model))
-    return DDP(model, device_ids=device_ids, find_unused_parameters=True, broadcast_buffers=False)
+    with warnings.catch_warnings():
+        # newer torch deprecates broadcast_buffers for forward_sync_buffers, which older torch
+        # (GPU images) lacks and which would still sync the per-rank load counters at init
+        warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+        return DDP(model, device_ids=device_ids, find_unused_parameters=True, broadcast_buffers=False)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
