@@ -298,6 +298,17 @@ class TrainConfig(_Strict):
     # fault drill: the loss of these steps (0-based) is made NaN, to rehearse skipping and roll-back
 
 
+class ChatTemplate(_Strict):
+    """How a conversation is written as text: the chat domain's training text and what
+    /v1/chat/completions renders (hydra_ray/data/chat.py), stored in every checkpoint's config."""
+
+    system: str = "System: "
+    user: str = "User: "
+    assistant: str = "Assistant: "
+    separator: str = "\n"  # after every message
+    domain: str | None = "chat"  # the domain a rendered conversation is routed as (when the model has it)
+
+
 class DataConfig(_Strict):
     corpus: str | None = None  # folder / URI with one sub-folder per domain; None = built-in corpus
     builtin_size: Literal["tiny", "small", "full"] = "tiny"  # the built-in corpus, when corpus is None
@@ -309,6 +320,7 @@ class DataConfig(_Strict):
     eval_fraction: float = Field(0.05, ge=0, lt=1)
     packed: str | None = None  # a pack written by `hydra-ray data pack` (folder or URI); None = packed on use, cached
     text_field: str = Field("text", min_length=1)  # the records' text field (JSONL key or Parquet column)
+    chat_template: ChatTemplate = Field(default_factory=ChatTemplate)
 
 
 class HydraConfig(_Strict):

@@ -91,6 +91,11 @@ class GenRequest:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     domain: str | None = None
+    logprobs: int | None = None  # None: none; N (0-5): each token's logprob and the N most likely
+    prompt_logprobs: bool = False  # the prompt's tokens too (echo): on the first event
+    presence_penalty: float = 0.0  # subtracted once from the logit of every token already generated
+    frequency_penalty: float = 0.0  # subtracted per earlier occurrence in the completion
+    logit_bias: dict[int, float] | None = None  # added to those tokens' logits before sampling
 
 
 @dataclass
@@ -102,6 +107,10 @@ class GenEvent:
     token_ids: list[int]
     finish_reason: str | None = None  # "stop" | "length"
     expert_counts: dict[str, list[int]] | None = None  # on the last event: this request's expert load
+    # with GenRequest.logprobs: per token of token_ids, [logprob, [[token, logprob], ...] (top N)]
+    logprobs: list[list] | None = None
+    # with GenRequest.prompt_logprobs, on the first event: the same per prompt token (None for the first)
+    prompt_logprobs: list[list | None] | None = None
 
 
 class _Row:
@@ -113,11 +122,31 @@ class _Row:
         self.emitted = 0  # characters of the completion already sent
         self.done = False
         self.counts: dict[str, list[int]] = {}  # MoE layer -> tokens per expert (prompt + completion)
+        self.seen: dict[int, int] = {}  # completion token -> occurrences (the penalties)
         self.gen = torch.Generator()
         if req.seed is None:
             self.gen.seed()
         else:
             self.gen.manual_seed(req.seed % 2**63)  # any integer seeds; the same one gives the same text
+
+    def pick(self, logits_1V: torch.Tensor) -> tuple[int, list | None]:
+        """Sample the next token from the model's logits (after penalties and bias), and its
+        logprob entry, which reports the model's own distribution (log-softmax of the raw logits)."""
+        req, adjusted = self.req, logits_1V
+        if (self.seen and (req.presence_penalty or req.frequency_penalty)) or req.logit_bias:
+            adjusted = logits_1V.clone()
+            if self.seen and (req.presence_penalty or req.frequency_penalty):
+                ids = torch.tensor(list(self.seen))
+                n = torch.tensor(list(self.seen.values()), dtype=adjusted.dtype)
+                adjusted[0, ids] -= req.presence_penalty + req.frequency_penalty * n
+            for t, b in (req.logit_bias or {}).items():
+                if 0 <= t < adjusted.shape[-1]:
+                    adjusted[0, t] += b
+        token = int(sample(adjusted, req.temperature, req.top_k, req.top_p, self.gen))
+        self.seen[token] = self.seen.get(token, 0) + 1
+        if req.logprobs is None:
+            return token, None
+        return token, logprob_entry(logits_1V[0].log_softmax(-1), token, req.logprobs)
 
     def add(self, token: int) -> GenEvent:
         if token == self.tok.eos_id:
@@ -151,6 +180,12 @@ class _Row:
         new = text[self.emitted:] if len(text) > self.emitted else ""
         self.emitted = max(self.emitted, len(text))
         return GenEvent(new, [], reason)
+
+
+def logprob_entry(lp_V: torch.Tensor, token: int, top: int) -> list:
+    """[logprob of `token`, [[token, logprob] of the `top` most likely]] from log-probabilities."""
+    vals, ids = lp_V.topk(min(top, lp_V.shape[-1])) if top else (lp_V[:0], lp_V[:0].long())
+    return [float(lp_V[token]), [[int(i), float(v)] for i, v in zip(ids.tolist(), vals.tolist())]]
 
 
 # --------------------------------------------------------------------------- engine
@@ -321,6 +356,13 @@ class Engine:
         B = idx_BT.shape[0]
         return out, out.logits[torch.arange(B, device=dev), last_B.to(dev)].float().cpu()
 
+    @staticmethod
+    def _prompt_logprobs(logits_TV: torch.Tensor, ids: list[int], top: int) -> list[list | None]:
+        """Each prompt token's entry under the model's prediction from the tokens before it."""
+        n = len(ids)
+        lp_TV = logits_TV[: n - 1].float().log_softmax(-1).cpu()
+        return [None] + [logprob_entry(lp_TV[i], ids[i + 1], top) for i in range(n - 1)]
+
     @torch.no_grad()
     def generate(self, reqs: list[GenRequest], use_cache: bool = True) -> Iterator[list[GenEvent | None]]:
         """Decode a batch of requests together; yields, per step, one event per row (None for rows
@@ -351,6 +393,8 @@ class Engine:
         out, logits_BV = self._forward(idx_BT, dom_BT(idx_BT.shape[1]), len_B - 1, cache=cache)
         for row, c in zip(rows, self._rows(out.trace, valid)):
             add_counts(row.counts, c)
+        prompt_lp = {b: self._prompt_logprobs(out.logits[b], seqs[b], r.logprobs or 0)
+                     for b, r in enumerate(reqs) if r.prompt_logprobs}
         if cache is not None:
             cache.keep_prefix(len_B)
         while True:
@@ -359,9 +403,12 @@ class Engine:
                 if row.done:
                     events.append(None)
                     continue
-                tok = int(sample(logits_BV[b:b + 1], row.req.temperature, row.req.top_k, row.req.top_p, row.gen))
+                tok, entry = row.pick(logits_BV[b:b + 1])
                 ev = row.add(tok)
                 ev.token_ids = [tok]
+                ev.logprobs = None if entry is None else [entry]
+                if b in prompt_lp:
+                    ev.prompt_logprobs = prompt_lp.pop(b)
                 if ev.finish_reason:
                     ev.expert_counts = row.counts
                 seqs[b].append(tok)

@@ -42,10 +42,15 @@ def engine_error_in(e: BaseException) -> ApiError | None:
     return None
 
 
-def describe(e: ValidationError) -> str:
-    """A request body's first validation errors, one line."""
+def describe(e: ValidationError, reasons: dict[str, str | None] | None = None) -> str:
+    """A request body's first validation errors, one line; a parameter the body does not know is
+    named as unsupported (with its reason from `reasons`, when there is one)."""
     parts = []
     for err in e.errors()[:4]:
         where = ".".join(str(x) for x in err["loc"]) or "body"
-        parts.append(f"{where}: {err['msg']}")
+        if err["type"] == "extra_forbidden":
+            why = (reasons or {}).get(str(err["loc"][-1]))
+            parts.append(f"unsupported parameter {where!r}" + (f": {why}" if why else ""))
+        else:
+            parts.append(f"{where}: {err['msg']}")
     return "; ".join(parts)

@@ -387,14 +387,15 @@ def test_completions_are_openai_shaped_streamed_or_not_and_seeded(app, engines):
     ref = e.complete([GenRequest(e.encode(body["prompt"]), max_tokens=20, temperature=0.8, top_p=0.9, seed=11)])[0]
     assert ref["text"] == ch["text"]
 
-    r = c.post("/v1/completions", json={**body, "stream": True})
+    r = c.post("/v1/completions", json={**body, "stream": True, "stream_options": {"include_usage": True}})
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
     chunks = _sse(r.text)
     assert all(k["object"] == "text_completion" and k["id"] == chunks[0]["id"] for k in chunks)
+    chunks, last = chunks[:-1], chunks[-1]  # usage comes alone, last, when asked for
+    assert last["choices"] == [] and last["usage"] == out["usage"]
     assert "".join(k["choices"][0]["text"] for k in chunks) == ch["text"]
     assert [k["choices"][0]["finish_reason"] for k in chunks][-1] == "length"
-    assert all(k["choices"][0]["finish_reason"] is None for k in chunks[:-1])
-    assert chunks[-1]["usage"]["completion_tokens"] == 20
+    assert all(k["choices"][0]["finish_reason"] is None and "usage" not in k for k in chunks[:-1])
 
     stop = ch["text"][3:5]
     r = c.post("/v1/completions", json={**body, "stop": stop})
@@ -402,6 +403,104 @@ def test_completions_are_openai_shaped_streamed_or_not_and_seeded(app, engines):
                                       "finish_reason": "stop"}
     r = c.post("/v1/completions", content=json.dumps({"prompt": ["a", "bb"], "max_tokens": 3, "temperature": 0}))
     assert [x["index"] for x in r.json()["choices"]] == [0, 1] and r.json()["usage"]["prompt_tokens"] == 3
+
+
+def _openai(app):
+    from openai import OpenAI
+
+    return OpenAI(base_url=app["url"] + "/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def _chat_request(e, messages, **kw):
+    from hydra_ray.data import chat
+
+    t = e.cfg.data.chat_template
+    text = chat.render([(m["role"], m["content"]) for m in messages], t, reply=True)
+    return GenRequest(e.encode(text), stop=chat.stop_strings(t), domain=t.domain, **kw)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_the_official_openai_client_chats_plain_and_streaming(app, engines):
+    client, e = _openai(app), engines["tiny@180"]
+    messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What does os.path.join do?"}]
+    r = client.chat.completions.create(model="tiny@180", messages=messages, max_tokens=24, temperature=0.8, seed=7, n=2)
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-") and len(r.choices) == 2
+    for i, ch in enumerate(r.choices):  # choice i is the engine's text with seed + i, template and stops included
+        ref = e.complete([_chat_request(e, messages, max_tokens=24, temperature=0.8, seed=7 + i)])[0]
+        assert ch.index == i and ch.message.role == "assistant" and ch.message.content == ref["text"]
+        assert ch.finish_reason == ref["finish_reason"]
+    assert r.usage.prompt_tokens == len(_chat_request(e, messages).prompt_ids)
+    assert r.usage.completion_tokens == sum(len(e.complete([_chat_request(e, messages, max_tokens=24, temperature=0.8,
+                                                                          seed=7 + i)])[0]["token_ids"]) for i in range(2))
+
+    stream = client.chat.completions.create(model="tiny@180", messages=messages, max_tokens=24, temperature=0.8, seed=7,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == r.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == r.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(
+        e.complete([_chat_request(e, messages, max_tokens=24, temperature=0.8, seed=7)])[0]["token_ids"])
+
+    lp = client.chat.completions.create(model="tiny@180", messages=messages, max_tokens=6, temperature=0,
+                                        logprobs=True, top_logprobs=3)
+    content = lp.choices[0].logprobs.content
+    assert len(content) == lp.usage.completion_tokens and all(len(t.top_logprobs) == 3 for t in content)
+    assert all(t.logprob == t.top_logprobs[0].logprob for t in content)  # greedy picks the top entry
+    routed = client.chat.completions.create(model="tiny@180", messages=messages, max_tokens=4,
+                                            extra_body={"return_routing": True})
+    assert routed.choices[0].model_extra["routing"]["summary"]["experts"]
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_the_official_openai_client_gets_n_logprobs_echo_token_prompts_and_penalties(app, engines):
+    import torch
+
+    client, e = _openai(app), engines["tiny@180"]
+    prompt = "def add(a, b):"
+    ids = e.encode(prompt)
+    r = client.completions.create(model="tiny@180", prompt=prompt, max_tokens=8, temperature=0.9, seed=3, n=3)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    for i, c in enumerate(r.choices):
+        assert c.text == e.complete([GenRequest(ids, max_tokens=8, temperature=0.9, seed=3 + i)])[0]["text"]
+    # the same prompt as token ids, alone and in a batch
+    by_ids = client.completions.create(model="tiny@180", prompt=ids, max_tokens=8, temperature=0.9, seed=3)
+    assert by_ids.choices[0].text == r.choices[0].text
+    both = client.completions.create(model="tiny@180", prompt=[ids, ids[:3]], max_tokens=4, temperature=0)
+    assert len(both.choices) == 2 and both.usage.prompt_tokens == len(ids) + 3
+
+    # logprobs with echo: the prompt's tokens first (the first has none), then the completion's;
+    # each chosen logprob is the model's own log-softmax, and greedy picks the top entry
+    g = client.completions.create(model="tiny@180", prompt=prompt, max_tokens=6, temperature=0, logprobs=2, echo=True)
+    c = g.choices[0]
+    lp = c.logprobs
+    assert c.text.startswith(prompt) and len(lp.tokens) == len(ids) + 6
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(len(t) <= 2 for t in lp.top_logprobs[1:])
+    assert "".join(lp.tokens) == c.text and all(c.text[o:].startswith(t) for o, t in zip(lp.text_offset, lp.tokens))
+    full = ids + e.complete([GenRequest(ids, max_tokens=6, temperature=0)])[0]["token_ids"]
+    with torch.no_grad():
+        ref = e.model(torch.tensor([full]), causal=True).logits[0].float().log_softmax(-1)
+    want = [float(ref[i - 1, full[i]]) for i in range(1, len(full))]
+    assert lp.token_logprobs[1:] == pytest.approx(want, abs=1e-4)
+    for i in range(len(ids), len(full)):
+        assert lp.token_logprobs[i] == pytest.approx(max(lp.top_logprobs[i].values()), abs=1e-6)
+
+    # penalties are honoured: the engine with the same penalty agrees, and repeats drop
+    plain = client.completions.create(model="tiny@180", prompt=prompt, max_tokens=24, temperature=0)
+    pen = client.completions.create(model="tiny@180", prompt=prompt, max_tokens=24, temperature=0,
+                                    frequency_penalty=2.0, presence_penalty=1.0)
+    ref = e.complete([GenRequest(ids, max_tokens=24, temperature=0, frequency_penalty=2.0, presence_penalty=1.0)])[0]
+    assert pen.choices[0].text == ref["text"]
+    assert len(set(pen.choices[0].text)) >= len(set(plain.choices[0].text))
+    if len(set(plain.choices[0].text)) < len(plain.choices[0].text):  # the plain text repeats itself
+        assert pen.choices[0].text != plain.choices[0].text
+    bias = client.completions.create(model="tiny@180", prompt=prompt, max_tokens=4, temperature=0,
+                                     logit_bias={str(e.encode("Z")[0]): 100})
+    assert bias.choices[0].text == "ZZZZ"
 
 
 @pytest.mark.integration
@@ -542,7 +641,25 @@ def test_bad_requests_are_4xx_json_never_5xx(app):
         ("/v1/completions", b'{"prompt": ""}', 400),                              # empty prompt
         ("/v1/completions", b'{"prompt": "x", "max_tokens": "ten"}', 400),        # wrong type
         ("/v1/completions", b'{"prompt": "x", "temperature": 7}', 400),           # out of range
-        ("/v1/completions", b'{"prompt": "x", "n": 2}', 400),                     # unsupported
+        ("/v1/completions", b'{"prompt": "x", "n": 9}', 400),                     # n is 1..8
+        ("/v1/completions", b'{"prompt": "x", "suffix": "y"}', 400),              # unsupported: named
+        ("/v1/completions", b'{"prompt": "x", "best_of": 3}', 400),               # best_of > n
+        ("/v1/completions", b'{"prompt": "x", "frobnicate": 1}', 400),            # unknown: named
+        ("/v1/completions", b'{"prompt": "x", "logprobs": 6}', 400),
+        ("/v1/completions", b'{"prompt": "x", "logit_bias": {"a": 1}}', 400),
+        ("/v1/completions", b'{"prompt": "x", "logit_bias": {"99999": 1}}', 400),  # outside the vocabulary
+        ("/v1/completions", b'{"prompt": [1, 99999]}', 400),                      # token id outside it
+        ("/v1/completions", b'{"prompt": [[]]}', 400),
+        ("/v1/completions", b'{"prompt": [-1]}', 400),
+        ("/v1/completions", b'{"prompt": "x", "presence_penalty": 3}', 400),
+        ("/v1/chat/completions", b'{"messages": []}', 400),
+        ("/v1/chat/completions", b'{"messages": [{"role": "robot", "content": "hi"}]}', 400),
+        ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": ""}]}', 400),
+        ("/v1/chat/completions", b'{"messages": [{"role": "user"}]}', 400),
+        ("/v1/chat/completions", b'{"messages": [{"role": "assistant", "content": "hi"}]}', 400),
+        ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}', 400),
+        ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "tools": []}', 400),
+        ("/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": "z" * 190}]}).encode(), 413),
         ("/v1/completions", b'{"prompt": "x", "stop": ["", "a"]}', 400),
         ("/v1/completions", b'{"prompt": "\xff\xfe"}', 400),                      # invalid UTF-8
         ("/v1/completions", b'{"prompt": "x", "model": "../tiny"}', 400),         # traversal
@@ -569,6 +686,9 @@ def test_bad_requests_are_4xx_json_never_5xx(app):
         assert r.status_code == status, (path, raw[:60], r.status_code, r.text)
         err = r.json()["error"]
         assert err["code"] == status and err["message"], raw[:60]
+    for param in ("suffix", "frobnicate"):  # a parameter the server does not honour is named, never ignored
+        r = c.post("/v1/completions", json={"prompt": "x", param: "y"})
+        assert f"unsupported parameter '{param}'" in r.json()["error"]["message"]
     r = c.post("/v1/completions", content=b'{"prompt": "x", "max_tokens": 2}',
                headers={"Content-Type": "application/x-www-form-urlencoded"})  # curl -d
     assert r.status_code == 200

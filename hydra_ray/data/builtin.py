@@ -22,6 +22,8 @@ import sysconfig
 from fractions import Fraction
 from pathlib import Path
 
+from hydra_ray.data import chat
+
 SIZES = {"tiny": 48, "small": 400, "full": None}  # documents per domain (None = all available)
 DOMAINS = ("math", "code", "chat", "finefineweb")
 _STDLIB_PACKAGES = ("json", "email", "collections", "concurrent", "importlib", "logging", "urllib",
@@ -136,10 +138,10 @@ def chat_docs(n: int | None, seed: int) -> list[str]:
     out = []
     for name, sig, para in _pick(entries, n, rng):
         ask = rng.choice(["What does {} do?", "Can you explain {}?", "How do I use {}?", "Tell me about {}."])
-        turns = [f"User: {ask.format(name)}", f"Assistant: {para}"]
+        turns = [("user", ask.format(name)), ("assistant", para)]
         if rng.random() < 0.5:
-            turns += ["User: What is its signature?", f"Assistant: It is defined as `{sig}`."]
-        out.append("\n".join(turns) + "\n")
+            turns += [("user", "What is its signature?"), ("assistant", f"It is defined as `{sig}`.")]
+        out.append(chat.render(turns))  # the template /v1/chat/completions renders requests with
     return out
 
 
