@@ -26,7 +26,8 @@ class ServeArgs(BaseModel):
     max_tokens: int = Field(256, ge=1, description="largest max_tokens a request may ask for")
     max_body_bytes: int = Field(1 << 20, ge=1024)
     max_models_per_replica: int = Field(3, ge=1)
-    max_batch_size: int = Field(8, ge=1)
+    max_batch_size: int = Field(8, ge=1, description="routing traces per batched forward")
+    max_num_seqs: int = Field(16, ge=1, description="sequences generating at once per model and replica; more wait")
     batch_wait_timeout_s: float = Field(0.005, ge=0)
     replicas: int = Field(1, ge=1)
     autoscale: tuple[int, int] | None = None

@@ -24,7 +24,7 @@ def build_app(args: ServeArgs | dict) -> serve.Application:
     model_opts: dict[str, Any] = {
         "name": "HydraModel",
         "ray_actor_options": {"num_cpus": a.num_cpus},
-        "max_ongoing_requests": max(16, 4 * a.max_batch_size),
+        "max_ongoing_requests": max(16, 4 * a.max_batch_size, 2 * a.max_num_seqs),
     }
     if a.autoscale:
         model_opts["autoscaling_config"] = {"min_replicas": a.autoscale[0], "max_replicas": a.autoscale[1],
@@ -32,7 +32,8 @@ def build_app(args: ServeArgs | dict) -> serve.Application:
     else:
         model_opts["num_replicas"] = a.replicas
     model = serve.deployment(HydraModel, **model_opts).bind(
-        store.spec, a.max_models_per_replica, a.max_batch_size, a.batch_wait_timeout_s, a.torch_threads)
+        store.spec, a.max_models_per_replica, a.max_batch_size, a.batch_wait_timeout_s, a.torch_threads,
+        a.max_num_seqs)
     ingress = serve.deployment(make_ingress(a.ingress_settings()), name="HydraIngress",
                                ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256,
                                user_config={"default_model": default})

@@ -38,6 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per model replica")
     p.add_argument("--max-tokens", type=int, default=256, help="largest max_tokens a request may ask for")
     p.add_argument("--max-prompt-tokens", type=int, default=1024)
+    p.add_argument("--max-num-seqs", type=int, default=16,
+                   help="sequences generating at once per model and replica (continuous batching); more wait in order")
     p.add_argument("--smoke", action="store_true", help="query it once over HTTP, print, shut down")
 
 
@@ -58,7 +60,8 @@ def serve_args(args: argparse.Namespace):
         a = ServeArgs(run=args.run, checkpoint=args.checkpoint, store=args.store, default_model=args.model,
                       replicas=args.replicas, autoscale=autoscale,
                       api_key=args.api_key or os.environ.get("HYDRA_API_KEY"), num_cpus=args.num_cpus,
-                      max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens)
+                      max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens,
+                      max_num_seqs=args.max_num_seqs)
         # before Ray starts: the checkpoint must exist, match its manifest and have its tokenizer
         store, default = a.locate()
         Engine.check(store.resolve(default).path)

@@ -33,7 +33,6 @@ Shape legend: B batch, T sequence, E experts.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -45,7 +44,7 @@ from hydra_ray.config import HydraConfig
 from hydra_ray.data.tokenizer import load_tokenizer
 from hydra_ray.models import HydraLM
 from hydra_ray.models.attention import KVCache
-from hydra_ray.models.hydra import sample
+from hydra_ray.serve.decode import Decoder, GenEvent, GenRequest, logprob_entry
 from hydra_ray.serve.errors import EngineError
 from hydra_ray.serve.store import CheckpointStore
 
@@ -81,113 +80,6 @@ def check_context(n_tokens: int, context: int, max_tokens: int | None = None) ->
 
 
 # --------------------------------------------------------------------------- requests
-@dataclass
-class GenRequest:
-    prompt_ids: list[int]
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float | None = None
-    top_k: int | None = None
-    stop: list[str] = field(default_factory=list)
-    seed: int | None = None
-    domain: str | None = None
-    logprobs: int | None = None  # None: none; N (0-5): each token's logprob and the N most likely
-    prompt_logprobs: bool = False  # the prompt's tokens too (echo): on the first event
-    presence_penalty: float = 0.0  # subtracted once from the logit of every token already generated
-    frequency_penalty: float = 0.0  # subtracted per earlier occurrence in the completion
-    logit_bias: dict[int, float] | None = None  # added to those tokens' logits before sampling
-
-
-@dataclass
-class GenEvent:
-    """What one row produced at one decode step: new text to emit (possibly empty while a stop
-    string may be forming) and, on the last event, the finish reason."""
-
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None = None  # "stop" | "length"
-    expert_counts: dict[str, list[int]] | None = None  # on the last event: this request's expert load
-    # with GenRequest.logprobs: per token of token_ids, [logprob, [[token, logprob], ...] (top N)]
-    logprobs: list[list] | None = None
-    # with GenRequest.prompt_logprobs, on the first event: the same per prompt token (None for the first)
-    prompt_logprobs: list[list | None] | None = None
-
-
-class _Row:
-    """Decoding state of one request inside a batch."""
-
-    def __init__(self, req: GenRequest, tokenizer):
-        self.req, self.tok = req, tokenizer
-        self.ids: list[int] = []
-        self.emitted = 0  # characters of the completion already sent
-        self.done = False
-        self.counts: dict[str, list[int]] = {}  # MoE layer -> tokens per expert (prompt + completion)
-        self.seen: dict[int, int] = {}  # completion token -> occurrences (the penalties)
-        self.gen = torch.Generator()
-        if req.seed is None:
-            self.gen.seed()
-        else:
-            self.gen.manual_seed(req.seed % 2**63)  # any integer seeds; the same one gives the same text
-
-    def pick(self, logits_1V: torch.Tensor) -> tuple[int, list | None]:
-        """Sample the next token from the model's logits (after penalties and bias), and its
-        logprob entry, which reports the model's own distribution (log-softmax of the raw logits)."""
-        req, adjusted = self.req, logits_1V
-        if (self.seen and (req.presence_penalty or req.frequency_penalty)) or req.logit_bias:
-            adjusted = logits_1V.clone()
-            if self.seen and (req.presence_penalty or req.frequency_penalty):
-                ids = torch.tensor(list(self.seen))
-                n = torch.tensor(list(self.seen.values()), dtype=adjusted.dtype)
-                adjusted[0, ids] -= req.presence_penalty + req.frequency_penalty * n
-            for t, b in (req.logit_bias or {}).items():
-                if 0 <= t < adjusted.shape[-1]:
-                    adjusted[0, t] += b
-        token = int(sample(adjusted, req.temperature, req.top_k, req.top_p, self.gen))
-        self.seen[token] = self.seen.get(token, 0) + 1
-        if req.logprobs is None:
-            return token, None
-        return token, logprob_entry(logits_1V[0].log_softmax(-1), token, req.logprobs)
-
-    def add(self, token: int) -> GenEvent:
-        if token == self.tok.eos_id:
-            self.done = True
-            return self._flush(self._text(), "stop")
-        self.ids.append(token)
-        text = self._text()
-        for s in self.req.stop:
-            at = text.find(s)
-            if at >= 0:
-                self.done = True
-                return self._flush(text[:at], "stop")
-        if len(self.ids) >= self.req.max_tokens:
-            self.done = True
-            return self._flush(text, "length")
-        # hold back a tail that may be the start of a stop string, and a split UTF-8 character
-        safe = len(text)
-        if text.endswith("\ufffd"):
-            safe = len(text.rstrip("\ufffd"))
-        for s in self.req.stop:
-            for k in range(min(len(s) - 1, safe), 0, -1):
-                if text[:safe].endswith(s[:k]):
-                    safe -= k
-                    break
-        return self._flush(text[:safe], None)
-
-    def _text(self) -> str:
-        return self.tok.decode(self.ids)
-
-    def _flush(self, text: str, reason: str | None) -> GenEvent:
-        new = text[self.emitted:] if len(text) > self.emitted else ""
-        self.emitted = max(self.emitted, len(text))
-        return GenEvent(new, [], reason)
-
-
-def logprob_entry(lp_V: torch.Tensor, token: int, top: int) -> list:
-    """[logprob of `token`, [[token, logprob] of the `top` most likely]] from log-probabilities."""
-    vals, ids = lp_V.topk(min(top, lp_V.shape[-1])) if top else (lp_V[:0], lp_V[:0].long())
-    return [float(lp_V[token]), [[int(i), float(v)] for i, v in zip(ids.tolist(), vals.tolist())]]
-
-
 # --------------------------------------------------------------------------- engine
 class Engine:
     def __init__(self, model: HydraLM, cfg: HydraConfig, model_id: str = "model", step: int = 0,
@@ -365,73 +257,17 @@ class Engine:
 
     @torch.no_grad()
     def generate(self, reqs: list[GenRequest], use_cache: bool = True) -> Iterator[list[GenEvent | None]]:
-        """Decode a batch of requests together; yields, per step, one event per row (None for rows
-        that finished earlier). Every row ends with an event that carries its finish reason."""
-        for r in reqs:
-            self.check_request(r)
-        B = len(reqs)
-        rows = [_Row(r, self.tokenizer) for r in reqs]
-        seqs = [list(r.prompt_ids) for r in reqs]
-        dom_ids = [self.domain_id(r.domain) for r in reqs]
-        use_dom = any(d is not None for d in dom_ids)
-
-        def dom_BT(T: int) -> torch.Tensor | None:
-            if not use_dom:
-                return None
-            return torch.tensor([-1 if d is None else d for d in dom_ids])[:, None].expand(B, T)
-
-        def padded() -> tuple[torch.Tensor, torch.Tensor]:
-            lens = torch.tensor([len(s) for s in seqs])
-            idx = torch.full((B, int(lens.max())), self.pad_id, dtype=torch.long)
-            for b, s in enumerate(seqs):
-                idx[b, :len(s)] = torch.tensor(s, dtype=torch.long)
-            return idx, lens
-
-        idx_BT, len_B = padded()
-        valid = torch.arange(idx_BT.shape[1])[None, :] < len_B[:, None]
-        cache = KVCache(B, int(max(len(s) + r.max_tokens for s, r in zip(seqs, reqs)))) if use_cache else None
-        out, logits_BV = self._forward(idx_BT, dom_BT(idx_BT.shape[1]), len_B - 1, cache=cache)
-        for row, c in zip(rows, self._rows(out.trace, valid)):
-            add_counts(row.counts, c)
-        prompt_lp = {b: self._prompt_logprobs(out.logits[b], seqs[b], r.logprobs or 0)
-                     for b, r in enumerate(reqs) if r.prompt_logprobs}
-        if cache is not None:
-            cache.keep_prefix(len_B)
-        while True:
-            events: list[GenEvent | None] = []
-            for b, row in enumerate(rows):
-                if row.done:
-                    events.append(None)
-                    continue
-                tok, entry = row.pick(logits_BV[b:b + 1])
-                ev = row.add(tok)
-                ev.token_ids = [tok]
-                ev.logprobs = None if entry is None else [entry]
-                if b in prompt_lp:
-                    ev.prompt_logprobs = prompt_lp.pop(b)
-                if ev.finish_reason:
-                    ev.expert_counts = row.counts
-                seqs[b].append(tok)
-                events.append(ev)
-            yield events
-            if all(r.done for r in rows):
-                return
-            live = torch.tensor([not r.done for r in rows])
-            if cache is not None:
-                # finished rows re-feed their last token at its own position: a harmless rewrite
-                pos_B = torch.tensor([len(s) - 1 for s in seqs])
-                nxt_B1 = torch.tensor([s[-1] for s in seqs])[:, None]
-                out, logits_BV = self._forward(nxt_B1, dom_BT(1), torch.zeros(B, dtype=torch.long), cache=cache,
-                                               start_pos=pos_B)
-                for row, c in zip(rows, self._rows(out.trace, live[:, None])):
-                    add_counts(row.counts, c)
-            else:
-                idx_BT, len_B = padded()
-                out, logits_BV = self._forward(idx_BT, dom_BT(idx_BT.shape[1]), len_B - 1)
-                last_BT = torch.zeros(idx_BT.shape, dtype=torch.bool)
-                last_BT[torch.arange(B), len_B - 1] = live  # count each new token once
-                for row, c in zip(rows, self._rows(out.trace, last_BT)):
-                    add_counts(row.counts, c)
+        """Decode a batch of requests together (decode.Decoder, all admitted at once); yields, per
+        step, one event per request (None for those that finished earlier). Every request ends
+        with an event that carries its finish reason."""
+        dec = Decoder(self, max(1, len(reqs)), use_cache)
+        rows = [dec.submit(r) for r in reqs]
+        index = {id(r): i for i, r in enumerate(rows)}
+        while dec.busy:
+            out: list[GenEvent | None] = [None] * len(rows)
+            for row, ev in dec.step():
+                out[index[id(row)]] = ev
+            yield out
 
     def complete(self, reqs: list[GenRequest], use_cache: bool = True) -> list[dict]:
         """Run `generate` to the end: per request its text, token ids and finish reason."""
@@ -445,9 +281,4 @@ class Engine:
         return res
 
 
-def add_counts(total: dict[str, list[int]], more: dict[str, list[int]]) -> None:
-    for layer, c in more.items():
-        row = total.setdefault(layer, [0] * len(c))
-        for i, v in enumerate(c):
-            row[i] += v
-
+__all__ = ["Engine", "GenEvent", "GenRequest", "check_context", "check_domain", "context_of"]

@@ -47,7 +47,8 @@ from hydra_ray.runlog import json_safe
 from hydra_ray.utilisation import imbalance
 from hydra_ray.serve import shapes
 from hydra_ray.serve.bodies import UNSUPPORTED, ChatBody, CompletionBody, RoutingBody
-from hydra_ray.serve.engine import add_counts, check_context, check_domain, context_of
+from hydra_ray.serve.decode import add_counts
+from hydra_ray.serve.engine import check_context, check_domain, context_of
 from hydra_ray.serve.errors import ApiError, EngineError, api_error, describe, engine_error_in
 from hydra_ray.serve.metrics import Metrics
 from hydra_ray.serve.store import CheckpointStore

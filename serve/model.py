@@ -4,9 +4,13 @@ batches concurrent requests into one forward.
 Design choices
 - `serve.multiplexed` keeps an LRU of engines per replica, by model id; the ingress passes the id
   as the handle's multiplexed id, so Serve routes a request to a replica that has it loaded.
-- `serve.batch` groups concurrent routing traces and concurrent generations; inside a batch the
-  requests are grouped by engine (and by cache use), and an error reaches only its own group's
-  callers. Generation always streams (one code path); the ingress collects it when asked to.
+- Generation is continuously batched: each engine (and cache mode) has a Scheduler (scheduler.py)
+  whose decode thread runs up to `max_num_seqs` sequences, admitting and retiring them at token
+  boundaries; more wait in order. A request whose caller goes away (a streaming client that
+  disconnects) is cancelled and frees its row. Generation always streams (one code path); the
+  ingress collects it when asked to.
+- `serve.batch` groups concurrent routing traces; inside a batch they are grouped by engine, and
+  an error reaches only its own group's callers.
 - It trusts its caller: the ingress has validated every request before any work is queued. The
   engine still refuses what it cannot serve (EngineError), which travels back intact.
 - Replicas read the checkpoints themselves (local folder or object storage, with the standard
@@ -20,6 +24,7 @@ from typing import Any
 from ray import serve
 
 from hydra_ray.serve.engine import Engine, GenRequest
+from hydra_ray.serve.scheduler import Scheduler
 from hydra_ray.serve.store import CheckpointStore
 
 
@@ -27,7 +32,7 @@ class HydraModel:
     """Engines by model id (LRU via serve.multiplexed); batched traces and generation."""
 
     def __init__(self, store: dict, max_models_per_replica: int = 3, max_batch_size: int = 8,
-                 batch_wait_timeout_s: float = 0.005, torch_threads: int | None = None):
+                 batch_wait_timeout_s: float = 0.005, torch_threads: int | None = None, max_num_seqs: int = 16):
         import torch
 
         if torch_threads:
@@ -38,9 +43,10 @@ class HydraModel:
             return await asyncio.to_thread(Engine.from_store, self.store, model_id)
 
         self._engine = serve.multiplexed(max_num_models_per_replica=max_models_per_replica)(load)
-        for batched in (self._trace_batch, self._generate_batch):
-            batched.set_max_batch_size(max_batch_size)
-            batched.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self._trace_batch.set_max_batch_size(max_batch_size)
+        self._trace_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.max_num_seqs = max_num_seqs
+        self._schedulers: dict[tuple[int, bool], Scheduler] = {}
 
     async def warm(self, model_id: str) -> dict:
         return (await self._engine(model_id)).info
@@ -52,13 +58,28 @@ class HydraModel:
             raise res
         return res
 
+    def _scheduler(self, engine: Engine, use_cache: bool) -> Scheduler:
+        key = (id(engine), use_cache)
+        if key not in self._schedulers:
+            self._schedulers[key] = Scheduler(engine, self.max_num_seqs, use_cache,
+                                              on_exit=lambda s, k=key: self._schedulers.pop(k, None))
+        return self._schedulers[key]
+
     async def generate(self, model_id: str, req: dict, use_cache: bool = True):
         engine = await self._engine(model_id)
-        async for ev, batch_size in self._generate_batch((engine, GenRequest(**req), use_cache)):
-            if isinstance(ev, Exception):
-                raise ev
-            if ev is not None:  # every GenEvent field travels: a new one needs no change here
-                yield {**dataclasses.asdict(ev), "batch_size": batch_size}
+        sched = self._scheduler(engine, use_cache)
+        handle, events = sched.submit(GenRequest(**req))
+        try:
+            while True:
+                ev = await events.get()
+                if isinstance(ev, Exception):
+                    raise ev
+                # every GenEvent field travels: a new one needs no change here
+                yield {**dataclasses.asdict(ev), "batch_size": sched.running}
+                if ev.finish_reason:
+                    return
+        finally:  # finished, failed, or the caller went away (cancelled): the row is freed
+            sched.cancel(handle)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def _trace_batch(self, items: list[tuple[Engine, list[int], str | None]]) -> list[dict]:
@@ -75,29 +96,3 @@ class HydraModel:
             for i, r in zip(idxs, res):
                 out[i] = r if isinstance(r, Exception) else {**r, "batch_size": len(idxs)}
         return out
-
-    # a request arriving while a long generation runs starts the next batch instead of waiting
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005, max_concurrent_batches=2)
-    async def _generate_batch(self, items: list[tuple[Engine, GenRequest, bool]]):
-        groups: dict[tuple[int, bool], list[int]] = {}
-        for i, (engine, _, use_cache) in enumerate(items):
-            groups.setdefault((id(engine), use_cache), []).append(i)
-        runs = [(idxs, items[idxs[0]][0].generate([items[i][1] for i in idxs], items[idxs[0]][2]))
-                for idxs in groups.values()]
-        size = {i: len(idxs) for idxs, _ in runs for i in idxs}
-        finished = [False] * len(items)
-        while not all(finished):
-            out: list[Any] = [None] * len(items)
-            for idxs, gen in runs:
-                if all(finished[i] for i in idxs):
-                    continue
-                try:
-                    events = await asyncio.to_thread(next, gen)
-                except Exception as e:  # this group's callers get the error; other groups go on
-                    events = [e] * len(idxs)
-                for i, ev in zip(idxs, events):
-                    out[i] = ev
-            yield [StopIteration if finished[i] else (out[i], size[i]) for i in range(len(items))]
-            for i, ev in enumerate(out):
-                if isinstance(ev, Exception) or (ev is not None and ev.finish_reason):
-                    finished[i] = True

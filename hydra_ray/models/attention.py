@@ -59,43 +59,80 @@ class LayerKV:
         self.v_BLGE: torch.Tensor | None = None
         self.valid_BL: torch.Tensor | None = None
 
-    def write(self, k_BKGE, v_BKGE, pos_BK, valid_BK):
+    def allocate(self, k_BKGE: torch.Tensor, v_BKGE: torch.Tensor) -> None:
         if self.k_BLGE is None:
             shape = (self.batch, self.max_len, *k_BKGE.shape[2:])
             self.k_BLGE = k_BKGE.new_zeros(shape)
             self.v_BLGE = v_BKGE.new_zeros(shape)
             self.valid_BL = torch.zeros(self.batch, self.max_len, dtype=torch.bool, device=k_BKGE.device)
-        if valid_BK is None:
-            valid_BK = torch.ones(pos_BK.shape, dtype=torch.bool, device=pos_BK.device)
-        b, j = valid_BK.nonzero(as_tuple=True)
-        p = pos_BK[b, j]
-        if p.numel() and int(p.max()) >= self.k_BLGE.shape[1]:
-            raise ValueError(f"position {int(p.max())} is beyond the cache length {self.k_BLGE.shape[1]}")
-        self.k_BLGE[b, p] = k_BKGE[b, j]
-        self.v_BLGE[b, p] = v_BKGE[b, j]
-        self.valid_BL[b, p] = True
+
+    def write(self, k_BKGE, v_BKGE, pos_BK, valid_BK):
+        self.allocate(k_BKGE, v_BKGE)
+        _write(self, k_BKGE, v_BKGE, pos_BK, valid_BK)
+
+
+class LayerRows:
+    """Rows [lo, hi) of a LayerKV, as a LayerKV of their own: views, so writes land in the whole."""
+
+    def __init__(self, whole: LayerKV, lo: int, hi: int):
+        self.whole, self.lo, self.hi = whole, lo, hi
+        self.max_len = whole.max_len
+
+    def _view(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t[self.lo:self.hi]
+
+    k_BLGE = property(lambda self: self._view(self.whole.k_BLGE))
+    v_BLGE = property(lambda self: self._view(self.whole.v_BLGE))
+    valid_BL = property(lambda self: self._view(self.whole.valid_BL))
+
+    def write(self, k_BKGE, v_BKGE, pos_BK, valid_BK):
+        self.whole.allocate(k_BKGE, v_BKGE)
+        _write(self, k_BKGE, v_BKGE, pos_BK, valid_BK)
+
+
+def _write(layer, k_BKGE, v_BKGE, pos_BK, valid_BK) -> None:
+    k_BLGE, v_BLGE, valid_BL = layer.k_BLGE, layer.v_BLGE, layer.valid_BL
+    if valid_BK is None:
+        valid_BK = torch.ones(pos_BK.shape, dtype=torch.bool, device=pos_BK.device)
+    b, j = valid_BK.nonzero(as_tuple=True)
+    p = pos_BK[b, j]
+    if p.numel() and int(p.max()) >= k_BLGE.shape[1]:
+        raise ValueError(f"position {int(p.max())} is beyond the cache length {k_BLGE.shape[1]}")
+    k_BLGE[b, p] = k_BKGE[b, j]
+    v_BLGE[b, p] = v_BKGE[b, j]
+    valid_BL[b, p] = True
 
 
 class KVCache:
-    """Per-(block, recursion) caches for one generation; layers are created on first use."""
+    """Per-(block, recursion) caches of `batch` rows (sequences); layers are created on first use.
+    `rows(lo, hi)` is a cache of rows [lo, hi) only (views), so a decode step runs on the rows in
+    use and a new sequence is prefilled into its own row while the others keep theirs."""
 
     def __init__(self, batch: int, max_len: int):
         self.batch, self.max_len = batch, max_len
         self.layers: dict[tuple[int, int], LayerKV] = {}
 
-    def keep_prefix(self, length_B: torch.Tensor) -> None:
-        """Forget every slot at or after row b's `length_B[b]`: after a right-padded prefill of
-        ragged prompts, the padding's keys must not outlive it (a later real token that skips a
-        block would otherwise leave a padding key visible in that slot)."""
-        for layer in self.layers.values():
-            if layer.valid_BL is not None:
-                slot_L = torch.arange(layer.max_len, device=layer.valid_BL.device)
-                layer.valid_BL &= slot_L[None, :] < length_B.to(layer.valid_BL.device)[:, None]
-
     def layer(self, key: tuple[int, int]) -> LayerKV:
         if key not in self.layers:
             self.layers[key] = LayerKV(self.batch, self.max_len)
         return self.layers[key]
+
+    def rows(self, lo: int, hi: int) -> "KVRows":
+        return KVRows(self, lo, hi)
+
+    def clear_row(self, row: int) -> None:
+        """Forget every key of one row (a new sequence takes it over)."""
+        for layer in self.layers.values():
+            if layer.valid_BL is not None:
+                layer.valid_BL[row] = False
+
+
+class KVRows:
+    def __init__(self, whole: KVCache, lo: int, hi: int):
+        self.whole, self.lo, self.hi = whole, lo, hi
+
+    def layer(self, key: tuple[int, int]) -> LayerRows:
+        return LayerRows(self.whole.layer(key), self.lo, self.hi)
 
 
 class Attention(nn.Module):

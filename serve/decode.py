@@ -1,0 +1,262 @@
+"""Decoding: requests, events, each sequence's state, and `Decoder`, continuous batching.
+
+Design choices
+- Iteration-level scheduling (Orca, vLLM): sequences join and leave the running batch at token
+  boundaries. Each `step()` first decodes one token for every sequence already running, in one
+  forward over the rows in use, then admits waiting sequences into free rows, prefilling each one
+  alone and emitting its first token. A long generation never holds a short one back, and a
+  sequence that arrives mid-generation waits at most one decode step.
+- At most `max_num_seqs` sequences run; the rest wait in arrival order. A cancelled sequence (a
+  client that left) gives its row back at once.
+- The KV cache has one row per running slot, each with its own positions (`KVCache.rows` views
+  of the rows in use); a new sequence clears its row before its prefill. Every routing decision
+  at generation is causal and per token, so a sequence does not depend on its batch-mates: the
+  continuous batch gives the tokens decoding one request at a time gives (up to the float noise of
+  differently shaped matmuls, which can flip a near-tie).
+- Without the cache (`use_cache=False`, the reference the benchmarks compare against) each step
+  recomputes the running sequences from their first token, right-padded into one batch.
+- Sampling is per sequence on the host with its own seeded generator: the same seed gives the
+  same text. Penalties and logit bias adjust the logits before sampling; logprobs report the
+  model's own log-softmax.
+
+Shape legend: B rows, T tokens, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from hydra_ray.models.attention import KVCache
+from hydra_ray.models.hydra import sample
+
+if TYPE_CHECKING:
+    from hydra_ray.serve.engine import Engine
+
+
+@dataclass
+class GenRequest:
+    prompt_ids: list[int]
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float | None = None
+    top_k: int | None = None
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    domain: str | None = None
+    logprobs: int | None = None  # None: none; N (0-5): each token's logprob and the N most likely
+    prompt_logprobs: bool = False  # the prompt's tokens too (echo): on the first event
+    presence_penalty: float = 0.0  # subtracted once from the logit of every token already generated
+    frequency_penalty: float = 0.0  # subtracted per earlier occurrence in the completion
+    logit_bias: dict[int, float] | None = None  # added to those tokens' logits before sampling
+
+
+@dataclass
+class GenEvent:
+    """What one row produced at one decode step: new text to emit (possibly empty while a stop
+    string may be forming) and, on the last event, the finish reason."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None  # "stop" | "length"
+    expert_counts: dict[str, list[int]] | None = None  # on the last event: this request's expert load
+    # with GenRequest.logprobs: per token of token_ids, [logprob, [[token, logprob], ...] (top N)]
+    logprobs: list[list] | None = None
+    # with GenRequest.prompt_logprobs, on the first event: the same per prompt token (None for the first)
+    prompt_logprobs: list[list | None] | None = None
+
+
+class _Row:
+    """Decoding state of one sequence (request)."""
+
+    def __init__(self, req: GenRequest, tokenizer):
+        self.req, self.tok = req, tokenizer
+        self.seq: list[int] = list(req.prompt_ids)  # prompt + completion: what the model has seen
+        self.slot: int | None = None  # the decoder's row, while running
+        self.dom: int | None = None
+        self.ids: list[int] = []
+        self.emitted = 0  # characters of the completion already sent
+        self.done = False
+        self.counts: dict[str, list[int]] = {}  # MoE layer -> tokens per expert (prompt + completion)
+        self.seen: dict[int, int] = {}  # completion token -> occurrences (the penalties)
+        self.gen = torch.Generator()
+        if req.seed is None:
+            self.gen.seed()
+        else:
+            self.gen.manual_seed(req.seed % 2**63)  # any integer seeds; the same one gives the same text
+
+    def pick(self, logits_1V: torch.Tensor) -> tuple[int, list | None]:
+        """Sample the next token from the model's logits (after penalties and bias), and its
+        logprob entry, which reports the model's own distribution (log-softmax of the raw logits)."""
+        req, adjusted = self.req, logits_1V
+        if (self.seen and (req.presence_penalty or req.frequency_penalty)) or req.logit_bias:
+            adjusted = logits_1V.clone()
+            if self.seen and (req.presence_penalty or req.frequency_penalty):
+                ids = torch.tensor(list(self.seen))
+                n = torch.tensor(list(self.seen.values()), dtype=adjusted.dtype)
+                adjusted[0, ids] -= req.presence_penalty + req.frequency_penalty * n
+            for t, b in (req.logit_bias or {}).items():
+                if 0 <= t < adjusted.shape[-1]:
+                    adjusted[0, t] += b
+        token = int(sample(adjusted, req.temperature, req.top_k, req.top_p, self.gen))
+        self.seen[token] = self.seen.get(token, 0) + 1
+        if req.logprobs is None:
+            return token, None
+        return token, logprob_entry(logits_1V[0].log_softmax(-1), token, req.logprobs)
+
+    def add(self, token: int) -> GenEvent:
+        if token == self.tok.eos_id:
+            self.done = True
+            return self._flush(self._text(), "stop")
+        self.ids.append(token)
+        text = self._text()
+        for s in self.req.stop:
+            at = text.find(s)
+            if at >= 0:
+                self.done = True
+                return self._flush(text[:at], "stop")
+        if len(self.ids) >= self.req.max_tokens:
+            self.done = True
+            return self._flush(text, "length")
+        # hold back a tail that may be the start of a stop string, and a split UTF-8 character
+        safe = len(text)
+        if text.endswith("\ufffd"):
+            safe = len(text.rstrip("\ufffd"))
+        for s in self.req.stop:
+            for k in range(min(len(s) - 1, safe), 0, -1):
+                if text[:safe].endswith(s[:k]):
+                    safe -= k
+                    break
+        return self._flush(text[:safe], None)
+
+    def _text(self) -> str:
+        return self.tok.decode(self.ids)
+
+    def _flush(self, text: str, reason: str | None) -> GenEvent:
+        new = text[self.emitted:] if len(text) > self.emitted else ""
+        self.emitted = max(self.emitted, len(text))
+        return GenEvent(new, [], reason)
+
+
+def logprob_entry(lp_V: torch.Tensor, token: int, top: int) -> list:
+    """[logprob of `token`, [[token, logprob] of the `top` most likely]] from log-probabilities."""
+    vals, ids = lp_V.topk(min(top, lp_V.shape[-1])) if top else (lp_V[:0], lp_V[:0].long())
+    return [float(lp_V[token]), [[int(i), float(v)] for i, v in zip(ids.tolist(), vals.tolist())]]
+
+
+class Decoder:
+    """Continuous batching over one engine: `submit`, then `step` until `busy` is False."""
+
+    def __init__(self, engine: "Engine", max_num_seqs: int = 16, use_cache: bool = True):
+        self.engine, self.max_num_seqs, self.use_cache = engine, max_num_seqs, use_cache
+        self.slots: list[_Row | None] = [None] * max_num_seqs
+        self.waiting: deque[_Row] = deque()
+        self.cache = KVCache(max_num_seqs, engine.max_context) if use_cache else None
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting) or any(r is not None for r in self.slots)
+
+    @property
+    def running(self) -> int:
+        return sum(r is not None for r in self.slots)
+
+    def submit(self, req: GenRequest) -> "_Row":
+        self.engine.check_request(req)
+        row = _Row(req, self.engine.tokenizer)
+        row.dom = self.engine.domain_id(req.domain)
+        self.waiting.append(row)
+        return row
+
+    def cancel(self, row: "_Row") -> None:
+        row.done = True
+        if row in self.waiting:
+            self.waiting.remove(row)
+        self._free(row)
+
+    def _free(self, row: "_Row") -> None:
+        if row.slot is not None and self.slots[row.slot] is row:
+            self.slots[row.slot] = None
+        row.slot = None
+
+    def step(self) -> list[tuple["_Row", GenEvent]]:
+        """One iteration: a token for every running sequence, then the first token of each newly
+        admitted one. Finished sequences leave (their last event carries the finish reason)."""
+        events = self._decode([r for r in self.slots if r is not None])
+        while self.waiting and None in self.slots:
+            row = self.waiting.popleft()
+            row.slot = self.slots.index(None)
+            self.slots[row.slot] = row
+            events.append((row, self._prefill(row)))
+        for row, ev in events:
+            if ev.finish_reason:
+                self._free(row)
+        return events
+
+    def _dom(self, rows: list["_Row"], T: int) -> torch.Tensor | None:
+        if all(r is None or r.dom is None for r in rows):
+            return None
+        return torch.tensor([-1 if r is None or r.dom is None else r.dom for r in rows])[:, None].expand(len(rows), T)
+
+    def _emit(self, row: "_Row", logits_1V: torch.Tensor) -> GenEvent:
+        tok, entry = row.pick(logits_1V)
+        ev = row.add(tok)
+        ev.token_ids, ev.logprobs = [tok], None if entry is None else [entry]
+        row.seq.append(tok)
+        if ev.finish_reason:
+            ev.expert_counts = row.counts
+        return ev
+
+    def _prefill(self, row: "_Row") -> GenEvent:
+        eng, ids = self.engine, row.seq
+        cache = None
+        if self.cache is not None:
+            self.cache.clear_row(row.slot)
+            cache = self.cache.rows(row.slot, row.slot + 1)
+        idx = torch.tensor([ids], dtype=torch.long)
+        out, logits_BV = eng._forward(idx, self._dom([row], len(ids)), torch.tensor([len(ids) - 1]), cache=cache)
+        add_counts(row.counts, eng._rows(out.trace, torch.ones(1, len(ids), dtype=torch.bool))[0])
+        prompt_lp = eng._prompt_logprobs(out.logits[0], ids, row.req.logprobs or 0) if row.req.prompt_logprobs else None
+        ev = self._emit(row, logits_BV)
+        ev.prompt_logprobs = prompt_lp
+        return ev
+
+    def _decode(self, rows: list["_Row"]) -> list[tuple["_Row", GenEvent]]:
+        if not rows:
+            return []
+        eng = self.engine
+        if self.cache is not None:  # one new token per running row, the rows [0, hi) in one forward
+            hi = max(r.slot for r in rows) + 1
+            by_slot: list[_Row | None] = self.slots[:hi]
+            live = torch.tensor([r is not None for r in by_slot])
+            nxt = torch.tensor([[r.seq[-1] if r is not None else eng.pad_id] for r in by_slot])
+            pos = torch.tensor([len(r.seq) - 1 if r is not None else 0 for r in by_slot])
+            out, logits_BV = eng._forward(nxt, self._dom(by_slot, 1), torch.zeros(hi, dtype=torch.long),
+                                          cache=self.cache.rows(0, hi), start_pos=pos)
+            counts = eng._rows(out.trace, live[:, None])
+            order = [(r, r.slot) for r in by_slot if r is not None]
+        else:  # recompute: the running sequences from their first token, right-padded
+            lens = torch.tensor([len(r.seq) for r in rows])
+            idx = torch.full((len(rows), int(lens.max())), eng.pad_id, dtype=torch.long)
+            for b, r in enumerate(rows):
+                idx[b, :len(r.seq)] = torch.tensor(r.seq)
+            out, logits_BV = eng._forward(idx, self._dom(rows, idx.shape[1]), lens - 1)
+            last = torch.zeros(idx.shape, dtype=torch.bool)
+            last[torch.arange(len(rows)), lens - 1] = True  # count each new token once
+            counts = eng._rows(out.trace, last)
+            order = [(r, b) for b, r in enumerate(rows)]
+        events = []
+        for r, b in order:
+            add_counts(r.counts, counts[b])
+            events.append((r, self._emit(r, logits_BV[b:b + 1])))
+        return events
+
+
+def add_counts(total: dict[str, list[int]], more: dict[str, list[int]]) -> None:
+    for layer, c in more.items():
+        row = total.setdefault(layer, [0] * len(c))
+        for i, v in enumerate(c):
+            row[i] += v

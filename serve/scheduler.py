@@ -1,0 +1,120 @@
+"""Scheduler: one engine's continuous batch (decode.Decoder) run by a thread of its own, fed from
+asyncio. No Ray here: the model deployment (model.py) holds one per loaded engine and cache mode.
+
+Design choices
+- The decode loop runs in a thread, so the replica's event loop stays free to accept requests
+  while a forward runs. Requests and cancellations reach the loop through a thread-safe inbox,
+  applied at the next token boundary; events go back to each request's asyncio queue with
+  `call_soon_threadsafe`.
+- `submit` validates against the engine at once (an EngineError is raised to the caller, before
+  anything is queued). A request that is cancelled (its client left) leaves the batch at the next
+  boundary and frees its row for the next waiting one.
+- A forward that fails ends every sequence then running or waiting with that error (they shared
+  the batch), and the loop goes on with what arrives next.
+- The thread stops after `idle_s` seconds without work; the next request starts a new one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from typing import Callable
+
+from hydra_ray.serve.decode import Decoder, GenRequest
+
+
+class Scheduler:
+    def __init__(self, engine, max_num_seqs: int = 16, use_cache: bool = True, idle_s: float = 30.0,
+                 on_exit: Callable[["Scheduler"], None] | None = None):
+        self.decoder = Decoder(engine, max_num_seqs, use_cache)
+        self.inbox: queue.Queue = queue.Queue()
+        self.idle_s, self.on_exit = idle_s, on_exit
+        self.lock = threading.Lock()
+        self.thread: threading.Thread | None = None
+        self.sinks: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+
+    @property
+    def running(self) -> int:
+        return self.decoder.running
+
+    def submit(self, req: GenRequest) -> tuple[object, asyncio.Queue]:
+        """Queue a request; returns its handle (for `cancel`) and the asyncio queue its events
+        (GenEvent, or an exception) arrive on. Must be called from the event loop."""
+        self.decoder.engine.check_request(req)  # EngineError now, not on the queue
+        q: asyncio.Queue = asyncio.Queue()
+        handle = object()
+        self.sinks[id(handle)] = (asyncio.get_running_loop(), q)
+        self.inbox.put(("submit", handle, req))
+        with self.lock:
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, name="hydra-decode", daemon=True)
+                self.thread.start()
+        return handle, q
+
+    def cancel(self, handle) -> None:
+        """The request's client is gone (or it finished): free its row at the next boundary."""
+        self.inbox.put(("cancel", handle, None))
+
+    # ----------------------------------------------------------------- the decode thread
+    def _send(self, handle, item) -> None:
+        sink = self.sinks.get(id(handle))
+        if sink is not None:
+            loop, q = sink
+            loop.call_soon_threadsafe(q.put_nowait, item)
+
+    def _run(self) -> None:
+        rows: dict[int, object] = {}  # id(row) -> handle
+        by_handle: dict[int, object] = {}  # id(handle) -> row
+        dec = self.decoder
+        while True:
+            try:  # block for work only when the batch is idle
+                msgs = [self.inbox.get(timeout=self.idle_s)] if not dec.busy else []
+            except queue.Empty:
+                with self.lock:
+                    if self.inbox.empty():
+                        self.thread = None
+                        if self.on_exit:
+                            self.on_exit(self)
+                        return
+                continue
+            while True:
+                try:
+                    msgs.append(self.inbox.get_nowait())
+                except queue.Empty:
+                    break
+            for kind, handle, req in msgs:
+                if kind == "submit":
+                    try:
+                        row = dec.submit(req)
+                    except Exception as e:
+                        self._send(handle, e)
+                        self.sinks.pop(id(handle), None)
+                        continue
+                    rows[id(row)], by_handle[id(handle)] = handle, row
+                else:
+                    row = by_handle.pop(id(handle), None)
+                    if row is not None:
+                        dec.cancel(row)
+                        rows.pop(id(row), None)
+                    self.sinks.pop(id(handle), None)
+            if not dec.busy:
+                continue
+            try:
+                events = dec.step()
+            except Exception as e:  # the batch's forward failed: every sequence in it ends with the error
+                for row in [r for r in dec.slots if r is not None] + list(dec.waiting):
+                    handle = rows.pop(id(row), None)
+                    dec.cancel(row)
+                    if handle is not None:
+                        by_handle.pop(id(handle), None)
+                        self._send(handle, e)
+                continue
+            for row, ev in events:
+                handle = rows.get(id(row))
+                if handle is None:
+                    continue
+                self._send(handle, ev)
+                if ev.finish_reason:
+                    rows.pop(id(row), None)
+                    by_handle.pop(id(handle), None)

@@ -1,0 +1,124 @@
+"""Continuous batching (serve/decode.py's Decoder and serve/scheduler.py's Scheduler) on a random
+model, without Ray: sequences join and leave at token boundaries, a short request is not held
+back by a long one, the running batch is bounded and the rest wait in order, cancelling frees a
+row, and every sequence gets the tokens and routing counts it gets alone."""
+
+import asyncio
+
+import pytest
+import torch
+
+from hydra_ray.serve.decode import Decoder
+from hydra_ray.serve.engine import Engine, GenRequest
+from hydra_ray.serve.scheduler import Scheduler
+
+
+@pytest.fixture(scope="module")
+def engine():
+    from hydra_ray.config import load_config, parse_config
+    from hydra_ray.models import HydraLM
+
+    data = load_config("tiny").model_dump(mode="python")
+    data["model"].update(d_model=32, ffn_hidden=64, seq_len=32)
+    cfg = parse_config(data)
+    torch.manual_seed(0)
+    model = HydraLM(cfg.model)
+    model.set_features(mor=True, mod=True, moe=True)
+    e = Engine(model, cfg, "random")
+    e.tokenizer = type(e.tokenizer)()  # the byte tokenizer, its EOS outside this model's vocabulary
+    e.tokenizer.eos_id = -1
+    return e
+
+
+def _req(e, text, n, seed, **kw):
+    return GenRequest(e.encode(text), max_tokens=n, temperature=0.9, seed=seed, **kw)
+
+
+def _alone(e, req):
+    return e.complete([req])[0]
+
+
+def test_sequences_join_mid_generation_and_get_the_tokens_they_get_alone(engine):
+    e = engine
+    dec = Decoder(e, max_num_seqs=4)
+    long_req, short_req = _req(e, "def add(a, b):", 40, 1), _req(e, "Solve 3 + 4 =", 3, 2, domain="math")
+    long_row = dec.submit(long_req)
+    toks: dict[int, list[int]] = {id(long_row): []}
+    finished_at: dict[int, int] = {}
+    step = 0
+    while dec.busy:
+        if step == 5:  # arrives while the long one is generating
+            short_row = dec.submit(short_req)
+            toks[id(short_row)] = []
+        for row, ev in dec.step():
+            toks[id(row)] += ev.token_ids
+            if ev.finish_reason:
+                finished_at[id(row)] = step
+        step += 1
+    assert toks[id(long_row)] == _alone(e, long_req)["token_ids"]
+    assert toks[id(short_row)] == _alone(e, short_req)["token_ids"]
+    assert finished_at[id(short_row)] == 5 + 2 < finished_at[id(long_row)]  # joined at once, left after 3 tokens
+
+
+def test_the_running_batch_is_bounded_and_the_rest_wait_in_order(engine):
+    e = engine
+    dec = Decoder(e, max_num_seqs=2)
+    reqs = [_req(e, f"prompt {i}", 4 + i, i) for i in range(5)]
+    rows = [dec.submit(r) for r in reqs]
+    first_step: dict[int, int] = {}
+    out: dict[int, list[int]] = {id(r): [] for r in rows}
+    step = 0
+    while dec.busy:
+        for row, ev in dec.step():
+            first_step.setdefault(id(row), step)
+            out[id(row)] += ev.token_ids
+        assert dec.running <= 2
+        step += 1
+    starts = [first_step[id(r)] for r in rows]
+    assert starts == sorted(starts) and starts[:2] == [0, 0] and starts[2] > 0  # in arrival order
+    for r, req in zip(rows, reqs):
+        assert out[id(r)] == _alone(e, req)["token_ids"]
+
+
+def test_expert_counts_of_a_batched_sequence_are_its_own_trace(engine):
+    """Counts cover the tokens the model saw: the prompt and every generated token but the last."""
+    e = engine
+    reqs = [_req(e, "Solve 12 * 7 = ", 9, 3, domain="math"), _req(e, "hi", 5, 4)]
+    last = {}
+    for step in e.generate(reqs):
+        for i, ev in enumerate(step):
+            if ev is not None and ev.finish_reason:
+                last[i] = ev
+    for i, req in enumerate(reqs):
+        toks = _alone(e, req)["token_ids"]
+        want = e.trace_ids([req.prompt_ids + toks[:-1]], [req.domain])[0]["summary"]["expert_tokens_by_layer"]
+        nonzero = lambda c: {k: v for k, v in c.items() if any(v)}  # a layer no token of this row reached  # noqa: E731
+        assert nonzero(last[i].expert_counts) == nonzero(want)
+
+
+def test_the_scheduler_serves_asyncio_callers_and_a_cancel_frees_the_row(engine):
+    e = engine
+
+    async def main():
+        sched = Scheduler(e, max_num_seqs=1, idle_s=0.5)
+        long_h, long_q = sched.submit(_req(e, "def add(a, b):", 60, 1))
+        first = await long_q.get()
+        assert first.token_ids and sched.running == 1
+        short_req = _req(e, "hi", 3, 2)
+        short_h, short_q = sched.submit(short_req)  # waits: the only row is taken
+        sched.cancel(long_h)  # the long request's client left
+        got = []
+        while True:
+            ev = await asyncio.wait_for(short_q.get(), 30)
+            got += ev.token_ids
+            if ev.finish_reason:
+                break
+        sched.cancel(short_h)
+        assert got == _alone(e, short_req)["token_ids"]
+        for _ in range(100):  # the decode thread ends when idle
+            if sched.thread is None:
+                break
+            await asyncio.sleep(0.05)
+        assert sched.thread is None and not sched.decoder.busy
+
+    asyncio.run(main())
