@@ -1,9 +1,11 @@
 """`hydra-ray bench serve`: serving ratios measured side by side in one run.
 
 1. Engine, no Ray: greedy decode tokens/s with the KV cache against recomputing the prefix every
-   step, and 8 requests decoded as one batch against the same 8 one after another.
-2. The real Serve app on a local Ray: /v1/routing requests/s with 1 client against 16 concurrent
-   clients (Serve batches concurrent traces into one forward).
+   step (256 new tokens), and 8 requests decoded as one batch against the same 8 one after another.
+2. The real Serve app on a local Ray, 1 client against 16 concurrent clients:
+   - streamed completions (32 tokens each): completion tokens/s, and the p50 time to first token
+     (continuous batching: a newcomer joins the running batch at the next token);
+   - /v1/routing requests/s (Serve batches concurrent traces into one forward).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import time
 import torch
 
 
-def engine_ratios(engine, prompt_tokens: int = 256, new_tokens: int = 64, rounds: int = 3, log=print) -> dict:
+def engine_ratios(engine, prompt_tokens: int = 256, new_tokens: int = 256, rounds: int = 3, log=print) -> dict:
     from hydra_ray.benchmarks.common import compare
     from hydra_ray.serve.engine import GenRequest
 
@@ -78,6 +80,54 @@ def routing_throughput(url: str, clients: int, seconds: float, headers: dict | N
             "p50_ms": 1000 * statistics.median(lat)}
 
 
+def completion_load(url: str, clients: int, seconds: float, headers: dict | None = None, max_tokens: int = 32) -> dict:
+    """`clients` threads streaming completions back to back: completion tokens/s over the run and
+    the median time from sending a request to its first token."""
+    import json
+
+    import httpx
+
+    tokens, errors, ttft = [0], [0], []
+    stop = time.perf_counter() + seconds
+    lock = threading.Lock()
+
+    def client(i: int) -> None:
+        with httpx.Client(base_url=url, headers=headers or {}, timeout=120) as c:
+            n = 0
+            while time.perf_counter() < stop:
+                body = {"prompt": f"def f{i}_{n}(x):", "max_tokens": max_tokens, "temperature": 0.8, "seed": n,
+                        "stream": True, "stream_options": {"include_usage": True}}
+                t0, first, used = time.perf_counter(), None, 0
+                with c.stream("POST", "/v1/completions", json=body) as r:
+                    if r.status_code != 200:
+                        with lock:
+                            errors[0] += 1
+                        continue
+                    for line in r.iter_lines():
+                        if not line.startswith("data: ") or line == "data: [DONE]":
+                            continue
+                        chunk = json.loads(line[6:])
+                        if first is None and chunk["choices"]:
+                            first = time.perf_counter() - t0
+                        if chunk.get("usage"):
+                            used = chunk["usage"]["completion_tokens"]
+                with lock:
+                    tokens[0] += used
+                    if first is not None:
+                        ttft.append(first)
+                n += 1
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    wall = time.perf_counter() - t0
+    if not ttft:
+        raise RuntimeError(f"/v1/completions answered no request successfully ({errors[0]} errors)")
+    return {"clients": clients, "completions": len(ttft), "errors": errors[0], "tokens_per_s": tokens[0] / wall,
+            "ttft_p50_ms": 1000 * statistics.median(ttft)}
+
+
 def run(run_dir: str, seconds: float = 10.0, port: int = 8765, log=print) -> dict:
     from ray import serve
 
@@ -93,7 +143,7 @@ def run(run_dir: str, seconds: float = 10.0, port: int = 8765, log=print) -> dic
     ray_init(log, min_cpus=3)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
-        serve.run(build_app(ServeArgs(run=run_dir, max_batch_size=16, batch_wait_timeout_s=0.005)),
+        serve.run(build_app(ServeArgs(run=run_dir, max_batch_size=16, batch_wait_timeout_s=0.005, max_num_seqs=16)),
                   name="hydra-bench", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
         key = os.environ.get("HYDRA_API_KEY")  # the app picks it up too
@@ -101,8 +151,18 @@ def run(run_dir: str, seconds: float = 10.0, port: int = 8765, log=print) -> dic
         routing_throughput(url, 4, 2.0, headers)  # warm-up: model loaded, batch queue running
         one = routing_throughput(url, 1, seconds, headers)
         many = routing_throughput(url, 16, seconds, headers)
+        completion_load(url, 4, 2.0, headers)  # warm-up: the decode thread running
+        gen1 = completion_load(url, 1, seconds, headers)
+        gen16 = completion_load(url, 16, seconds, headers)
     finally:
         serve.shutdown()
+    res.update(completions_1_client=gen1, completions_16_clients=gen16,
+               completions_16_vs_1=gen16["tokens_per_s"] / gen1["tokens_per_s"],
+               ttft_16_vs_1=gen16["ttft_p50_ms"] / gen1["ttft_p50_ms"])
+    log(f"[completions] 32 tokens streamed: 1 client {gen1['tokens_per_s']:.0f} tok/s (p50 first token "
+        f"{gen1['ttft_p50_ms']:.0f} ms), 16 clients {gen16['tokens_per_s']:.0f} tok/s (p50 first token "
+        f"{gen16['ttft_p50_ms']:.0f} ms) = {res['completions_16_vs_1']:.2f}x tokens/s, "
+        f"{res['ttft_16_vs_1']:.2f}x time to first token; errors {gen1['errors'] + gen16['errors']}")
     res.update(routing_1_client=one, routing_16_clients=many, routing_16_vs_1=many["req_per_s"] / one["req_per_s"])
     log(f"[routing] /v1/routing: 1 client {one['req_per_s']:.1f} req/s (p50 {one['p50_ms']:.0f} ms), "
         f"16 clients {many['req_per_s']:.1f} req/s (p50 {many['p50_ms']:.0f} ms) = {res['routing_16_vs_1']:.2f}x; "

@@ -505,6 +505,19 @@ def test_the_official_openai_client_gets_n_logprobs_echo_token_prompts_and_penal
 
 @pytest.mark.integration
 @pytest.mark.slow
+def test_bench_serve_measures_completions_and_decode_side_by_side(app, engines):
+    from hydra_ray.benchmarks.serve import completion_load, engine_ratios
+
+    one = completion_load(app["url"], 1, 1.0, AUTH, max_tokens=8)
+    many = completion_load(app["url"], 3, 1.0, AUTH, max_tokens=8)
+    for r in (one, many):
+        assert r["errors"] == 0 and r["completions"] >= 1 and r["tokens_per_s"] > 0 and r["ttft_p50_ms"] > 0
+    res = engine_ratios(engines["tiny@180"], prompt_tokens=64, new_tokens=8, rounds=1, log=lambda *_: None)
+    assert res["cache_vs_recompute"] == pytest.approx(res["decode_tokens_per_s_cache"] / res["decode_tokens_per_s_recompute"])
+
+
+@pytest.mark.integration
+@pytest.mark.slow
 def test_routing_endpoints_agree_with_the_engine_trace(app, engines):
     c, e = app["client"], engines["tiny@180"]
     text = "Solve 12 * 7 = "
@@ -877,6 +890,25 @@ def test_inspector_page_in_headless_chromium(app, engines):
             pct = [float(x.rstrip("%")) for x in page.locator("#bars .pct").all_text_contents()]
             # shown with one decimal: within half a unit of the exact share (6.25 may show as 6.3 or 6.2)
             assert pct == pytest.approx([100 * e["fraction"] for e in ref["summary"]["experts"]], abs=0.0501)
+            # the chat box: each reply token annotated from the engine's own trace of the conversation
+            e = engines["tiny@180"]
+            messages = [{"role": "user", "content": "What does os.path.join do?"}]
+            req = _chat_request(e, messages, max_tokens=48, seed=0)
+            toks = e.complete([req])[0]["token_ids"]
+            want_tokens = e.trace_ids([req.prompt_ids + toks], [req.domain])[0]["tokens"][len(req.prompt_ids):]
+            page.fill("#chatmsg", messages[0]["content"])
+            page.click("#chatsend")
+            page.wait_for_selector("body[data-chat=done]", timeout=60_000)
+            reply = page.locator("#chatlog .turn.assistant").last.locator(".token")
+            assert reply.count() == len(toks) == len(want_tokens)
+            layer = page.input_value("#layer")
+            want = [str(t["moe"][layer]["experts"][0]) if layer in t["moe"] else "" for t in want_tokens]
+            assert [reply.nth(i).get_attribute("data-expert") for i in range(len(toks))] == want
+            depth = [str(max(t["mor"].values())) if t["mor"] else "" for t in want_tokens]
+            assert [reply.nth(i).get_attribute("data-depth") for i in range(len(toks))] == depth
+            reply.nth(0).hover()
+            assert "MoE" in page.text_content("#detail") and "MoD" in page.text_content("#detail")
+            assert page.locator("#chatlog .turn.user").last.text_content().endswith(messages[0]["content"])
             page.fill("#apikey", "wrong")
             page.click("#submit")
             page.wait_for_selector("body[data-state=error]", timeout=30_000)
