@@ -255,6 +255,17 @@ class Decoder:
         return events
 
 
+def merge_events(evs: list[GenEvent]) -> GenEvent:
+    """Consecutive events of one sequence as one: texts, tokens and logprobs joined; the prompt
+    logprobs of the first, the finish reason and expert counts of the last."""
+    if len(evs) == 1:
+        return evs[0]
+    lps = [x for e in evs for x in (e.logprobs or [])]
+    return GenEvent("".join(e.text for e in evs), [t for e in evs for t in e.token_ids], evs[-1].finish_reason,
+                    evs[-1].expert_counts, lps if any(e.logprobs is not None for e in evs) else None,
+                    evs[0].prompt_logprobs)
+
+
 def add_counts(total: dict[str, list[int]], more: dict[str, list[int]]) -> None:
     for layer, c in more.items():
         row = total.setdefault(layer, [0] * len(c))

@@ -26,27 +26,24 @@ Design choices
 """
 
 import asyncio
-import functools
 import hmac
 import json
-import logging
 import os
 import time
-import uuid
 from pathlib import Path
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hydra_ray.runlog import json_safe
 from hydra_ray.utilisation import imbalance
-from hydra_ray.serve import shapes
-from hydra_ray.serve.bodies import UNSUPPORTED, ChatBody, CompletionBody, RoutingBody
+from hydra_ray.serve import generation
+from hydra_ray.serve.bodies import UNSUPPORTED, RoutingBody
 from hydra_ray.serve.decode import add_counts
 from hydra_ray.serve.engine import check_context, check_domain, context_of
 from hydra_ray.serve.errors import ApiError, EngineError, api_error, describe, engine_error_in
@@ -54,11 +51,7 @@ from hydra_ray.serve.metrics import Metrics
 from hydra_ray.serve.store import CheckpointStore
 
 STATIC = Path(__file__).resolve().parent / "static"
-log = logging.getLogger(__name__)
 
-
-def _piece(tokenizer, token: int) -> str:
-    return tokenizer.decode([token])
 UNAUTHORIZED = "missing or wrong API key: send 'Authorization: Bearer <key>'"
 
 
@@ -326,170 +319,12 @@ def make_ingress(settings: dict) -> type:
             self._done("routing", 200, t0)
             return res
 
-        def _request(self, body, ids: list[int], index: int, stop: list[str], domain: str | None, limit: int,
-                     logprobs: int | None, prompt_logprobs: bool = False) -> dict:
-            """The engine request of choice `index` (its seed is the body's + index)."""
-            return dict(prompt_ids=ids, max_tokens=limit, temperature=body.temperature,
-                        top_p=body.top_p if body.top_p < 1 else None, top_k=body.top_k, stop=stop,
-                        seed=None if body.seed is None else body.seed + index, domain=domain, logprobs=logprobs,
-                        prompt_logprobs=prompt_logprobs, presence_penalty=body.presence_penalty,
-                        frequency_penalty=body.frequency_penalty, logit_bias=body.bias)
-
-        def _check_sampling(self, body, cfg, limit: int) -> None:
-            if limit > self.s["max_tokens"]:
-                raise ApiError(400, f"max_tokens {limit} is over the limit of {self.s['max_tokens']}")
-            vocab = self._tokenizer(cfg).vocab_size
-            bad = [t for t in (body.bias or {}) if t >= vocab]
-            if bad:
-                raise ApiError(400, f"logit_bias: token id {bad[0]} is outside the vocabulary (size {vocab})")
-            if body.user:
-                log.info("request for user %r", body.user)
-
-        async def _extra(self, body, model_id: str, ids: list[int], toks: list[int], domain: str | None) -> dict:
-            if not body.return_routing:
-                return {}
-            return {"routing": await self._routing(model_id, ids + toks, domain)}
-
-        def _finished(self, endpoint: str, model_id: str, comp: list[list[int]], t0: float) -> None:
-            self.metrics.tokens.labels(model_id, "completion").inc(sum(len(x) for x in comp))
-            self._done(endpoint, 200, t0)
-
         @api.post("/v1/completions")
         async def completions(self, request: Request):
-            t0 = time.perf_counter()
-            body = await self._json(request, CompletionBody)
-            model_id, cfg = self._model(body.model)
-            self._check_sampling(body, cfg, body.max_tokens)
-            self._domain(cfg, body.domain)
-            tok = self._tokenizer(cfg)
-            ids = [self._prompt_ids(cfg, p, body.max_tokens) for p in body.prompts]
-            texts = [p if isinstance(p, str) else tok.decode(p) for p in body.prompts]
-            n, want_lp = body.n, body.logprobs is not None
-            reqs = [self._request(body, ids[j // n], j, list(body.stop or []), body.domain, body.max_tokens,
-                                  body.logprobs, body.echo and want_lp) for j in range(len(ids) * n)]
-            streams = await self._generate(model_id, reqs, body.use_cache)
-            cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-            head = {"id": cid, "object": "text_completion", "created": created, "model": model_id}
-            piece = functools.partial(_piece, tok)
-
-            def logprobs(j: int, ev: dict, offset: int) -> dict | None:
-                if not want_lp:
-                    return None
-                toks, entries = list(ev["token_ids"]), list(ev["logprobs"] or [])
-                if body.echo and ev.get("prompt_logprobs") is not None:
-                    toks, entries = ids[j // n] + toks, list(ev["prompt_logprobs"]) + entries
-                return shapes.completion_logprobs(entries, toks, piece, offset)
-
-            def prompt_tokens() -> int:
-                return sum(len(x) for x in ids)
-
-            if not body.stream:
-                choices, comp = [None] * len(reqs), [[] for _ in reqs]
-                evs: list[list[dict]] = [[] for _ in reqs]
-                async for j, ev in shapes.merged(streams):
-                    evs[j].append(ev)
-                for j, events in enumerate(evs):
-                    text = (texts[j // n] if body.echo else "") + "".join(e["text"] for e in events)
-                    comp[j] = [t for e in events for t in e["token_ids"]]
-                    lp = None
-                    if want_lp:
-                        first = events[0]
-                        merged_ev = {"token_ids": comp[j], "logprobs": [x for e in events for x in (e["logprobs"] or [])],
-                                     "prompt_logprobs": first.get("prompt_logprobs")}
-                        lp = logprobs(j, merged_ev, 0)
-                    choices[j] = {"text": text, "index": j, "logprobs": lp, "finish_reason": events[-1]["finish_reason"],
-                                  **(await self._extra(body, model_id, ids[j // n], comp[j], body.domain))}
-                self._finished("completions", model_id, comp, t0)
-                return {**head, "choices": choices, "usage": shapes.usage(prompt_tokens(), sum(map(len, comp)))}
-
-            async def sse():
-                comp = [[] for _ in reqs]
-                offsets = [0] * len(reqs)
-                started = [False] * len(reqs)
-                async for j, ev in shapes.merged(streams):
-                    text = ev["text"]
-                    if body.echo and not started[j]:
-                        text = texts[j // n] + text
-                    started[j] = True
-                    comp[j] += ev["token_ids"]
-                    lp = logprobs(j, ev, offsets[j])
-                    offsets[j] += len(text)
-                    chunk = {**head, "choices": [{"text": text, "index": j, "logprobs": lp,
-                                                  "finish_reason": ev["finish_reason"]}]}
-                    if ev["finish_reason"]:
-                        chunk["choices"][0].update(await self._extra(body, model_id, ids[j // n], comp[j], body.domain))
-                    yield f"data: {json.dumps(chunk)}\n\n"
-                if body.stream_options and body.stream_options.include_usage:
-                    yield f"data: {json.dumps({**head, 'choices': [], 'usage': shapes.usage(prompt_tokens(), sum(map(len, comp)))})}\n\n"
-                self._finished("completions", model_id, comp, t0)
-                yield "data: [DONE]\n\n"
-
-            return StreamingResponse(sse(), media_type="text/event-stream")
+            return await generation.completions(self, request)
 
         @api.post("/v1/chat/completions")
         async def chat_completions(self, request: Request):
-            from hydra_ray.data import chat
-
-            t0 = time.perf_counter()
-            body = await self._json(request, ChatBody)
-            model_id, cfg = self._model(body.model)
-            limit = body.limit
-            self._check_sampling(body, cfg, limit)
-            template = cfg.data.chat_template
-            domain = body.domain
-            if domain is None and template.domain in cfg.model.domains:
-                domain = template.domain
-            self._domain(cfg, domain)
-            text = chat.render([(m.role, m.content) for m in body.messages], template, reply=True)
-            ids = self._prompt_ids(cfg, text, limit)
-            stop = list(body.stop or []) + chat.stop_strings(template)
-            top = (body.top_logprobs or 0) if body.logprobs else None
-            reqs = [self._request(body, ids, j, stop, domain, limit, top) for j in range(body.n)]
-            streams = await self._generate(model_id, reqs, body.use_cache)
-            cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-            piece = functools.partial(_piece, self._tokenizer(cfg))
-
-            def chunk(j: int, delta: dict, reason: str | None, lp=None) -> dict:
-                return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model_id,
-                        "choices": [{"index": j, "delta": delta, "logprobs": lp, "finish_reason": reason}]}
-
-            def logprobs(events_or_ev) -> dict | None:
-                evs = events_or_ev if isinstance(events_or_ev, list) else [events_or_ev]
-                if not body.logprobs:
-                    return None
-                return shapes.chat_logprobs([x for e in evs for x in (e["logprobs"] or [])],
-                                            [t for e in evs for t in e["token_ids"]], piece)
-
-            if not body.stream:
-                evs: list[list[dict]] = [[] for _ in reqs]
-                async for j, ev in shapes.merged(streams):
-                    evs[j].append(ev)
-                comp = [[t for e in events for t in e["token_ids"]] for events in evs]
-                choices = [{"index": j, "message": {"role": "assistant", "content": "".join(e["text"] for e in events)},
-                            "logprobs": logprobs(events), "finish_reason": events[-1]["finish_reason"],
-                            **(await self._extra(body, model_id, ids, comp[j], domain))}
-                           for j, events in enumerate(evs)]
-                self._finished("chat", model_id, comp, t0)
-                return {"id": cid, "object": "chat.completion", "created": created, "model": model_id,
-                        "choices": choices, "usage": shapes.usage(len(ids), sum(map(len, comp)))}
-
-            async def sse():
-                comp = [[] for _ in reqs]
-                for j in range(len(reqs)):
-                    yield f"data: {json.dumps(chunk(j, {'role': 'assistant', 'content': ''}, None))}\n\n"
-                async for j, ev in shapes.merged(streams):
-                    comp[j] += ev["token_ids"]
-                    c = chunk(j, {"content": ev["text"]} if ev["text"] else {}, ev["finish_reason"], logprobs(ev))
-                    if ev["finish_reason"]:
-                        c["choices"][0].update(await self._extra(body, model_id, ids, comp[j], domain))
-                    yield f"data: {json.dumps(c)}\n\n"
-                if body.stream_options and body.stream_options.include_usage:
-                    u = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model_id,
-                         "choices": [], "usage": shapes.usage(len(ids), sum(map(len, comp)))}
-                    yield f"data: {json.dumps(u)}\n\n"
-                self._finished("chat", model_id, comp, t0)
-                yield "data: [DONE]\n\n"
-
-            return StreamingResponse(sse(), media_type="text/event-stream")
+            return await generation.chat_completions(self, request)
 
     return HydraIngress

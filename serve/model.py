@@ -7,7 +7,8 @@ Design choices
 - Generation is continuously batched: each engine (and cache mode) has a Scheduler (scheduler.py)
   whose decode thread runs up to `max_num_seqs` sequences, admitting and retiring them at token
   boundaries; more wait in order. A request whose caller goes away (a streaming client that
-  disconnects) is cancelled and frees its row. Generation always streams (one code path); the
+  disconnects) is cancelled and frees its row. Events that pile up while the caller is busy travel
+  as one message (several tokens), so a loaded replica spends its time decoding, not messaging. Generation always streams (one code path); the
   ingress collects it when asked to.
 - `serve.batch` groups concurrent routing traces; inside a batch they are grouped by engine, and
   an error reaches only its own group's callers.
@@ -23,6 +24,7 @@ from typing import Any
 
 from ray import serve
 
+from hydra_ray.serve.decode import merge_events
 from hydra_ray.serve.engine import Engine, GenRequest
 from hydra_ray.serve.scheduler import Scheduler
 from hydra_ray.serve.store import CheckpointStore
@@ -71,9 +73,13 @@ class HydraModel:
         handle, events = sched.submit(GenRequest(**req))
         try:
             while True:
-                ev = await events.get()
-                if isinstance(ev, Exception):
-                    raise ev
+                evs = [await events.get()]
+                while not events.empty():  # a caller that lags gets what piled up in one message
+                    evs.append(events.get_nowait())
+                bad = next((e for e in evs if isinstance(e, Exception)), None)
+                if bad is not None:
+                    raise bad
+                ev = merge_events(evs)
                 # every GenEvent field travels: a new one needs no change here
                 yield {**dataclasses.asdict(ev), "batch_size": sched.running}
                 if ev.finish_reason:

@@ -8,7 +8,7 @@ import asyncio
 import pytest
 import torch
 
-from hydra_ray.serve.decode import Decoder
+from hydra_ray.serve.decode import Decoder, GenEvent, merge_events
 from hydra_ray.serve.engine import Engine, GenRequest
 from hydra_ray.serve.scheduler import Scheduler
 
@@ -122,3 +122,13 @@ def test_the_scheduler_serves_asyncio_callers_and_a_cancel_frees_the_row(engine)
         assert sched.thread is None and not sched.decoder.busy
 
     asyncio.run(main())
+
+
+def test_events_that_piled_up_travel_as_one():
+    a = GenEvent("ab", [1], None, None, [[-0.1, []]], [None, [-1.0, []]])
+    b = GenEvent("", [2], None, None, [[-0.2, []]])
+    c = GenEvent("c", [3], "length", {"b0r0": [1, 2]}, [[-0.3, []]])
+    m = merge_events([a, b, c])
+    assert (m.text, m.token_ids, m.finish_reason, m.expert_counts) == ("abc", [1, 2, 3], "length", {"b0r0": [1, 2]})
+    assert m.logprobs == [[-0.1, []], [-0.2, []], [-0.3, []]] and m.prompt_logprobs == [None, [-1.0, []]]
+    assert merge_events([b]) is b
