@@ -67,6 +67,13 @@ class HydraModel:
                                               on_exit=lambda s, k=key: self._schedulers.pop(k, None))
         return self._schedulers[key]
 
+    async def sequences(self, model_id: str) -> dict:
+        """This model's sequences on this replica: generating, waiting, and cancelled before the end."""
+        engine = await self._engine(model_id)
+        scheds = [s for (eid, _), s in self._schedulers.items() if eid == id(engine)]
+        return {"running": sum(s.running for s in scheds), "waiting": sum(len(s.decoder.waiting) for s in scheds),
+                "cancelled": sum(s.cancelled for s in scheds)}
+
     async def generate(self, model_id: str, req: dict, use_cache: bool = True):
         engine = await self._engine(model_id)
         sched = self._scheduler(engine, use_cache)

@@ -33,6 +33,7 @@ class Scheduler:
         self.lock = threading.Lock()
         self.thread: threading.Thread | None = None
         self.sinks: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self.cancelled = 0  # sequences that left before they finished (their callers went away)
 
     @property
     def running(self) -> int:
@@ -94,8 +95,9 @@ class Scheduler:
                     rows[id(row)], by_handle[id(handle)] = handle, row
                 else:
                     row = by_handle.pop(id(handle), None)
-                    if row is not None:
+                    if row is not None:  # not finished: its caller went away
                         dec.cancel(row)
+                        self.cancelled += 1
                         rows.pop(id(row), None)
                     self.sinks.pop(id(handle), None)
             if not dec.busy:

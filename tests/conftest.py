@@ -209,8 +209,8 @@ def s3(tmp_path_factory):
 
 
 class LoadClients:
-    """`n` threads sending requests to a serve endpoint until `stop()`: completions, and routing
-    queries from every other client when `routing`. Non-200 answers and dropped connections go
+    """`n` threads sending requests to a serve endpoint until `stop()`: completions (every fourth
+    client chats instead), and routing queries from every other client when `routing`. Non-200 answers and dropped connections go
     to `errors`; the models that answered go to `seen` (how hot-swap tests watch a swap)."""
 
     def __init__(self, url: str, n: int, headers: dict | None = None, routing: bool = True):
@@ -230,6 +230,9 @@ class LoadClients:
                 try:
                     if self.routing and i % 2:
                         r = c.post("/v1/routing", json={"text": f"client {i}"})
+                    elif i % 4 == 2:
+                        r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": f"client {i}"}],
+                                                                  "max_tokens": 4, "seed": i})
                     else:
                         r = c.post("/v1/completions", json={"prompt": f"client {i}", "max_tokens": 4, "seed": i})
                     if r.status_code != 200:

@@ -120,6 +120,7 @@ def test_the_scheduler_serves_asyncio_callers_and_a_cancel_frees_the_row(engine)
                 break
             await asyncio.sleep(0.05)
         assert sched.thread is None and not sched.decoder.busy
+        assert sched.cancelled == 1  # the long one left unfinished; the short one finished
 
     asyncio.run(main())
 

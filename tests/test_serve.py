@@ -631,6 +631,37 @@ def test_hot_swap_under_load_drops_no_request(app):
 
 @pytest.mark.integration
 @pytest.mark.slow
+def test_a_cancelled_stream_frees_its_row_in_the_model_replica(app, engines):
+    """What the ingress does when a streaming client disconnects: its call into the model replica is
+    cancelled, and the replica's scheduler lets the sequence go at the next token boundary."""
+    import asyncio
+
+    from ray import serve
+
+    e = engines["tiny@180"]
+    handle = serve.get_deployment_handle("HydraModel", app_name="hydra")
+
+    async def main():
+        h = handle.options(multiplexed_model_id="tiny@180")
+        req = dict(prompt_ids=e.encode("def add(a, b):"), max_tokens=300, temperature=1.0, seed=1)
+        stream = h.options(stream=True).generate.remote("tiny@180", req, False)  # recompute: slow enough
+        first = await stream.__anext__()
+        assert first["token_ids"]
+        before = await h.sequences.remote("tiny@180")
+        assert before["running"] >= 1
+        stream.cancel()
+        for _ in range(400):  # it leaves as cancelled (not by finishing its 300 tokens)
+            now = await h.sequences.remote("tiny@180")
+            if now["cancelled"] > before["cancelled"]:
+                break
+            await asyncio.sleep(0.05)
+        assert now == {"running": 0, "waiting": 0, "cancelled": before["cancelled"] + 1}
+
+    asyncio.run(main())
+
+
+@pytest.mark.integration
+@pytest.mark.slow
 def test_bad_requests_are_4xx_json_never_5xx(app):
     url = app["url"]
     c = app["client"]
