@@ -3,13 +3,14 @@
 Design choices
 - Iteration-level scheduling (Orca, vLLM): sequences join and leave the running batch at token
   boundaries. Each `step()` first decodes one token for every sequence already running, in one
-  forward over the rows in use, then admits waiting sequences into free rows, prefilling each one
-  alone and emitting its first token. A long generation never holds a short one back, and a
+  forward over the rows in use, then admits waiting sequences into free rows, prefilling them
+  together (one right-padded forward into a cache of their own, whose rows are then copied into
+  the running cache) and emitting their first tokens. A long generation never holds a short one back, and a
   sequence that arrives mid-generation waits at most one decode step.
 - At most `max_num_seqs` sequences run; the rest wait in arrival order. A cancelled sequence (a
   client that left) gives its row back at once.
 - The KV cache has one row per running slot, each with its own positions (`KVCache.rows` views
-  of the rows in use); a new sequence clears its row before its prefill. Every routing decision
+  of the rows in use); a newcomer's row is replaced whole by its prefill. Every routing decision
   at generation is causal and per token, so a sequence does not depend on its batch-mates: the
   continuous batch gives the tokens decoding one request at a time gives (up to the float noise of
   differently shaped matmuls, which can flip a near-tie).
@@ -186,11 +187,14 @@ class Decoder:
         """One iteration: a token for every running sequence, then the first token of each newly
         admitted one. Finished sequences leave (their last event carries the finish reason)."""
         events = self._decode([r for r in self.slots if r is not None])
+        admitted = []
         while self.waiting and None in self.slots:
             row = self.waiting.popleft()
             row.slot = self.slots.index(None)
             self.slots[row.slot] = row
-            events.append((row, self._prefill(row)))
+            admitted.append(row)
+        if admitted:
+            events += self._prefill(admitted)
         for row, ev in events:
             if ev.finish_reason:
                 self._free(row)
@@ -210,19 +214,29 @@ class Decoder:
             ev.expert_counts = row.counts
         return ev
 
-    def _prefill(self, row: "_Row") -> GenEvent:
-        eng, ids = self.engine, row.seq
-        cache = None
-        if self.cache is not None:
-            self.cache.clear_row(row.slot)
-            cache = self.cache.rows(row.slot, row.slot + 1)
-        idx = torch.tensor([ids], dtype=torch.long)
-        out, logits_BV = eng._forward(idx, self._dom([row], len(ids)), torch.tensor([len(ids) - 1]), cache=cache)
-        add_counts(row.counts, eng._rows(out.trace, torch.ones(1, len(ids), dtype=torch.bool))[0])
-        prompt_lp = eng._prompt_logprobs(out.logits[0], ids, row.req.logprobs or 0) if row.req.prompt_logprobs else None
-        ev = self._emit(row, logits_BV)
-        ev.prompt_logprobs = prompt_lp
-        return ev
+    def _prefill(self, rows: list["_Row"]) -> list[tuple["_Row", GenEvent]]:
+        """The newcomers' prompts in one right-padded forward, into a cache of their own whose
+        rows then become theirs in the running cache; each emits its first token."""
+        eng = self.engine
+        lens = torch.tensor([len(r.seq) for r in rows])
+        idx = torch.full((len(rows), int(lens.max())), eng.pad_id, dtype=torch.long)
+        for b, r in enumerate(rows):
+            idx[b, :len(r.seq)] = torch.tensor(r.seq)
+        staged = KVCache(len(rows), int(lens.max())) if self.cache is not None else None
+        out, logits_BV = eng._forward(idx, self._dom(rows, idx.shape[1]), lens - 1, cache=staged)
+        if staged is not None:
+            staged.keep_prefix(lens)  # the padding's keys must not outlive the prefill
+            self.cache.take_rows(staged, [(b, r.slot) for b, r in enumerate(rows)])
+        valid = torch.arange(idx.shape[1])[None, :] < lens[:, None]
+        counts = eng._rows(out.trace, valid)
+        events = []
+        for b, r in enumerate(rows):
+            add_counts(r.counts, counts[b])
+            prompt_lp = eng._prompt_logprobs(out.logits[b], r.seq, r.req.logprobs or 0) if r.req.prompt_logprobs else None
+            ev = self._emit(r, logits_BV[b:b + 1])
+            ev.prompt_logprobs = prompt_lp
+            events.append((r, ev))
+        return events
 
     def _decode(self, rows: list["_Row"]) -> list[tuple["_Row", GenEvent]]:
         if not rows:

@@ -106,7 +106,7 @@ def _write(layer, k_BKGE, v_BKGE, pos_BK, valid_BK) -> None:
 class KVCache:
     """Per-(block, recursion) caches of `batch` rows (sequences); layers are created on first use.
     `rows(lo, hi)` is a cache of rows [lo, hi) only (views), so a decode step runs on the rows in
-    use and a new sequence is prefilled into its own row while the others keep theirs."""
+    use; `take_rows` moves sequences prefilled elsewhere into rows of this one."""
 
     def __init__(self, batch: int, max_len: int):
         self.batch, self.max_len = batch, max_len
@@ -120,11 +120,33 @@ class KVCache:
     def rows(self, lo: int, hi: int) -> "KVRows":
         return KVRows(self, lo, hi)
 
-    def clear_row(self, row: int) -> None:
-        """Forget every key of one row (a new sequence takes it over)."""
+    def keep_prefix(self, length_B: torch.Tensor) -> None:
+        """Forget every slot at or after row b's `length_B[b]`: after a right-padded prefill of
+        ragged prompts, the padding's keys must not outlive it (a later real token that skips a
+        block would otherwise leave a padding key visible in that slot)."""
         for layer in self.layers.values():
             if layer.valid_BL is not None:
-                layer.valid_BL[row] = False
+                slot_L = torch.arange(layer.max_len, device=layer.valid_BL.device)
+                layer.valid_BL &= slot_L[None, :] < length_B.to(layer.valid_BL.device)[:, None]
+
+    def take_rows(self, src: "KVCache", pairs: list[tuple[int, int]]) -> None:
+        """Row `s` of `src` becomes row `d` of this cache, for each (s, d): sequences prefilled
+        together in a cache of their own join the running batch's rows."""
+        for key, layer in src.layers.items():
+            if layer.k_BLGE is None:
+                continue
+            mine = self.layer(key)
+            mine.allocate(layer.k_BLGE, layer.v_BLGE)
+            L = min(layer.max_len, mine.max_len)
+            for s, d in pairs:
+                mine.k_BLGE[d, :L] = layer.k_BLGE[s, :L]
+                mine.v_BLGE[d, :L] = layer.v_BLGE[s, :L]
+                mine.valid_BL[d] = False
+                mine.valid_BL[d, :L] = layer.valid_BL[s, :L]
+        for key, mine in self.layers.items():  # a layer no newcomer reached: nothing of theirs in it
+            if key not in src.layers and mine.valid_BL is not None:
+                for _, d in pairs:
+                    mine.valid_BL[d] = False
 
 
 class KVRows:
