@@ -23,6 +23,7 @@ UNSUPPORTED: dict[str, str] = {
     "prediction": "predicted outputs are not supported", "reasoning_effort": "this model does not reason",
     "service_tier": "there are no service tiers", "store": "completions are not stored",
     "metadata": "completions are not stored", "web_search_options": "web search is not supported",
+    "name": "participant names are not part of the chat template",
 }
 
 
@@ -133,7 +134,6 @@ class CompletionBody(_Sampling):
 class Message(_Body):
     role: Literal["system", "user", "assistant"]
     content: str = Field(min_length=1)
-    name: str | None = Field(None, max_length=64)
 
     @field_validator("content")
     @classmethod

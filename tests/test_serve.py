@@ -703,6 +703,7 @@ def test_bad_requests_are_4xx_json_never_5xx(app):
         ("/v1/chat/completions", b'{"messages": [{"role": "assistant", "content": "hi"}]}', 400),
         ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}', 400),
         ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "tools": []}', 400),
+        ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi", "name": "ann"}]}', 400),
         ("/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": "z" * 190}]}).encode(), 413),
         ("/v1/completions", b'{"prompt": "x", "stop": ["", "a"]}', 400),
         ("/v1/completions", b'{"prompt": "\xff\xfe"}', 400),                      # invalid UTF-8
