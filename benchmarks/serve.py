@@ -48,35 +48,46 @@ def engine_ratios(engine, prompt_tokens: int = 256, new_tokens: int = 256, round
     return res
 
 
-def routing_throughput(url: str, clients: int, seconds: float, headers: dict | None = None) -> dict:
+def _load(url: str, clients: int, seconds: float, headers: dict | None, request) -> tuple[list, int, float]:
+    """`clients` threads, each with its own HTTP client, calling `request(client, i, n)` back to
+    back for `seconds` (n counts its calls). Returns (the results that were not None, the number
+    of calls that returned None (failures), wall seconds)."""
     import httpx
 
-    done, errors, lat = [0], [0], []
+    results, failures = [], [0]
     stop = time.perf_counter() + seconds
     lock = threading.Lock()
 
     def client(i: int) -> None:
-        with httpx.Client(base_url=url, headers=headers or {}, timeout=60) as c:
+        with httpx.Client(base_url=url, headers=headers or {}, timeout=120) as c:
             n = 0
             while time.perf_counter() < stop:
-                t0 = time.perf_counter()
-                r = c.post("/v1/routing", json={"text": f"Solve {i} * {n} = {i * n}; def f(x): return x + {n}"})
+                r = request(c, i, n)
                 with lock:
-                    if r.status_code == 200:
-                        done[0] += 1
-                        lat.append(time.perf_counter() - t0)
+                    if r is None:
+                        failures[0] += 1
                     else:
-                        errors[0] += 1
+                        results.append(r)
                 n += 1
 
     t0 = time.perf_counter()
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
     [t.start() for t in threads]
     [t.join() for t in threads]
-    wall = time.perf_counter() - t0
-    if not done[0]:
-        raise RuntimeError(f"/v1/routing answered no request successfully ({errors[0]} errors)")
-    return {"clients": clients, "requests": done[0], "errors": errors[0], "req_per_s": done[0] / wall,
+    return results, failures[0], time.perf_counter() - t0
+
+
+def routing_throughput(url: str, clients: int, seconds: float, headers: dict | None = None) -> dict:
+    """/v1/routing requests/s and median latency with `clients` concurrent clients."""
+    def one(c, i: int, n: int) -> float | None:
+        t0 = time.perf_counter()
+        r = c.post("/v1/routing", json={"text": f"Solve {i} * {n} = {i * n}; def f(x): return x + {n}"})
+        return time.perf_counter() - t0 if r.status_code == 200 else None
+
+    lat, errors, wall = _load(url, clients, seconds, headers, one)
+    if not lat:
+        raise RuntimeError(f"/v1/routing answered no request successfully ({errors} errors)")
+    return {"clients": clients, "requests": len(lat), "errors": errors, "req_per_s": len(lat) / wall,
             "p50_ms": 1000 * statistics.median(lat)}
 
 
@@ -85,47 +96,28 @@ def completion_load(url: str, clients: int, seconds: float, headers: dict | None
     the median time from sending a request to its first token."""
     import json
 
-    import httpx
+    def one(c, i: int, n: int) -> tuple[float, int] | None:
+        body = {"prompt": f"def f{i}_{n}(x):", "max_tokens": max_tokens, "temperature": 0.8, "seed": n,
+                "stream": True, "stream_options": {"include_usage": True}}
+        t0, first, used = time.perf_counter(), None, 0
+        with c.stream("POST", "/v1/completions", json=body) as r:
+            if r.status_code != 200:
+                return None
+            for line in r.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if first is None and chunk["choices"]:
+                    first = time.perf_counter() - t0
+                if chunk.get("usage"):
+                    used = chunk["usage"]["completion_tokens"]
+        return None if first is None else (first, used)
 
-    tokens, errors, ttft = [0], [0], []
-    stop = time.perf_counter() + seconds
-    lock = threading.Lock()
-
-    def client(i: int) -> None:
-        with httpx.Client(base_url=url, headers=headers or {}, timeout=120) as c:
-            n = 0
-            while time.perf_counter() < stop:
-                body = {"prompt": f"def f{i}_{n}(x):", "max_tokens": max_tokens, "temperature": 0.8, "seed": n,
-                        "stream": True, "stream_options": {"include_usage": True}}
-                t0, first, used = time.perf_counter(), None, 0
-                with c.stream("POST", "/v1/completions", json=body) as r:
-                    if r.status_code != 200:
-                        with lock:
-                            errors[0] += 1
-                        continue
-                    for line in r.iter_lines():
-                        if not line.startswith("data: ") or line == "data: [DONE]":
-                            continue
-                        chunk = json.loads(line[6:])
-                        if first is None and chunk["choices"]:
-                            first = time.perf_counter() - t0
-                        if chunk.get("usage"):
-                            used = chunk["usage"]["completion_tokens"]
-                with lock:
-                    tokens[0] += used
-                    if first is not None:
-                        ttft.append(first)
-                n += 1
-
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    [t.start() for t in threads]
-    [t.join() for t in threads]
-    wall = time.perf_counter() - t0
-    if not ttft:
-        raise RuntimeError(f"/v1/completions answered no request successfully ({errors[0]} errors)")
-    return {"clients": clients, "completions": len(ttft), "errors": errors[0], "tokens_per_s": tokens[0] / wall,
-            "ttft_p50_ms": 1000 * statistics.median(ttft)}
+    done, errors, wall = _load(url, clients, seconds, headers, one)
+    if not done:
+        raise RuntimeError(f"/v1/completions answered no request successfully ({errors} errors)")
+    return {"clients": clients, "completions": len(done), "errors": errors,
+            "tokens_per_s": sum(u for _, u in done) / wall, "ttft_p50_ms": 1000 * statistics.median(f for f, _ in done)}
 
 
 def run(run_dir: str, seconds: float = 10.0, port: int = 8765, log=print) -> dict:

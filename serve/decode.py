@@ -152,7 +152,7 @@ class Decoder:
     """Continuous batching over one engine: `submit`, then `step` until `busy` is False."""
 
     def __init__(self, engine: "Engine", max_num_seqs: int = 16, use_cache: bool = True):
-        self.engine, self.max_num_seqs, self.use_cache = engine, max_num_seqs, use_cache
+        self.engine = engine
         self.slots: list[_Row | None] = [None] * max_num_seqs
         self.waiting: deque[_Row] = deque()
         self.cache = KVCache(max_num_seqs, engine.max_context) if use_cache else None
@@ -214,14 +214,19 @@ class Decoder:
             ev.expert_counts = row.counts
         return ev
 
+    def _padded(self, rows: list["_Row"]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows' sequences right-padded into one [B, T] batch, and their lengths."""
+        lens = torch.tensor([len(r.seq) for r in rows])
+        idx = torch.full((len(rows), int(lens.max())), self.engine.pad_id, dtype=torch.long)
+        for b, r in enumerate(rows):
+            idx[b, :len(r.seq)] = torch.tensor(r.seq)
+        return idx, lens
+
     def _prefill(self, rows: list["_Row"]) -> list[tuple["_Row", GenEvent]]:
         """The newcomers' prompts in one right-padded forward, into a cache of their own whose
         rows then become theirs in the running cache; each emits its first token."""
         eng = self.engine
-        lens = torch.tensor([len(r.seq) for r in rows])
-        idx = torch.full((len(rows), int(lens.max())), eng.pad_id, dtype=torch.long)
-        for b, r in enumerate(rows):
-            idx[b, :len(r.seq)] = torch.tensor(r.seq)
+        idx, lens = self._padded(rows)
         staged = KVCache(len(rows), int(lens.max())) if self.cache is not None else None
         out, logits_BV = eng._forward(idx, self._dom(rows, idx.shape[1]), lens - 1, cache=staged)
         if staged is not None:
@@ -253,10 +258,7 @@ class Decoder:
             counts = eng._rows(out.trace, live[:, None])
             order = [(r, r.slot) for r in by_slot if r is not None]
         else:  # recompute: the running sequences from their first token, right-padded
-            lens = torch.tensor([len(r.seq) for r in rows])
-            idx = torch.full((len(rows), int(lens.max())), eng.pad_id, dtype=torch.long)
-            for b, r in enumerate(rows):
-                idx[b, :len(r.seq)] = torch.tensor(r.seq)
+            idx, lens = self._padded(rows)
             out, logits_BV = eng._forward(idx, self._dom(rows, idx.shape[1]), lens - 1)
             last = torch.zeros(idx.shape, dtype=torch.bool)
             last[torch.arange(len(rows)), lens - 1] = True  # count each new token once
@@ -269,15 +271,15 @@ class Decoder:
         return events
 
 
-def merge_events(evs: list[GenEvent]) -> GenEvent:
-    """Consecutive events of one sequence as one: texts, tokens and logprobs joined; the prompt
-    logprobs of the first, the finish reason and expert counts of the last."""
+def merge_events(evs: list[dict]) -> dict:
+    """Consecutive events of one sequence (as dicts, the form they travel in) as one: texts, tokens
+    and logprobs joined; the prompt logprobs of the first, everything else of the last."""
     if len(evs) == 1:
         return evs[0]
-    lps = [x for e in evs for x in (e.logprobs or [])]
-    return GenEvent("".join(e.text for e in evs), [t for e in evs for t in e.token_ids], evs[-1].finish_reason,
-                    evs[-1].expert_counts, lps if any(e.logprobs is not None for e in evs) else None,
-                    evs[0].prompt_logprobs)
+    lps = [x for e in evs for x in (e["logprobs"] or [])]
+    return {**evs[-1], "text": "".join(e["text"] for e in evs), "token_ids": [t for e in evs for t in e["token_ids"]],
+            "logprobs": lps if any(e["logprobs"] is not None for e in evs) else None,
+            "prompt_logprobs": evs[0]["prompt_logprobs"]}
 
 
 def add_counts(total: dict[str, list[int]], more: dict[str, list[int]]) -> None:

@@ -79,7 +79,6 @@ def check_context(n_tokens: int, context: int, max_tokens: int | None = None) ->
                                f"the model's context of {context}")
 
 
-# --------------------------------------------------------------------------- requests
 # --------------------------------------------------------------------------- engine
 class Engine:
     def __init__(self, model: HydraLM, cfg: HydraConfig, model_id: str = "model", step: int = 0,

@@ -18,8 +18,10 @@ import uuid
 
 from fastapi.responses import StreamingResponse
 
+from hydra_ray.data import chat
 from hydra_ray.serve import shapes
 from hydra_ray.serve.bodies import ChatBody, CompletionBody
+from hydra_ray.serve.decode import merge_events
 from hydra_ray.serve.errors import ApiError
 
 log = logging.getLogger(__name__)
@@ -30,13 +32,14 @@ def _piece(tokenizer, token: int) -> str:
 
 
 def engine_request(body, ids: list[int], index: int, stop: list[str], domain: str | None, limit: int,
-             logprobs: int | None, prompt_logprobs: bool = False) -> dict:
+                   logprobs: int | None, prompt_logprobs: bool = False) -> dict:
     """The engine request of choice `index` (its seed is the body's + index)."""
     return dict(prompt_ids=ids, max_tokens=limit, temperature=body.temperature,
                 top_p=body.top_p if body.top_p < 1 else None, top_k=body.top_k, stop=stop,
                 seed=None if body.seed is None else body.seed + index, domain=domain, logprobs=logprobs,
                 prompt_logprobs=prompt_logprobs, presence_penalty=body.presence_penalty,
                 frequency_penalty=body.frequency_penalty, logit_bias=body.bias)
+
 
 def check_sampling(me, body, cfg, limit: int) -> None:
     if limit > me.s["max_tokens"]:
@@ -48,14 +51,17 @@ def check_sampling(me, body, cfg, limit: int) -> None:
     if body.user:
         log.info("request for user %r", body.user)
 
+
 async def routing_extra(me, body, model_id: str, ids: list[int], toks: list[int], domain: str | None) -> dict:
     if not body.return_routing:
         return {}
     return {"routing": await me._routing(model_id, ids + toks, domain)}
 
+
 def finished(me, endpoint: str, model_id: str, comp: list[list[int]], t0: float) -> None:
     me.metrics.tokens.labels(model_id, "completion").inc(sum(len(x) for x in comp))
     me._done(endpoint, 200, t0)
+
 
 async def completions(me, request):
     """POST /v1/completions."""
@@ -92,15 +98,10 @@ async def completions(me, request):
         async for j, ev in shapes.merged(streams):
             evs[j].append(ev)
         for j, events in enumerate(evs):
-            text = (texts[j // n] if body.echo else "") + "".join(e["text"] for e in events)
-            comp[j] = [t for e in events for t in e["token_ids"]]
-            lp = None
-            if want_lp:
-                first = events[0]
-                merged_ev = {"token_ids": comp[j], "logprobs": [x for e in events for x in (e["logprobs"] or [])],
-                             "prompt_logprobs": first.get("prompt_logprobs")}
-                lp = logprobs(j, merged_ev, 0)
-            choices[j] = {"text": text, "index": j, "logprobs": lp, "finish_reason": events[-1]["finish_reason"],
+            ev = merge_events(events)
+            comp[j] = ev["token_ids"]
+            choices[j] = {"text": (texts[j // n] if body.echo else "") + ev["text"], "index": j,
+                          "logprobs": logprobs(j, ev, 0), "finish_reason": ev["finish_reason"],
                           **(await routing_extra(me, body, model_id, ids[j // n], comp[j], body.domain))}
         finished(me, "completions", model_id, comp, t0)
         return {**head, "choices": choices, "usage": shapes.usage(prompt_tokens(), sum(map(len, comp)))}
@@ -129,10 +130,9 @@ async def completions(me, request):
 
     return StreamingResponse(sse(), media_type="text/event-stream")
 
+
 async def chat_completions(me, request):
     """POST /v1/chat/completions."""
-    from hydra_ray.data import chat
-
     t0 = time.perf_counter()
     body = await me._json(request, ChatBody)
     model_id, cfg = me._model(body.model)
@@ -156,22 +156,19 @@ async def chat_completions(me, request):
         return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model_id,
                 "choices": [{"index": j, "delta": delta, "logprobs": lp, "finish_reason": reason}]}
 
-    def logprobs(events_or_ev) -> dict | None:
-        evs = events_or_ev if isinstance(events_or_ev, list) else [events_or_ev]
-        if not body.logprobs:
-            return None
-        return shapes.chat_logprobs([x for e in evs for x in (e["logprobs"] or [])],
-                                    [t for e in evs for t in e["token_ids"]], piece)
+    def logprobs(ev: dict) -> dict | None:
+        return shapes.chat_logprobs(ev["logprobs"] or [], ev["token_ids"], piece) if body.logprobs else None
 
     if not body.stream:
         evs: list[list[dict]] = [[] for _ in reqs]
         async for j, ev in shapes.merged(streams):
             evs[j].append(ev)
-        comp = [[t for e in events for t in e["token_ids"]] for events in evs]
-        choices = [{"index": j, "message": {"role": "assistant", "content": "".join(e["text"] for e in events)},
-                    "logprobs": logprobs(events), "finish_reason": events[-1]["finish_reason"],
+        joined = [merge_events(events) for events in evs]
+        comp = [ev["token_ids"] for ev in joined]
+        choices = [{"index": j, "message": {"role": "assistant", "content": ev["text"]},
+                    "logprobs": logprobs(ev), "finish_reason": ev["finish_reason"],
                     **(await routing_extra(me, body, model_id, ids, comp[j], domain))}
-                   for j, events in enumerate(evs)]
+                   for j, ev in enumerate(joined)]
         finished(me, "chat", model_id, comp, t0)
         return {"id": cid, "object": "chat.completion", "created": created, "model": model_id,
                 "choices": choices, "usage": shapes.usage(len(ids), sum(map(len, comp)))}

@@ -8,8 +8,8 @@ Design choices
   whose decode thread runs up to `max_num_seqs` sequences, admitting and retiring them at token
   boundaries; more wait in order. A request whose caller goes away (a streaming client that
   disconnects) is cancelled and frees its row. Events that pile up while the caller is busy travel
-  as one message (several tokens), so a loaded replica spends its time decoding, not messaging. Generation always streams (one code path); the
-  ingress collects it when asked to.
+  as one message (several tokens), so a loaded replica spends its time decoding, not messaging.
+  Generation always streams (one code path); the ingress collects it when asked to.
 - `serve.batch` groups concurrent routing traces; inside a batch they are grouped by engine, and
   an error reaches only its own group's callers.
 - It trusts its caller: the ingress has validated every request before any work is queued. The
@@ -86,10 +86,10 @@ class HydraModel:
                 bad = next((e for e in evs if isinstance(e, Exception)), None)
                 if bad is not None:
                     raise bad
-                ev = merge_events(evs)
                 # every GenEvent field travels: a new one needs no change here
-                yield {**dataclasses.asdict(ev), "batch_size": sched.running}
-                if ev.finish_reason:
+                ev = merge_events([dataclasses.asdict(e) for e in evs])
+                yield {**ev, "batch_size": sched.running}
+                if ev["finish_reason"]:
                     return
         finally:  # finished, failed, or the caller went away (cancelled): the row is freed
             sched.cancel(handle)

@@ -208,6 +208,22 @@ def s3(tmp_path_factory):
         proc.kill()
 
 
+def random_engine_for_tests():
+    """The tiny preset, narrower, with random weights and every feature on, behind the serving
+    engine: routing to count and sequences to decode, no training."""
+    from hydra_ray.config import load_config, parse_config
+    from hydra_ray.models import HydraLM
+    from hydra_ray.serve.engine import Engine
+
+    data = load_config("tiny").model_dump(mode="python")
+    data["model"].update(d_model=32, ffn_hidden=64, seq_len=32)
+    cfg = parse_config(data)
+    torch.manual_seed(0)
+    model = HydraLM(cfg.model)
+    model.set_features(mor=True, mod=True, moe=True)
+    return Engine(model, cfg, "random")
+
+
 class LoadClients:
     """`n` threads sending requests to a serve endpoint until `stop()`: completions (every fourth
     client chats instead), and routing queries from every other client when `routing`. Non-200 answers and dropped connections go

@@ -4,27 +4,19 @@ back by a long one, the running batch is bounded and the rest wait in order, can
 row, and every sequence gets the tokens and routing counts it gets alone."""
 
 import asyncio
+from dataclasses import asdict
 
 import pytest
-import torch
 
 from hydra_ray.serve.decode import Decoder, GenEvent, merge_events
-from hydra_ray.serve.engine import Engine, GenRequest
+from hydra_ray.serve.engine import GenRequest
 from hydra_ray.serve.scheduler import Scheduler
+from conftest import random_engine_for_tests
 
 
 @pytest.fixture(scope="module")
 def engine():
-    from hydra_ray.config import load_config, parse_config
-    from hydra_ray.models import HydraLM
-
-    data = load_config("tiny").model_dump(mode="python")
-    data["model"].update(d_model=32, ffn_hidden=64, seq_len=32)
-    cfg = parse_config(data)
-    torch.manual_seed(0)
-    model = HydraLM(cfg.model)
-    model.set_features(mor=True, mod=True, moe=True)
-    e = Engine(model, cfg, "random")
+    e = random_engine_for_tests()
     e.tokenizer = type(e.tokenizer)()  # the byte tokenizer, its EOS outside this model's vocabulary
     e.tokenizer.eos_id = -1
     return e
@@ -126,10 +118,11 @@ def test_the_scheduler_serves_asyncio_callers_and_a_cancel_frees_the_row(engine)
 
 
 def test_events_that_piled_up_travel_as_one():
-    a = GenEvent("ab", [1], None, None, [[-0.1, []]], [None, [-1.0, []]])
-    b = GenEvent("", [2], None, None, [[-0.2, []]])
-    c = GenEvent("c", [3], "length", {"b0r0": [1, 2]}, [[-0.3, []]])
+    a = asdict(GenEvent("ab", [1], None, None, [[-0.1, []]], [None, [-1.0, []]]))
+    b = asdict(GenEvent("", [2], None, None, [[-0.2, []]]))
+    c = asdict(GenEvent("c", [3], "length", {"b0r0": [1, 2]}, [[-0.3, []]]))
     m = merge_events([a, b, c])
-    assert (m.text, m.token_ids, m.finish_reason, m.expert_counts) == ("abc", [1, 2, 3], "length", {"b0r0": [1, 2]})
-    assert m.logprobs == [[-0.1, []], [-0.2, []], [-0.3, []]] and m.prompt_logprobs == [None, [-1.0, []]]
+    assert (m["text"], m["token_ids"], m["finish_reason"], m["expert_counts"]) == \
+        ("abc", [1, 2, 3], "length", {"b0r0": [1, 2]})
+    assert m["logprobs"] == [[-0.1, []], [-0.2, []], [-0.3, []]] and m["prompt_logprobs"] == [None, [-1.0, []]]
     assert merge_events([b]) is b

@@ -24,7 +24,7 @@ import yaml
 from hydra_ray.serve.engine import Engine, GenRequest, check_context, check_domain
 from hydra_ray.serve.errors import EngineError
 from hydra_ray.serve.store import CheckpointStore
-from conftest import LoadClients
+from conftest import LoadClients, random_engine_for_tests
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "test-key"
@@ -67,20 +67,7 @@ def test_request_rules_are_one_function_each_with_the_status_and_message_the_api
 
 @pytest.fixture(scope="module")
 def random_engine():
-    """The tiny preset, narrower, with random weights and every feature on: routing to count, no
-    training."""
-    import torch
-
-    from hydra_ray.config import load_config, parse_config
-    from hydra_ray.models import HydraLM
-
-    data = load_config("tiny").model_dump(mode="python")
-    data["model"].update(d_model=32, ffn_hidden=64, seq_len=32)
-    cfg = parse_config(data)
-    torch.manual_seed(0)
-    model = HydraLM(cfg.model)
-    model.set_features(mor=True, mod=True, moe=True)
-    return Engine(model, cfg, "random")
+    return random_engine_for_tests()
 
 
 def test_routing_counts_are_the_traces_per_row_and_match_the_per_token_records(random_engine):
