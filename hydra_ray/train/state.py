@@ -72,7 +72,7 @@ def _expert_slices(model: HydraLM, env: Env) -> dict[str, slice]:
     if not env.distributed:
         return {}
     lo, n = expert_shard(model.cfg.moe.num_experts, env.rank, env.world)
-    return {name: slice(lo, lo + n) for name, _ in model.named_parameters() if ".experts." in name}
+    return {name: slice(lo, lo + n) for name in expert_param_names(model)}
 
 
 def restore(model: HydraLM, opt, loaded: ckpt.Loaded, env: Env) -> None:
