@@ -238,6 +238,12 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from hydra_ray import evaluation
+
+    return evaluation.run(args)
+
+
 RAY_COMMANDS = ("train", "data", "tune", "serve", "bench")
 
 
@@ -327,6 +333,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rounds", type=int, default=15)
     s.add_argument("--json", action="store_true", help="also print each result as one JSON line")
     s.set_defaults(func=_bench)
+
+    s = sub.add_parser("eval", help="score a checkpoint on held-out generated tasks per domain (math answers, "
+                                    "code that parses, chat format, perplexity)")
+    s.add_argument("checkpoint", metavar="RUN[@STEP]", help="a run (folder or URI): its newest checkpoint, or @STEP")
+    s.add_argument("--n", type=int, default=32, help="held-out items per task (32)")
+    s.add_argument("--seed", type=int, default=0, help="which held-out items (the same seed scores runs alike)")
+    s.add_argument("--no-chance", action="store_true", help="skip the untrained-model reference (half the time)")
+    s.add_argument("--no-save", action="store_true", help="do not write RUN/eval/step_XXXXXXXX.json")
+    s.add_argument("--cpu", action="store_true", help="decode on the CPU even where CUDA is present")
+    s.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    s.set_defaults(func=_eval)
 
     # analyze / tune / serve own their arguments; their modules import nothing heavy at the top.
     from hydra_ray.analysis import report

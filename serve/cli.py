@@ -6,7 +6,8 @@ Design choices
 - --run, --checkpoint and --store take local paths or URIs (s3://bucket/runs/NAME, credentials
   from the standard AWS_* environment). The default checkpoint is read and verified before Ray
   starts, so a missing run or bucket and wrong credentials are one line naming the URI, exit 2.
-- `--smoke` is the tiny mode every entry point has: start, send one completion and one routing
+- `--smoke` is the tiny mode every entry point has: start, send one greedy completion per
+  built-in domain (chat through /v1/chat/completions) and one routing
   request over HTTP, print them, shut down (what `make demo` runs).
 - SIGINT/SIGTERM shut Serve down cleanly (`serve.shutdown()`), so the port and actors are freed.
 """
@@ -138,17 +139,40 @@ def run(args: argparse.Namespace) -> int:
             ray.shutdown()
 
 
+# one prompt per built-in domain: the demo ends by showing what the model learned of each
+SMOKE_PROMPTS = {
+    "math": "Problem: Compute 17 + 4 * 6.\nSolution:",
+    "code": "def add(a, b):\n",
+    "chat": None,  # asked through /v1/chat/completions, in the chat template
+    "finefineweb": "The ",
+}
+SMOKE_CHAT = "What does json.dumps do?"
+
+
 def smoke(url: str, api_key: str | None) -> int:
     import httpx
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     with httpx.Client(base_url=url, headers=headers, timeout=120) as c:
-        r = c.post("/v1/completions", json={"prompt": "def add(a, b):", "max_tokens": 32, "temperature": 0.7,
-                                            "seed": 0})
+        r = c.get("/v1/models")
         _check(r)
-        out = r.json()
-        print(f"[completion] {out['model']}: {json.dumps(out['choices'][0]['text'])} "
-              f"({out['usage']['completion_tokens']} tokens, {out['choices'][0]['finish_reason']})")
+        model = next((m for m in r.json()["data"] if m["default"]), r.json()["data"][0])
+        print(f"[model] {model['id']}: one greedy completion per domain of the built-in corpus")
+        for domain, prompt in SMOKE_PROMPTS.items():
+            greedy = {"max_tokens": 48, "temperature": 0}
+            if prompt is None:
+                r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": SMOKE_CHAT}],
+                                                         **greedy})
+                _check(r)
+                out = r.json()
+                shown, text = SMOKE_CHAT, out["choices"][0]["message"]["content"]
+            else:
+                r = c.post("/v1/completions", json={"prompt": prompt, **greedy})
+                _check(r)
+                out = r.json()
+                shown, text = prompt, out["choices"][0]["text"]
+            print(f"[{domain}] {json.dumps(shown)} -> {json.dumps(text)} "
+                  f"({out['usage']['completion_tokens']} tokens, {out['choices'][0]['finish_reason']})")
         r = c.post("/v1/routing", json={"text": "Solve 12 * 7 = "})
         _check(r)
         s = r.json()["summary"]
@@ -156,8 +180,6 @@ def smoke(url: str, api_key: str | None) -> int:
         print(f"[routing] {s['tokens']} tokens: {util}; closest domain {s['closest_domain']}; "
               f"MoD selected {s['mod_selected_frac']}; MoR depth {s['mor_mean_depth']}")
     return 0
-
-
 
 
 def _check(r) -> None:

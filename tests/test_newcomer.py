@@ -200,7 +200,8 @@ def test_a_run_serves_from_another_folder(bpe_run, tmp_path):
     r = hydra_ray("serve", "--run", str(run), "--port", str(port), "--num-cpus", "0.5", "--smoke", cwd=tmp_path,
                   env={"RAY_AUTH_MODE": None})  # unset: Ray would print its token-auth notice
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "[completion] mine@" in r.stdout and "[routing]" in r.stdout
+    assert "[model] mine@" in r.stdout and "[routing]" in r.stdout
+    assert all(f"[{d}] " in r.stdout for d in ("math", "code", "chat", "finefineweb"))  # one completion each
     chatter = [line for line in (r.stdout + r.stderr).splitlines()
                if any(w in line for w in ("INFO", "WARNING", "Token authentication", "Traceback", "failed"))]
     assert not chatter, chatter

@@ -130,6 +130,7 @@ def phase_rows(src: Source) -> list[dict]:
             "mor_acc_mean": _mean([r.mor_acc for r in smp if r.mor_acc is not None]),
             "agreement_mean": _mean([r.agreement for r in smp if r.agreement is not None]),
             "noise_sd": _noise([y for _, y in pts]),
+            "ce_noise_sd": _noise(ces),
             "formats": sorted({r.fmt for r in smp}),
         })
     return rows
@@ -144,7 +145,7 @@ def boundaries(src: Source, rows: list[dict]) -> list[dict]:
         last, first = sa[-1], sb[0]
         jump = first.loss - last.loss
         ce_jump = first.ce - last.ce if first.ce is not None and last.ce is not None else None
-        noise = a["noise_sd"]
+        noise, ce_noise = a["noise_sd"], a["ce_noise_sd"]
         sw = b["switch_on"]
         cost = sw["ce_after"] - sw["ce_before"] if sw and finite(sw.get("ce_after")) and finite(sw.get("ce_before")) \
             else None
@@ -154,6 +155,7 @@ def boundaries(src: Source, rows: list[dict]) -> list[dict]:
             "ce_before": last.ce, "ce_after": first.ce, "ce_jump": ce_jump,
             "switch_on_ce_cost": cost, "noise_sd": noise,
             "jump_in_noise_sd": jump / noise if noise else None,
+            "ce_jump_in_noise_sd": ce_jump / ce_noise if ce_noise and ce_jump is not None else None,
             "rise": jump > 0, "significant": bool(noise) and abs(jump) > 2 * noise,
         })
     return out

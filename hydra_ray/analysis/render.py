@@ -64,6 +64,10 @@ def render(s: dict, plots: list[str]) -> str:
     L += [f"Source: {src['kind']} ({paths}). Steps {_range(run['first_step'], run['last_step'])}{of}, "
           f"{run['n_samples']:,} step samples, {len(s['phases'])} phases{experts}.", ""]
     L += ["Every figure below is computed from the logged samples; `summary.json` holds the same numbers.", ""]
+    if s.get("verdict"):
+        from hydra_ray.analysis.verdict import render_verdict
+
+        L += render_verdict(s["verdict"])
 
     # 1. timeline
     L += ["## 1. Training timeline by phase", ""]
@@ -175,6 +179,16 @@ def render(s: dict, plots: list[str]) -> str:
         L += _table(["Step", "Phase", "Eval loss", "Train", "Gap", *doms], rows)
     else:
         L += ["No evaluations in the data.", ""]
+    if s.get("tasks"):
+        t = s["tasks"]
+        L += [f"Held-out generated tasks (`hydra-ray eval`, checkpoint step {t['step']:,}, {t['n']} items each, "
+              f"seed {t['seed']}); 'untrained' is the same model with re-initialised weights:", ""]
+        rows = [[k, v["metric"], _n(v["score"], 3), _n(v.get("chance"), 3),
+                 "near chance" if v.get("near_chance") else ("above chance" if "chance" in v else "-")]
+                for k, v in t["tasks"].items()]
+        rows += [[d, "perplexity", _n(p, 2), _n((t.get("chance_perplexity") or {}).get(d), 1), "-"]
+                 for d, p in t["perplexity"].items()]
+        L += _table(["Task", "Metric", "Score", "Untrained", "Reading"], rows)
     if "eval_by_domain.png" in plots:
         L += ["![Eval loss by domain](eval_by_domain.png)", ""]
 

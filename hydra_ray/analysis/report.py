@@ -87,17 +87,30 @@ def load_source(paths: list[str], phase_file: str | None = None):
     return load_logs(uniq, phases or reference_phases())
 
 
+def _eval_result(paths: list[str]) -> dict | None:
+    """The newest `hydra-ray eval` result stored in the run (RUN/eval/), if PATH is a run folder."""
+    from hydra_ray.evaluation import latest_result
+
+    if len(paths) != 1:
+        return None
+    loc = paths[0] if storage.is_uri(paths[0]) else str(Path(paths[0]).expanduser())
+    return latest_result(loc) if storage.is_dir(loc) else None
+
+
 def analyze(paths: list[str], out: str, phase_file: str | None = None, plots: bool = True) -> dict:
     """Write OUT/summary.json, OUT/report.md and the plots (OUT local or a URI); return the summary."""
     from hydra_ray.analysis.advice import advise
     from hydra_ray.analysis.figures import summarize
     from hydra_ray.analysis.render import render
+    from hydra_ray.analysis.verdict import verdict
 
     src = load_source(paths, phase_file)
     if not src.samples() and not any(r.util or r.eval_loss is not None for r in src.records):
         raise ConfigError("nothing to analyse: no step records in " + ", ".join(paths))
     summary = summarize(src)
+    summary["tasks"] = _eval_result(paths)
     summary.update(advise(summary))
+    summary["verdict"] = verdict(summary)
     remote = storage.is_uri(out)
     if remote:
         storage.check_storage(out, "--out")

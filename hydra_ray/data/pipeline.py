@@ -83,7 +83,7 @@ def builtin_corpus(cfg: HydraConfig, log=print) -> str:
     from hydra_ray.data import builtin
 
     base = os.environ.get("HYDRA_CACHE_DIR") or cfg.data.cache_dir  # the env var wins (tests, CI)
-    root = Path(base).expanduser() / f"builtin-{cfg.data.builtin_size}-seed{cfg.data.builtin_seed}"
+    root = Path(base).expanduser() / f"builtin-v{builtin.VERSION}-{cfg.data.builtin_size}-seed{cfg.data.builtin_seed}"
     marker = root / "summary.json"
     if not marker.exists():
         log(f"[data] building the built-in corpus ({cfg.data.builtin_size}) in {root}")
