@@ -244,6 +244,12 @@ def _eval(args: argparse.Namespace) -> int:
     return evaluation.run(args)
 
 
+def _ablate(args: argparse.Namespace) -> int:
+    from hydra_ray import ablation
+
+    return ablation.run(args)
+
+
 RAY_COMMANDS = ("train", "data", "tune", "serve", "bench")
 
 
@@ -344,6 +350,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cpu", action="store_true", help="decode on the CPU even where CUDA is present")
     s.add_argument("--json", action="store_true", help="one JSON object on stdout")
     s.set_defaults(func=_eval)
+
+    s = sub.add_parser("ablate", help="HYDRA against dense at equal tokens and equal training FLOPs: train each arm, "
+                                      "compare eval loss by domain, FLOPs and wall-clock (ablation.md/json/png)")
+    s.add_argument("--config", required=True)
+    s.add_argument("--out", required=True, help="local folder: runs/<arm>/, ablation.json, ablation.md, ablation.png")
+    s.add_argument("--workers", type=int, default=1, help="1: each arm in this process; N > 1: on Ray Train")
+    s.add_argument("--arms", default="dense,mor,mor+mod,full,dense-flops", help="comma-separated, of the default")
+    s.add_argument("--max-steps", type=int, default=None, help="compress the curriculum into S steps")
+    s.add_argument("--eval-n", type=int, default=16, help="held-out items per task scored on each arm's last "
+                                                          "checkpoint (0 skips)")
+    s.set_defaults(func=_ablate)
 
     # analyze / tune / serve own their arguments; their modules import nothing heavy at the top.
     from hydra_ray.analysis import report

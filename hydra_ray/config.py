@@ -90,6 +90,9 @@ class MoDConfig(_Strict):
     capacity_warmup_steps: int = Field(100, ge=0)  # anneal capacity 1.0 -> capacity after switch-on
     predictor_hidden: int = Field(64, ge=1)
     predictor_weight: float = Field(1.0, ge=0)  # BCE of the causal predictor (input is detached)
+    router_aux_weight: float = Field(0.0, ge=0)
+    # BCE of the router's own scores against its top-k (the MoD paper's auxiliary loss): scores
+    # separate around 0, so the causal predictor can learn the choice; 0 = off
 
 
 class MoRConfig(_Strict):
@@ -101,6 +104,7 @@ class MoRConfig(_Strict):
     gate_init_bias: float = -4.0  # sigmoid(-4) ~ 0.018: extra recursions start near identity
     predictor_hidden: int = Field(64, ge=1)
     predictor_weight: float = Field(1.0, ge=0)
+    router_aux_weight: float = Field(0.0, ge=0)  # as MoD's: the routers' own BCE against their top-k
 
     @model_validator(mode="after")
     def _schedule(self) -> "MoRConfig":

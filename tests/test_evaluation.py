@@ -45,10 +45,12 @@ def _summary(agreement=0.9, forced=1.1, teacher=1.05, cost=0.001, ce_sd=0.5, mod
         "run": {"data_mixture": {"math": 0.2, "code": 0.3, "chat": 0.2, "finefineweb": 0.3}},
         "utilisation": [util("forced", forced, [25, 25, 25, 25]), util("teacher", teacher, [25, 25, 25, 25]),
                         util("free", 1.5, [21, 29, 20, 30])],
-        "boundaries": [{"to": "moe", "switch_on_ce_cost": cost * 2.0, "ce_before": 2.0, "ce_jump_in_noise_sd": ce_sd}],
+        "boundaries": [{"to": "moe", "switch_on_ce_cost": cost * 2.0, "ce_before": 2.0, "ce_window_jump_in_noise_sd": ce_sd}],
         "phases": [{"name": "general", "mod_acc_mean": mod, "mor_acc_mean": mor, "grad_mean": 1.0, "grad_p95": 1.5,
-                    "n_nan": 0, "clip_rate": 0.1}],
-        "eval": {"available": True, "train_eval_gap": 0.02, "last": {"step": 100}},
+                    "n_nan": 0, "clip_rate": 0.1, "first_step": 10, "last_step": 100, "n_samples": 10}],
+        "anomalies": [{"kind": "grad_spike", "step": 20, "phase": "general"}],  # at the phase's start: no spike
+        "eval": {"available": True, "train_eval_gap": 0.02, "last": {"step": 100},
+                 "history": [{"phase": "general", "gap": 0.03}, {"phase": "general", "gap": 0.01}]},
         "tasks": None,
     }
 

@@ -516,3 +516,20 @@ def test_whole_model_pickles(small_model_cfg, tmp_path):
     torch.save(model, tmp_path / "m.pt")
     again = torch.load(tmp_path / "m.pt", weights_only=False)
     assert again.features == model.features
+
+
+def test_router_aux_loss_trains_the_router_scores_towards_its_own_top_k():
+    """`router_aux_weight` adds the router's own BCE against its top-k to the predictor loss: the
+    router weights then get a gradient from that loss alone, and off (0) they get none from it."""
+    from hydra_ray.models.mod import TokenRouter
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 8)
+    for aux, expect in ((0.0, False), (0.5, True)):
+        r = TokenRouter(8, 4, "centered", router_aux=aux)
+        torch.nn.init.normal_(r.router.weight, std=0.1)
+        s = r(x, 0.5, causal=False)
+        assert int(s.sel_BT.sum()) == 16
+        s.bce.backward()
+        got = r.router.weight.grad is not None and bool(r.router.weight.grad.abs().sum() > 0)
+        assert got == expect

@@ -136,6 +136,9 @@ def phase_rows(src: Source) -> list[dict]:
     return rows
 
 
+BOUNDARY_WINDOW = 5  # samples averaged on each side of a phase boundary for its windowed CE jump
+
+
 def boundaries(src: Source, rows: list[dict]) -> list[dict]:
     out = []
     with_data = [r for r in rows if r["loss_start"] is not None]
@@ -146,6 +149,11 @@ def boundaries(src: Source, rows: list[dict]) -> list[dict]:
         jump = first.loss - last.loss
         ce_jump = first.ce - last.ce if first.ce is not None and last.ce is not None else None
         noise, ce_noise = a["noise_sd"], a["ce_noise_sd"]
+        # the mean of up to BOUNDARY_WINDOW samples on each side: one sample either side is as
+        # noisy as the batches are different (domain mix, document difficulty)
+        ca = [r.ce for r in sa[-BOUNDARY_WINDOW:] if r.ce is not None]
+        cb = [r.ce for r in sb[:BOUNDARY_WINDOW] if r.ce is not None]
+        ce_win = sum(cb) / len(cb) - sum(ca) / len(ca) if ca and cb else None
         sw = b["switch_on"]
         cost = sw["ce_after"] - sw["ce_before"] if sw and finite(sw.get("ce_after")) and finite(sw.get("ce_before")) \
             else None
@@ -156,6 +164,9 @@ def boundaries(src: Source, rows: list[dict]) -> list[dict]:
             "switch_on_ce_cost": cost, "noise_sd": noise,
             "jump_in_noise_sd": jump / noise if noise else None,
             "ce_jump_in_noise_sd": ce_jump / ce_noise if ce_noise and ce_jump is not None else None,
+            "ce_window_jump": ce_win,
+            "ce_window_jump_in_noise_sd": ce_win / ce_noise if ce_noise and ce_win is not None else None,
+            "mixture_changed": a["mixture"] != b["mixture"],
             "rise": jump > 0, "significant": bool(noise) and abs(jump) > 2 * noise,
         })
     return out

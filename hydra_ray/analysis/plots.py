@@ -181,7 +181,23 @@ def write_plots(src: Source, summary: dict, out: Path) -> list[str]:
         ax.grid(alpha=0.3)
         save(fig, "mod_mor.png")
 
-    # 5. eval loss by domain
+    # 5. domain -> expert agreement (forced routing is the map itself: 1.0 by construction)
+    agr = [(r.step, r.agreement) for r in src.records if r.agreement is not None]
+    if agr:
+        fig, ax = plt.subplots(figsize=(10, 3.6))
+        _bands(ax, [(n, max(a, agr[0][0]), b) for n, a, b in spans if b > agr[0][0]])
+        ax.plot([x for x, _ in agr], [y for _, y in agr], "o-", ms=3, lw=1, color="#e377c2",
+                label="domain -> expert agreement")
+        if src.num_experts:
+            ax.axhline(1 / src.num_experts, color="k", ls=":", lw=0.8, label=f"chance (1/{src.num_experts})")
+        ax.set_ylim(0, 1.05)
+        ax.set_xlabel("step")
+        ax.set_ylabel("share of tokens on their domain's expert")
+        ax.legend(loc="lower right", fontsize=8)
+        ax.grid(alpha=0.3)
+        save(fig, "agreement.png")
+
+    # 6. eval loss by domain
     ev = [h for h in summary["eval"]["history"] if h["by_domain"]]
     if ev:
         doms = list(dict.fromkeys(d for h in ev for d in h["by_domain"]))

@@ -38,7 +38,7 @@ from hydra_ray.data.corpus_sources import draw, stdlib_files
 __all__ = ["SIZES", "DOMAINS", "documents", "heldout_documents", "prepare", "stdlib_files", "math_tasks",
            "code_tasks", "chat_tasks"]
 
-VERSION = 2  # part of the cache folder's name: a change of content must never reuse an old build
+VERSION = 3  # part of the cache folder's name: a change of content must never reuse an old build
 SIZES = {"tiny": 128_000, "small": 2_200_000, "full": 8_000_000}  # UTF-8 bytes (= byte tokens) per domain
 DOMAINS = ("math", "code", "chat", "finefineweb")
 

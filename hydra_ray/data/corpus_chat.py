@@ -46,7 +46,7 @@ def one_line(text: str) -> str:
     return " ".join(text.split())
 
 
-def brief(text: str, limit: int = 600) -> str:
+def brief(text: str, limit: int = 240) -> str:
     """At most `limit` characters, cut after a sentence when it is longer."""
     if len(text) <= limit:
         return text
@@ -242,8 +242,9 @@ def sources(heldout: bool, seed: str) -> list[tuple[float, Iterator[Turns]]]:
     def rng(part: str) -> random.Random:  # one stream per source: adding a source leaves the others alone
         return random.Random(f"chat-{part}-{seed}")
 
-    return [(0.4, docstring_chats(heldout, rng("doc"))), (0.15, definition_chats(heldout, rng("def"))),
-            (0.3, generated(task, heldout, rng("task"))), (0.1, generated(small_talk, heldout, rng("talk")))]
+    # short turns: a window of a dialogue almost always holds a role prefix
+    return [(0.35, docstring_chats(heldout, rng("doc"))), (0.1, definition_chats(heldout, rng("def"))),
+            (0.45, generated(task, heldout, rng("task"))), (0.1, generated(small_talk, heldout, rng("talk")))]
 
 
 def with_system(dialogues: Iterator[Turns], rng: random.Random) -> Iterator[Turns]:

@@ -174,6 +174,8 @@ def docstring_prose(heldout: bool, rng: random.Random, min_bytes: int = 300) -> 
 
 
 def sources(heldout: bool, seed: str) -> list[tuple[float, Iterator[str]]]:
-    return [(0.25, shuffled(split_sections(heldout), random.Random(f"web-reference-{seed}"))),
-            (0.35, docstring_prose(heldout, random.Random(f"web-docstrings-{seed}"))),
-            (0.4, articles(heldout, random.Random(f"web-articles-{seed}")))]
+    # docstring prose stays a small share: chat replies are written from docstrings too, and a
+    # window inside a long reply must not read like the web domain
+    return [(0.3, shuffled(split_sections(heldout), random.Random(f"web-reference-{seed}"))),
+            (0.1, docstring_prose(heldout, random.Random(f"web-docstrings-{seed}"))),
+            (0.6, articles(heldout, random.Random(f"web-articles-{seed}")))]

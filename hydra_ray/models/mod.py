@@ -42,8 +42,9 @@ class Selection:
 
 class TokenRouter(nn.Module):
     def __init__(self, d_model: int, predictor_hidden: int, gate: str, init_bias: float = 0.0,
-                 init_std: float = 0.0):
+                 init_std: float = 0.0, router_aux: float = 0.0):
         super().__init__()
+        self.router_aux = router_aux  # weight of the router's own BCE against its top-k, inside `bce`
         if gate not in ("centered", "residual"):
             raise ValueError(f"unknown gate {gate!r}")
         self.gate_kind = gate
@@ -96,5 +97,7 @@ class TokenRouter(nn.Module):
         among = eligible_BT if eligible_BT is not None else torch.ones_like(sel)
         target = sel[among].to(pred_BT.dtype)
         bce = F.binary_cross_entropy_with_logits(pred_BT[among], target)
+        if self.router_aux:
+            bce = bce + self.router_aux * F.binary_cross_entropy_with_logits(score_BT[among], target)
         acc = ((pred_BT[among] > 0) == (target > 0)).float().mean()
         return Selection(sel, score_BT, gate_BT, bce, acc.detach())

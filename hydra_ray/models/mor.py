@@ -80,10 +80,11 @@ class RecursiveBlock(nn.Module):
         self.schedule = cfg.mor.schedule()
         d = cfg.d_model
         self.mod_router = (
-            TokenRouter(d, cfg.mod.predictor_hidden, "centered") if is_mod else None
+            TokenRouter(d, cfg.mod.predictor_hidden, "centered", router_aux=cfg.mod.router_aux_weight) if is_mod else None
         )
         self.mor_routers = nn.ModuleList(
-            TokenRouter(d, cfg.mor.predictor_hidden, "residual", cfg.mor.gate_init_bias, init_std=1e-3)
+            TokenRouter(d, cfg.mor.predictor_hidden, "residual", cfg.mor.gate_init_bias, init_std=1e-3,
+                        router_aux=cfg.mor.router_aux_weight)
             for _ in range(cfg.mor.recursions - 1)
         )
         self.mod_weight, self.mor_weight = cfg.mod.predictor_weight, cfg.mor.predictor_weight
