@@ -39,7 +39,7 @@ generate = _load_generator()
 # the reference run's phases, written out here independently of hydra_ray.analysis
 REFERENCE = [("foundation", 20_000, None), ("mor", 30_000, None), ("mod", 52_000, None), ("moe", 57_000, "learned"),
              ("forced_routing", 60_000, "forced"), ("free_routing", 70_000, "free"), ("generalisation", None, "free")]
-PNGS = ["loss.png", "grad_lr.png", "expert_util.png", "mod_mor.png", "eval_by_domain.png"]
+PNGS = ["loss.png", "grad_lr.png", "expert_util.png", "mod_mor.png", "agreement.png", "eval_by_domain.png"]
 
 
 def _mean(xs):

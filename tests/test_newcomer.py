@@ -30,7 +30,7 @@ def _tiny_yaml(path: Path, cache: str, train: dict | None = None, **data) -> Pat
 # --------------------------------------------------------------------------- one-line CLI errors
 @pytest.mark.integration  # the console script, in a subprocess
 @pytest.mark.parametrize("case", ["max-steps-0", "resume-missing", "empty", "list", "tokenizer", "typo", "resources",
-                                  "custom-resource-locally", "resize-interval"])
+                                  "custom-resource-locally", "resize-interval", "name"])
 def test_train_mistakes_are_one_line_errors_before_any_work(case, tmp_path, builtin_cache):
     cfg = _tiny_yaml(tmp_path / "tiny.yaml", builtin_cache)
     args = ["train", "--config", str(cfg), "--workers", "1", "--storage", str(tmp_path / "runs")]
@@ -38,6 +38,9 @@ def test_train_mistakes_are_one_line_errors_before_any_work(case, tmp_path, buil
     if case == "max-steps-0":
         args += ["--max-steps", "0"]
         names = ("--max-steps 0", "at least 1")
+    elif case == "name":
+        args += ["--name", "a+b"]  # a run name must also be a checkpoint id (RUN@STEP) for eval and serve
+        names = ("--name 'a+b'", "letters, digits")
     elif case == "resume-missing":
         args += ["--name", "nope", "--resume"]
         names = ("--resume", str(tmp_path / "runs" / "nope"), "no checkpoints")

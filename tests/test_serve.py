@@ -630,7 +630,9 @@ def test_a_cancelled_stream_frees_its_row_in_the_model_replica(app, engines):
 
     async def main():
         h = handle.options(multiplexed_model_id="tiny@180")
-        req = dict(prompt_ids=e.encode("def add(a, b):"), max_tokens=300, temperature=1.0, seed=1)
+        # EOS banned: the row runs until it is cancelled or its 300 tokens are out
+        req = dict(prompt_ids=e.encode("def add(a, b):"), max_tokens=300, temperature=1.0, seed=1,
+                   logit_bias={e.tokenizer.eos_id: -100.0})
         stream = h.options(stream=True).generate.remote("tiny@180", req, False)  # recompute: slow enough
         first = await stream.__anext__()
         assert first["token_ids"]

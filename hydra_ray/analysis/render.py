@@ -148,6 +148,8 @@ def render(s: dict, plots: list[str]) -> str:
         L += ["No expert utilisation was logged (MoE never switched on in the data).", ""]
     if "expert_util.png" in plots:
         L += ["![Expert utilisation over steps](expert_util.png)", ""]
+    if "agreement.png" in plots:
+        L += ["![Domain -> expert agreement over steps](agreement.png)", ""]
 
     # 4. MoD / MoR
     L += ["## 4. MoD and MoR", ""]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -101,8 +102,10 @@ def train(cfg: HydraConfig, config_path: str, workers: str = "2", gpu: bool = Fa
     if max_steps is not None and max_steps < 1:
         raise ConfigError(f"--max-steps {max_steps}: must be at least 1")
     name = name or cfg.train.run_name or Path(config_path).stem
-    if not name or "/" in name or name in (".", ".."):
-        raise ConfigError(f"--name {name!r}: expected a plain run name")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}", name or ""):
+        # the rule of train.run_name, and of the checkpoint ids that eval and serve take (RUN@STEP)
+        raise ConfigError(f"--name {name!r}: a run name is letters, digits, '.', '_' and '-', "
+                          "starting with a letter or digit")
     storage = st.check_storage(storage)  # scheme, bucket, credentials, endpoint: before any work
     run_dir = st.join(storage, name)
     existing = ckpt.list_steps(run_dir)

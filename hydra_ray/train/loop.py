@@ -324,7 +324,7 @@ class _Run:
 
 def run_local(cfg: HydraConfig, run_dir: str, prepared, end_step: int | None = None, report=None,
               smoke: bool = False, timing: bool = False) -> dict:
-    """One worker, in this process (no Ray Train): `hydra-ray train --workers 1 --local`, one-worker
+    """One worker, in this process (no Ray Train): `hydra-ray ablate --workers 1`, one-worker
     Tune trials, tests, and with `smoke` the smoke run: no checkpoints and no evals, every step
     logged (the run folder holds only its metrics and events)."""
     end_step = end_step or cfg.curriculum.total_steps
