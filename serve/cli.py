@@ -159,7 +159,7 @@ def smoke(url: str, api_key: str | None) -> int:
         model = next((m for m in r.json()["data"] if m["default"]), r.json()["data"][0])
         print(f"[model] {model['id']}: one greedy completion per domain of the built-in corpus")
         for domain, prompt in SMOKE_PROMPTS.items():
-            greedy = {"max_tokens": 48, "temperature": 0}
+            greedy = {"max_tokens": 48, "temperature": 0, "frequency_penalty": 1.0}  # no loops of one word
             if prompt is None:
                 r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": SMOKE_CHAT}],
                                                          **greedy})
