@@ -57,22 +57,27 @@ def bench_config(cfg, phase: str | None, steps: int, log_every: int):
     return out, one
 
 
-def phase_flops(cfg, mor: bool, mod: bool, moe: bool, full_depth: bool = False) -> int:
-    """Forward FLOPs per token of the model with these features (hydra.flops_per_token)."""
-    from hydra_ray.models import HydraLM
-
-    m = cfg.model.model_copy(deep=True)
-    R = m.mor.recursions
+def feature_model(model_cfg, mor: bool, mod: bool, moe: bool, full_depth: bool = False):
+    """The model config with only these features built (the rest left out): what a phase, or an
+    ablation arm, computes with. `full_depth`: every recursion on every token."""
+    m = model_cfg.model_copy(deep=True)
     if full_depth:
-        m.mor.capacity_schedule = [1.0] * R
+        m.mor.capacity_schedule = [1.0] * m.mor.recursions
     elif not mor:
         m.mor.recursions, m.mor.capacity_schedule = 1, None
     if not mod:
         m.mod.blocks = []
     if not moe:
         m.moe.blocks = []
+    return m
+
+
+def phase_flops(cfg, mor: bool, mod: bool, moe: bool, full_depth: bool = False) -> int:
+    """Forward FLOPs per token of the model with these features (hydra.flops_per_token)."""
+    from hydra_ray.models import HydraLM
+
     with torch.device("meta"):
-        return HydraLM(m).flops_per_token()
+        return HydraLM(feature_model(cfg.model, mor, mod, moe, full_depth)).flops_per_token()
 
 
 def _records_tokens_per_s(run_dir: str) -> tuple[float, dict | None]:

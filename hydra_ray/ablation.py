@@ -195,15 +195,10 @@ def arm_params(arm: Arm) -> dict:
     """Parameter counts of the model as the arm trains it (the features it never uses left out)."""
     import torch
 
+    from hydra_ray.benchmarks.train import feature_model
     from hydra_ray.models import HydraLM
 
-    m = arm.cfg.model.model_copy(deep=True)
-    if "mor" not in arm.features:
-        m.mor.recursions, m.mor.capacity_schedule = 1, None
-    if "mod" not in arm.features:
-        m.mod.blocks = []
-    if "moe" not in arm.features:
-        m.moe.blocks = []
+    m = feature_model(arm.cfg.model, *(f in arm.features for f in ("mor", "mod", "moe")))
     with torch.device("meta"):
         return HydraLM(m).param_counts()
 

@@ -147,8 +147,8 @@ def untrained_twin(engine):
     torch.manual_seed(0)
     fresh = HydraLM(engine.cfg.model)
     state = engine.model.state_dict()
-    params = {n for n, _ in fresh.named_parameters()}
-    fresh.load_state_dict({k: (v if k not in params else fresh.state_dict()[k]) for k, v in state.items()})
+    state.update({n: p.detach() for n, p in fresh.named_parameters(remove_duplicate=False)})  # fresh weights, trained buffers
+    fresh.load_state_dict(state)
     return Engine(fresh, engine.cfg, engine.model_id + "-untrained", engine.step, device=engine.device)
 
 

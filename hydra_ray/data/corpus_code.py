@@ -44,31 +44,28 @@ def _blocks(text: str) -> list[list[str]]:
     return [b for b in blocks if b]
 
 
-def chunks(text: str, cap: int = CHUNK) -> list[str]:
+def _packed(items: list[str], cap: int) -> list[str]:
+    """Consecutive items joined into runs of at most `cap` characters (an item longer than `cap`
+    is a run of its own)."""
     out, cur, size = [], [], 0
+    for item in items:
+        if cur and size + len(item) > cap:
+            out.append("".join(cur))
+            cur, size = [], 0
+        cur.append(item)
+        size += len(item)
+    if cur:
+        out.append("".join(cur))
+    return out
+
+
+def chunks(text: str, cap: int = CHUNK) -> list[str]:
     pieces: list[str] = []
     for block in _blocks(text):
         b = "".join(block)
-        if len(b) <= cap:
-            pieces.append(b)
-            continue
-        part, n = [], 0  # a definition longer than a chunk: cut at line boundaries
-        for line in block:
-            if part and n + len(line) > cap:
-                pieces.append("".join(part))
-                part, n = [], 0
-            part.append(line)
-            n += len(line)
-        pieces.append("".join(part))
-    for p in pieces:
-        if cur and size + len(p) > cap:
-            out.append("".join(cur))
-            cur, size = [], 0
-        cur.append(p)
-        size += len(p)
-    if cur:
-        out.append("".join(cur))
-    return [c for c in out if c.strip()]
+        # a definition longer than a chunk is cut at line boundaries
+        pieces += [b] if len(b) <= cap else _packed(block, cap)
+    return [c for c in _packed(pieces, cap) if c.strip()]
 
 
 def file_chunks(path: Path) -> list[str]:
