@@ -84,29 +84,44 @@ def _greedy(engine, prompts: list[str], max_tokens: int, stop: list[str], domain
     return engine.complete(reqs)
 
 
-def _scores(engine, n: int, seed: int) -> dict:
+def _scores(engine, n: int, seed: int, tasks: tuple[str, ...] = TASKS) -> dict:
     from hydra_ray.data import builtin, chat
 
     t = engine.cfg.data.chat_template
     out: dict = {}
-    math_items = builtin.math_tasks(n, seed)
-    res = _greedy(engine, [p for p, _ in math_items], MAX_TOKENS["math"], ["\n\n", "\nProblem:"], "math")
-    hits = [math_answer(r["text"]) == a for r, (_, a) in zip(res, math_items)]
-    out["math"] = {"metric": "exact-match accuracy", "score": sum(hits) / len(hits), "n": len(hits),
-                   "example": {"prompt": math_items[0][0][-200:], "completion": res[0]["text"],
-                               "answer": math_items[0][1]}}
-    headers = builtin.code_tasks(n, seed)
-    res = _greedy(engine, headers, MAX_TOKENS["code"], ["\ndef ", "\nclass ", "\n\n\n", "\n@"], "code")
-    ok = [code_ok(h, r["text"], r["finish_reason"]) for h, r in zip(headers, res)]
-    out["code"] = {"metric": "share that parses with a body", "score": sum(ok) / len(ok), "n": len(ok),
-                   "example": {"prompt": headers[0][-200:], "completion": res[0]["text"]}}
-    convs = builtin.chat_tasks(n, seed)
-    prompts = [chat.render(c, t, reply=True) for c in convs]
-    res = _greedy(engine, prompts, MAX_TOKENS["chat"], chat.stop_strings(t), t.domain)
-    ok = [chat_ok(r["text"], r["finish_reason"], t) for r in res]
-    out["chat"] = {"metric": "share of replies in the dialogue format", "score": sum(ok) / len(ok), "n": len(ok),
-                   "example": {"prompt": prompts[0][-200:], "completion": res[0]["text"]}}
+    if "math" in tasks:
+        math_items = builtin.math_tasks(n, seed)
+        res = _greedy(engine, [p for p, _ in math_items], MAX_TOKENS["math"], ["\n\n", "\nProblem:"], "math")
+        hits = [math_answer(r["text"]) == a for r, (_, a) in zip(res, math_items)]
+        out["math"] = {"metric": "exact-match accuracy", "score": sum(hits) / len(hits), "n": len(hits),
+                       "example": {"prompt": math_items[0][0][-200:], "completion": res[0]["text"],
+                                   "answer": math_items[0][1]}}
+    if "code" in tasks:
+        headers = builtin.code_tasks(n, seed)
+        res = _greedy(engine, headers, MAX_TOKENS["code"], ["\ndef ", "\nclass ", "\n\n\n", "\n@"], "code")
+        ok = [code_ok(h, r["text"], r["finish_reason"]) for h, r in zip(headers, res)]
+        out["code"] = {"metric": "share that parses with a body", "score": sum(ok) / len(ok), "n": len(ok),
+                       "example": {"prompt": headers[0][-200:], "completion": res[0]["text"]}}
+    if "chat" in tasks:
+        convs = builtin.chat_tasks(n, seed)
+        prompts = [chat.render(c, t, reply=True) for c in convs]
+        res = _greedy(engine, prompts, MAX_TOKENS["chat"], chat.stop_strings(t), t.domain)
+        ok = [chat_ok(r["text"], r["finish_reason"], t) for r in res]
+        out["chat"] = {"metric": "share of replies in the dialogue format", "score": sum(ok) / len(ok),
+                       "n": len(ok), "example": {"prompt": prompts[0][-200:], "completion": res[0]["text"]}}
     return out
+
+
+def task_scores(path: str, tasks: tuple[str, ...], n: int, seed: int = 0) -> dict[str, float]:
+    """The scores (0-1) of the checkpoint at `path` on `tasks`, on CPU: what a Tune trial reports
+    when the sweep optimises a task (`hydra-ray tune --metric task_chat`)."""
+    from hydra_ray.serve.engine import Engine
+
+    unknown = set(tasks) - set(TASKS)
+    if unknown:
+        raise ValueError(f"unknown task(s) {sorted(unknown)}: expected some of {list(TASKS)}")
+    engine = Engine.from_checkpoint(path, device="cpu")
+    return {k: v["score"] for k, v in _scores(engine, n, seed, tasks).items()}
 
 
 @torch.no_grad()

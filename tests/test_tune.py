@@ -15,13 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from hydra_ray import storage
+from hydra_ray import evaluation, storage
 from hydra_ray.cli import build_parser, main
 from hydra_ray.config import ConfigError, dump_config, load_config, parse_config
 from hydra_ray.runlog import RunLog
 from hydra_ray.tune import cli as tune
 from hydra_ray.tune.space import Entry, load_space, parse_entry, validate_space
-from hydra_ray.tune.trial import tune_metrics
+from hydra_ray.tune.results import pareto, table, write_outputs
+from hydra_ray.tune.trial import Objective, tune_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 ROUTING = ROOT / "configs" / "sweeps" / "routing.yaml"
@@ -120,6 +121,40 @@ def test_the_trial_reports_the_loops_imbalance_over_the_eval_window(tmp_path):
     assert (m["imbalance"], m["util_max_min"]) == (7.0, 7.0)
     m = tune_metrics({"step": 1, "eval_loss": 3.0}, run, window=1)  # MoE off
     assert (m["imbalance"], m["util_max_min"]) == (None, None)
+
+
+def test_a_task_objective_is_maximised_and_ties_go_to_the_lower_eval_loss(tmp_path):
+    """--metric task_X: the best trial has the highest score (among completed ones), a tie goes to
+    the lower eval loss, and the Pareto set counts the score as a gain; eval_loss stays a cost."""
+    entries = [Entry(key="train.lr", kind="choice", values=(1e-3, 2e-3))]
+    base = load_config(ROOT / "configs" / "tune-tiny.yaml").model_dump(mode="python")
+
+    def row(trial, status, loss, chat, imb):
+        return {"trial": trial, "status": status, "step": 48, "iters": 8, "eval_loss": loss, "task_chat": chat,
+                "imbalance": imb, "util_max_min": 1.0, "values": {"train.lr": 1e-3}, "error": "", "run_dir": "r"}
+
+    rows = [row("a", "completed", 2.0, 0.50, 0.1), row("b", "completed", 1.5, 0.50, 0.3),
+            row("c", "completed", 1.0, 0.25, 0.05), row("d", "stopped", 0.5, 0.90, 0.0)]
+    chat = Objective("task_chat")
+    assert (chat.mode, chat.tasks, Objective().mode, Objective().tasks) == ("max", ("chat",), "min", ())
+    assert Objective("task_mean").tasks == ("math", "code", "chat")
+    out = write_outputs(str(tmp_path), rows, entries, base, {"config": "c"}, final=True, objective=chat)
+    assert out["best"]["trial"] == "b"  # 0.50 like a, with the lower eval loss; d was stopped
+    assert {r["trial"] for r in pareto(rows, chat)} == {"a", "c"}  # b: as good as a, less balanced
+    assert {r["trial"] for r in pareto(rows)} == {"c"}  # on eval_loss, c is best on both
+    assert "task_chat" in table(rows, entries, out["front_ids"], "b", chat).splitlines()[0]
+    assert _rows(tmp_path / "trials.csv")[1]["task_chat"] == "0.5"
+    assert "task_chat 0.5 at step 48" in (tmp_path / "best.yaml").read_text()
+
+
+def test_a_task_metric_is_checked_before_the_sweep_starts(tmp_path, base_yaml):
+    space = tmp_path / "space.yaml"
+    space.write_text("model.moe.aux_weight: {loguniform: [1e-4, 1e-1]}\n")
+    with pytest.raises(SystemExit):  # argparse: not one of the choices
+        _args("--config", str(base_yaml), "--space", str(space), "--samples", "1", "--metric", "task_poetry")
+    with pytest.raises(ConfigError, match="--task-n 0"):
+        tune.run(_args("--config", str(base_yaml), "--space", str(space), "--samples", "1", "--metric", "task_code",
+                       "--task-n", "0", "--storage", str(tmp_path)))
 
 
 @pytest.mark.parametrize("text, names", [
@@ -282,14 +317,21 @@ def test_resume_continues_an_interrupted_sweep_without_rerunning_finished_trials
 def test_two_worker_trials_run_ray_train_inside_tune(asha_sweep, tmp_path, ray_session, base_yaml):
     """--workers-per-trial 2: each trial is a Train v2 run of 2 workers launched from the Tune
     function, reporting through TuneReportCallback. It trains the model the one-worker trial of the
-    same learning rate trained: the same eval loss at step 6 (MoE is still off there)."""
+    same learning rate trained: the same eval loss at step 6 (MoE is still off there). With
+    `--metric task_chat` the report carries the chat score of the checkpoint the workers wrote,
+    the score `hydra-ray eval` gives that checkpoint."""
     _, one_worker_sweep, _ = asha_sweep
     space = tmp_path / "space.yaml"
     space.write_text("model.moe.aux_weight: {loguniform: [1e-4, 1e-1]}\n")
     rc = tune.run(_args("--config", str(base_yaml), "--space", str(space), "--samples", "1", "--scheduler", "none",
-                        "--workers-per-trial", "2", "--max-steps", "6", "--storage", str(tmp_path), "--name", "k2"))
+                        "--workers-per-trial", "2", "--max-steps", "6", "--storage", str(tmp_path), "--name", "k2",
+                        "--metric", "task_chat", "--task-n", "3"))
     assert rc == 0
     (row,) = _rows(tmp_path / "k2" / "trials.csv")
+    ckpt_dir = Path(row["run_dir"]) / "checkpoints" / "step_00000006"
+    assert float(row["task_chat"]) == evaluation.task_scores(str(ckpt_dir), ("chat",), 3)["chat"]
+    assert "best" in (tmp_path / "k2" / "best.yaml").read_text().splitlines()[0] and \
+        "task_chat" in (tmp_path / "k2" / "best.yaml").read_text().splitlines()[1]
     assert (row["status"], int(row["step"]), int(row["iters"])) == ("completed", 6, 1)
     (result,) = [json.loads(line) for line in
                  (tmp_path / "k2" / f"trial_{row['trial']}" / "result.json").read_text().splitlines()]
@@ -313,11 +355,15 @@ def test_sweep_on_s3_writes_its_results_there_and_best_yaml_trains(tmp_path, ray
     space = tmp_path / "space.yaml"
     space.write_text("model.moe.aux_weight: {loguniform: [1e-4, 1e-1]}\n")
     rc = tune.run(_args("--config", str(base_yaml), "--space", str(space), "--samples", "2", "--scheduler", "none",
-                        "--max-steps", "6", "--storage", f"{s3}/tune", "--name", "s3sweep", "--seed", "0"))
+                        "--max-steps", "6", "--storage", f"{s3}/tune", "--name", "s3sweep", "--seed", "0",
+                        "--metric", "task_mean", "--task-n", "2"))
     assert rc == 0
     sweep = f"{s3}/tune/s3sweep"
     rows = list(csv.DictReader(storage.read_text(f"{sweep}/trials.csv").splitlines()))
     assert len(rows) == 2 and all((r["status"], int(r["step"])) == ("completed", 6) for r in rows), rows
+    for r in rows:  # the one-worker trials score their checkpoints too, here on S3
+        scores = [float(r[f"task_{t}"]) for t in ("math", "code", "chat")]
+        assert all(0 <= x <= 1 for x in scores) and float(r["task_mean"]) == pytest.approx(sum(scores) / 3)
     for r in rows:
         assert r["run_dir"] == f"{sweep}/runs/{r['trial']}"
         assert ("step_00000006", True) in storage.listdir(f"{r['run_dir']}/checkpoints")

@@ -2,6 +2,7 @@
 
     hydra-ray tune --config C --space S --samples N [--scheduler asha|none] [--storage DIR|URI]
                    [--workers-per-trial K] [--name NAME] [--max-steps N] [--resume]
+                   [--metric eval_loss|task_math|task_code|task_chat|task_mean] [--task-n N]
 
 Design choices
 - Everything the user can get wrong (config, space file, flags, storage) is checked before Ray
@@ -10,7 +11,11 @@ Design choices
   before Ray starts. Every file of the sweep goes through `hydra_ray.storage`, Tune's own
   experiment files through RunConfig(storage_path=STORAGE), which takes URIs itself. On a
   multi-node cluster STORAGE must be a URI or a filesystem every node sees.
-- ASHA (`--scheduler asha`) stops trials on `eval_loss` with the training *step* as its clock
+- The objective (`--metric`) is `eval_loss` (minimised) or a held-out task score of
+  `hydra-ray eval` (maximised): each trial scores the checkpoint of each eval on `--task-n`
+  generated items per task (trial.Objective). Scoring costs greedy decoding at every eval, so keep
+  `--task-n` small; ties between trials go to the lower eval loss.
+- ASHA (`--scheduler asha`) stops trials on the objective with the training *step* as its clock
   (`time_attr="step"`): a resumed trial keeps its place on the step axis, which Tune's
   `training_iteration` (reset when a trial restarts without a Tune checkpoint, as Train v2 trials
   do) would not. The default grace period is the first eval after MoE switches on, so trials are
@@ -41,7 +46,7 @@ from hydra_ray import storage
 from hydra_ray.config import ConfigError, HydraConfig, check_batch_split, dump_config, load_config
 from hydra_ray.tune.results import collect, fmt, scheme_of, status_callback, table, write_outputs
 from hydra_ray.tune.space import Entry, load_space, validate_space
-from hydra_ray.tune.trial import METRIC, run_trial, trial_dirname, trial_name
+from hydra_ray.tune.trial import METRIC, OBJECTIVES, Objective, run_trial, trial_dirname, trial_name
 
 EXIT_INTERRUPTED = 130
 
@@ -52,7 +57,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples", type=int, required=True,
                    help="samples of the space (each grid combination is run this many times)")
     p.add_argument("--scheduler", default="asha", choices=["asha", "none"],
-                   help="asha: stop weak trials early on eval loss; none: run every trial to the end")
+                   help="asha: stop weak trials early on the objective; none: run every trial to the end")
+    p.add_argument("--metric", default=METRIC, choices=OBJECTIVES,
+                   help="objective: eval_loss (lower is better) or a held-out task score of `hydra-ray eval` "
+                        "(higher is better; task_mean averages math, code and chat), measured at every eval")
+    p.add_argument("--task-n", type=int, default=16,
+                   help="with a task --metric: held-out items per task scored at each eval")
     p.add_argument("--storage", default="runs/tune",
                    help="the sweep goes to STORAGE/NAME (local path or URI such as s3://bucket/tune)")
     p.add_argument("--name", default=None, help="sweep name (default: CONFIG-SPACE file stems)")
@@ -99,7 +109,7 @@ def _sweep_dir(args: argparse.Namespace) -> str:
 def _settings(args: argparse.Namespace, cfg: HydraConfig, entries: list[Entry]) -> dict:
     for flag, value, low in (("--samples", args.samples, 1), ("--workers-per-trial", args.workers_per_trial, 1),
                              ("--max-steps", args.max_steps, 1), ("--grace-period", args.grace_period, 1),
-                             ("--max-concurrent", args.max_concurrent, 1)):
+                             ("--max-concurrent", args.max_concurrent, 1), ("--task-n", args.task_n, 1)):
         if value is not None and value < low:
             raise ConfigError(f"{flag} {value}: must be at least {low}")
     if not args.cpus_per_worker > 0:
@@ -118,13 +128,21 @@ def _settings(args: argparse.Namespace, cfg: HydraConfig, entries: list[Entry]) 
             "space": {e.key: e.spec() for e in entries}, "samples": args.samples, "trials": args.samples * grid,
             "scheduler": args.scheduler, "workers_per_trial": K, "cpus_per_worker": args.cpus_per_worker,
             "end_step": end_step, "grace_period": grace, "reduction_factor": args.reduction_factor,
-            "seed": args.seed}
+            "seed": args.seed, "metric": args.metric, "task_n": args.task_n}
+
+
+# settings a sweep.json written before they existed stands for
+_SETTING_DEFAULTS = {"metric": METRIC, "task_n": 16}
+
+
+def _objective(settings: dict) -> Objective:
+    return Objective(settings["metric"], settings["task_n"])
 
 
 def _check_resume(saved: dict, now: dict, sweep_dir: str) -> None:
     for key in ("config_yaml", "space", "samples", "scheduler", "workers_per_trial", "cpus_per_worker",
-                "end_step", "grace_period", "reduction_factor", "seed"):
-        if json.loads(json.dumps(saved.get(key))) != json.loads(json.dumps(now[key])):
+                "end_step", "grace_period", "reduction_factor", "seed", "metric", "task_n"):
+        if json.loads(json.dumps(saved.get(key, _SETTING_DEFAULTS.get(key)))) != json.loads(json.dumps(now[key])):
             what = {"config_yaml": "--config", "space": "--space", "end_step": "--max-steps"}.get(
                 key, "--" + key.replace("_", "-"))
             raise ConfigError(f"--resume: {what} differs from the sweep in {sweep_dir} (see its sweep.json); "
@@ -156,6 +174,7 @@ def _new_tuner(trainable, entries: list[Entry], settings: dict, sweep_dir: str, 
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
+    objective = _objective(settings)
     if settings["scheduler"] == "asha":
         scheduler = ASHAScheduler(time_attr="step", max_t=settings["end_step"], grace_period=settings["grace_period"],
                                   reduction_factor=settings["reduction_factor"])
@@ -165,13 +184,13 @@ def _new_tuner(trainable, entries: list[Entry], settings: dict, sweep_dir: str, 
         trainable,
         param_space={e.key: e.tune_domain() for e in entries},
         tune_config=tune.TuneConfig(
-            metric=METRIC, mode="min", num_samples=settings["samples"], scheduler=scheduler,
+            metric=objective.name, mode=objective.mode, num_samples=settings["samples"], scheduler=scheduler,
             # the generator, not TuneConfig.max_concurrent_trials, when a search_alg is given
             search_alg=BasicVariantGenerator(max_concurrent=concurrent, random_state=settings["seed"]),
             trial_dirname_creator=trial_dirname, trial_name_creator=trial_name,
         ),
         run_config=tune.RunConfig(storage_path=storage.parent(sweep_dir), name=storage.name(sweep_dir),
-                                  callbacks=[status_callback(settings["end_step"], scheme_of(sweep_dir))]),
+                                  callbacks=[status_callback(settings["end_step"], scheme_of(sweep_dir), objective)]),
     )
 
 
@@ -218,14 +237,16 @@ def run(args: argparse.Namespace, log=print) -> int:
     if not args.resume:
         storage.write_text(storage.join(sweep_dir, "sweep.json"), json.dumps(settings, indent=1) + "\n")
 
+    objective = _objective(settings)
     setup = {"base": base, "runs": runs, "end_step": settings["end_step"], "workers": K,
-             "cpus_per_worker": cpus}
+             "cpus_per_worker": cpus, "objective": objective}
     # K = 1: the loop runs in the trial's own process, which holds the CPUs. K > 1: the trial
     # process only waits on its Train run, whose workers hold the CPUs (Tune refuses 0).
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup, prepared=prepared),
                                     {"CPU": per_trial} if K == 1 else {"CPU": 0.01})
     log(f"[tune] {sweep_dir}: {settings['trials']} trial(s) of {settings['end_step']} steps, {concurrent} at once, "
-        f"{K} worker(s) x {cpus:g} CPU each; scheduler {settings['scheduler']}"
+        f"{K} worker(s) x {cpus:g} CPU each; objective {objective.name} ({objective.mode}"
+        + (f", {objective.n} items per task at each eval" if objective.tasks else "") + f"); scheduler {settings['scheduler']}"
         + (f" (grace {settings['grace_period']} steps, reduction factor {settings['reduction_factor']:g})"
            if settings["scheduler"] == "asha" else ""))
     t0 = time.time()
@@ -234,12 +255,12 @@ def run(args: argparse.Namespace, log=print) -> int:
     else:
         tuner = _new_tuner(trainable, entries, settings, sweep_dir, concurrent)
     grid = tuner.fit()
-    rows = collect(grid, entries, settings["end_step"], sweep_dir)
+    rows = collect(grid, entries, settings["end_step"], sweep_dir, objective)
     unfinished = [r for r in rows if r["status"] == "unfinished"]
     interrupted = bool(unfinished) or len(rows) < settings["trials"]
-    out = write_outputs(sweep_dir, rows, entries, base, settings, final=not interrupted)
+    out = write_outputs(sweep_dir, rows, entries, base, settings, final=not interrupted, objective=objective)
     log("")
-    log(table(rows, entries, out["front_ids"], out["best"]["trial"] if out["best"] else None))
+    log(table(rows, entries, out["front_ids"], out["best"]["trial"] if out["best"] else None, objective))
     log(f"\n[tune] {len(rows)} trial(s) in {time.time() - t0:.0f}s: "
         + ", ".join(f"{sum(r['status'] == s for r in rows)} {s}"
                     for s in ("completed", "stopped", "error", "unfinished") if any(r["status"] == s for r in rows)))
@@ -247,13 +268,13 @@ def run(args: argparse.Namespace, log=print) -> int:
     if interrupted:
         log("[tune] the sweep was interrupted: continue it with the same command and --resume")
         return EXIT_INTERRUPTED
-    log(f"[tune] Pareto set (eval_loss, imbalance): {storage.join(sweep_dir, 'pareto.csv')} "
+    log(f"[tune] Pareto set ({objective.name}, imbalance): {storage.join(sweep_dir, 'pareto.csv')} "
         f"({', '.join(r['trial'] for r in out['front']) or 'empty'})")
     if out["best"] is None:
         print("error: no trial completed: see the errors in trials.csv", file=sys.stderr)
         return 1
     best = out["best"]
     best_yaml = storage.join(sweep_dir, "best.yaml")
-    log(f"[tune] best: {best_yaml} (trial {best['trial']}, eval_loss {fmt(best[METRIC])}); "
+    log(f"[tune] best: {best_yaml} (trial {best['trial']}, {objective.name} {fmt(best[objective.name])}); "
         f"train it with: hydra-ray train --config {best_yaml}")
     return 0

@@ -3,9 +3,9 @@
 Outputs under STORAGE/NAME, beside Tune's own experiment files (all written through
 `hydra_ray.storage`, so STORAGE may be a local path or a URI):
 - trials.csv: every trial with status, last step, Tune iterations, metrics and sampled values;
-- pareto.csv: the completed trials that no other completed trial beats on both eval_loss and
-  imbalance;
-- best.yaml: the complete config with the lowest final eval_loss (the --config file with that
+- pareto.csv: the completed trials that no other completed trial beats on both the objective
+  (`--metric`: eval_loss by default, or a held-out task score) and imbalance;
+- best.yaml: the complete config with the best final objective (the --config file with that
   trial's values), which `hydra-ray train --config best.yaml` takes as it is;
 - trial_status.jsonl: how each trial ended, written by a Tune callback (`status_callback`).
   Tune's own statuses cannot tell a trial ASHA stopped from one that an interruption stopped
@@ -27,7 +27,7 @@ import time
 from hydra_ray import storage
 from hydra_ray.config import dump_config, parse_config
 from hydra_ray.tune.space import Entry, apply_values
-from hydra_ray.tune.trial import METRIC, SECOND
+from hydra_ray.tune.trial import METRIC, SECOND, Objective
 
 STATUS_FILE = "trial_status.jsonl"
 
@@ -46,7 +46,7 @@ def scheme_of(loc: str) -> str:
     return "" if storage.is_local(loc) else loc.partition("://")[0] + "://"
 
 
-def status_callback(end_step: int, scheme: str, log=_say):
+def status_callback(end_step: int, scheme: str, objective: Objective = Objective(), log=_say):
     """A Tune callback that records each trial's end (finished or stopped by the scheduler:
     "terminated"; or "error") in EXPERIMENT/trial_status.jsonl, and logs it. The file survives
     `--resume` (the callback is pickled with the experiment, so it finds the file through the
@@ -65,10 +65,10 @@ def status_callback(end_step: int, scheme: str, log=_say):
             # rewritten whole (object stores cannot append); Tune calls back one trial at a time
             storage.write_text(loc, text + json.dumps({"trial": trial.trial_id, "status": status,
                                                        "step": m.get("step"), "time": time.time()}) + "\n")
-            step, loss = m.get("step"), m.get(METRIC)
+            step, value = m.get("step"), m.get(objective.name)
             what = "error" if status == "error" else "completed" if step is not None and step >= end_step else \
                 f"stopped at step {step}"
-            log(f"[tune] trial {trial.trial_id} {what}" + (f": eval_loss {loss:.4f}" if loss is not None else ""))
+            log(f"[tune] trial {trial.trial_id} {what}" + (f": {objective.name} {value:.4f}" if value is not None else ""))
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             self._mark(trial, "terminated")
@@ -110,8 +110,9 @@ def _num(x) -> float | None:
     return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
 
 
-def collect(grid, entries: list[Entry], end_step: int, sweep_dir: str) -> list[dict]:
-    """One row per trial of Tune's ResultGrid `grid`, sorted by trial id."""
+def collect(grid, entries: list[Entry], end_step: int, sweep_dir: str, objective: Objective = Objective()) -> list[dict]:
+    """One row per trial of Tune's ResultGrid `grid`, sorted by trial id: eval_loss, the
+    objective's task scores when it has any, imbalance."""
     ended = _ended(sweep_dir)
     rows = []
     for result in grid:
@@ -121,7 +122,8 @@ def collect(grid, entries: list[Entry], end_step: int, sweep_dir: str) -> list[d
         rows.append({
             "trial": trial_id, "status": _status(result, ended.get(trial_id), end_step),
             "step": m.get("step"), "iters": m.get("training_iteration"),
-            METRIC: _num(m.get(METRIC)), SECOND: _num(m.get(SECOND)), "util_max_min": _num(m.get("util_max_min")),
+            METRIC: _num(m.get(METRIC)), **{k: _num(m.get(k)) for k in _score_columns(objective)},
+            SECOND: _num(m.get(SECOND)), "util_max_min": _num(m.get("util_max_min")),
             "values": {e.key: cfg.get(e.key) for e in entries},
             "error": " ".join(str(result.error).split())[:300] if result.error is not None else "",
             "run_dir": storage.join(sweep_dir, "runs", trial_id),
@@ -130,14 +132,24 @@ def collect(grid, entries: list[Entry], end_step: int, sweep_dir: str) -> list[d
     return rows
 
 
-def pareto(rows: list[dict]) -> list[dict]:
-    """Completed trials not dominated on (eval_loss, imbalance), both lower-is-better; a missing
-    imbalance (MoE never on) counts as the worst."""
+def _score_columns(objective: Objective) -> list[str]:
+    """The task columns a sweep on `objective` has (none for eval_loss)."""
+    cols = [f"task_{t}" for t in objective.tasks]
+    return cols + ([objective.name] if objective.name not in cols and objective.name != METRIC else [])
+
+
+def _completed(rows: list[dict], objective: Objective) -> list[dict]:
+    return [r for r in rows if r["status"] == "completed" and r.get(objective.name) is not None]
+
+
+def pareto(rows: list[dict], objective: Objective = Objective()) -> list[dict]:
+    """Completed trials not dominated on (objective, imbalance), both as costs (a task score
+    counts negated); a missing imbalance (MoE never on) counts as the worst."""
     def point(r):
         imb = r[SECOND]
-        return r[METRIC], imb if imb is not None and not math.isnan(imb) else math.inf
+        return objective.lower_is_better(r[objective.name]), imb if imb is not None and not math.isnan(imb) else math.inf
 
-    done = [r for r in rows if r["status"] == "completed" and r[METRIC] is not None]
+    done = _completed(rows, objective)
     front = []
     for r in done:
         a = point(r)
@@ -172,21 +184,24 @@ def _short_names(keys: list[str]) -> dict[str, str]:
     return out
 
 
-def table(rows: list[dict], entries: list[Entry], front_ids: set[str], best_id: str | None) -> str:
+def table(rows: list[dict], entries: list[Entry], front_ids: set[str], best_id: str | None,
+          objective: Objective = Objective()) -> str:
     short = _short_names([e.key for e in entries])
-    head = ["trial", "status", "step", "iters", METRIC, SECOND, ""] + [short[e.key] for e in entries]
+    scores = _score_columns(objective)
+    head = ["trial", "status", "step", "iters", METRIC, *scores, SECOND, ""] + [short[e.key] for e in entries]
     body = []
     for r in rows:
         mark = "best" if r["trial"] == best_id else ("pareto" if r["trial"] in front_ids else "")
-        body.append([r["trial"], r["status"], fmt(r["step"]), fmt(r["iters"]), fmt(r[METRIC]), fmt(r[SECOND], 3),
-                     mark] + [fmt(r["values"][e.key], 3) for e in entries])
+        body.append([r["trial"], r["status"], fmt(r["step"]), fmt(r["iters"]), fmt(r[METRIC]),
+                     *(fmt(r.get(c), 3) for c in scores), fmt(r[SECOND], 3), mark]
+                    + [fmt(r["values"][e.key], 3) for e in entries])
     widths = [max(len(str(c)) for c in col) for col in zip(head, *body)]
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in [head] + body)
 
 
 # --------------------------------------------------------------------------- the files
-def _write_csv(loc: str, rows: list[dict], entries: list[Entry], front_ids: set[str]) -> None:
-    fields = ["trial", "status", "step", "iters", METRIC, SECOND, "util_max_min", "pareto"] + \
+def _write_csv(loc: str, rows: list[dict], entries: list[Entry], front_ids: set[str], objective: Objective) -> None:
+    fields = ["trial", "status", "step", "iters", METRIC, *_score_columns(objective), SECOND, "util_max_min", "pareto"] + \
         [e.key for e in entries] + ["run_dir", "error"]
     f = io.StringIO(newline="")
     w = csv.DictWriter(f, fieldnames=fields)
@@ -197,15 +212,17 @@ def _write_csv(loc: str, rows: list[dict], entries: list[Entry], front_ids: set[
 
 
 def write_outputs(sweep_dir: str, rows: list[dict], entries: list[Entry], base: dict, settings: dict,
-                  final: bool) -> dict:
+                  final: bool, objective: Objective = Objective()) -> dict:
     """trials.csv always; pareto.csv and best.yaml once the sweep is over."""
-    front = pareto(rows) if final else []
+    front = pareto(rows, objective) if final else []
     front_ids = {r["trial"] for r in front}
-    done = [r for r in rows if r["status"] == "completed" and r[METRIC] is not None]
-    best = min(done, key=lambda r: r[METRIC]) if final and done else None
-    _write_csv(storage.join(sweep_dir, "trials.csv"), rows, entries, front_ids)
+    done = _completed(rows, objective)
+    # ties on a task score (a share of n items) go to the lower eval loss
+    best = min(done, key=lambda r: (objective.lower_is_better(r[objective.name]),
+                                    r[METRIC] if r[METRIC] is not None else math.inf)) if final and done else None
+    _write_csv(storage.join(sweep_dir, "trials.csv"), rows, entries, front_ids, objective)
     if final:
-        _write_csv(storage.join(sweep_dir, "pareto.csv"), front, entries, front_ids)
+        _write_csv(storage.join(sweep_dir, "pareto.csv"), front, entries, front_ids, objective)
     if best is not None:
         cfg = parse_config(apply_values(base, best["values"]), "best config")
         # `hydra-ray train --config .../best.yaml` trains into a run named after the sweep, so
@@ -214,7 +231,7 @@ def write_outputs(sweep_dir: str, rows: list[dict], entries: list[Entry], base: 
         values = ", ".join(f"{k}={fmt(v, 6)}" for k, v in best["values"].items())
         name = storage.name(sweep_dir)
         header = (f"# hydra-ray tune: best of sweep {name} ({len(done)} completed trial(s)):\n"
-                  f"# trial {best['trial']}, eval_loss {fmt(best[METRIC])} at step {best['step']}, "
+                  f"# trial {best['trial']}, {objective.name} {fmt(best[objective.name])} at step {best['step']}, "
                   f"imbalance {fmt(best[SECOND], 3)}\n"
                   f"# base config {settings['config']} with {values}\n")
         storage.write_text(storage.join(sweep_dir, "best.yaml"), header + dump_config(cfg))
