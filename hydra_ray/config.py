@@ -226,6 +226,10 @@ class PhaseConfig(_Strict):
     seq_len: int | None = Field(None, ge=2)
     seed: int | None = None  # an int locks the seed; None unlocks it (drawn at phase start, checkpointed)
     lr_scale: float = Field(1.0, gt=0)
+    # with model.moe.bias_balancing on: false turns balancing off for this phase (the experts'
+    # selection bias is cleared and held at zero, e.g. for free routing on a non-uniform mixture
+    # after balancing under a uniform one); None / true balance
+    bias_balancing: bool | None = None
 
     @field_validator("mixture")
     @classmethod
@@ -350,6 +354,9 @@ class HydraConfig(_Strict):
                 raise ValueError(
                     f"curriculum.phases.{i}.seq_len: {p.seq_len} exceeds model.seq_len ({self.model.seq_len})"
                 )
+            if p.bias_balancing is not None and not self.model.moe.bias_balancing:
+                raise ValueError(f"curriculum.phases.{i}.bias_balancing: needs model.moe.bias_balancing: true "
+                                 "(the phase only turns its updates on or off)")
         return self
 
 

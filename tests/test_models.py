@@ -11,7 +11,7 @@ import pathlib
 import pytest
 import torch
 
-from hydra_ray.config import HydraConfig, MoEConfig, load_config
+from hydra_ray.config import HydraConfig, MoEConfig, load_config, parse_config
 from hydra_ray.models import HydraLM
 from hydra_ray.models.hydra import Block, sample
 from hydra_ray.models.moe import MoELayer, SwiGLU
@@ -148,6 +148,33 @@ def test_capacity_queues_first_choices_before_second_choices():
     assert moe(x).idx_NK.tolist() == [[0, 1], [0, -1], [1, -1]]
 
 
+@pytest.mark.parametrize("counts", [[2, 0, 3], [0, 0, 4], [1, 1, 1]])
+def test_grouped_experts_match_autograd_per_expert(counts):
+    """Experts.forward's one-node grouped SwiGLU (output and weight gradients written in place)
+    against the gradient checker in float64, and against per-expert autograd in float32 (the path
+    autocast takes), experts without rows included."""
+    from hydra_ray.models.moe import Experts, _GroupedSwiGLU, swiglu
+
+    torch.manual_seed(0)
+    E, D, F, A = 3, 5, 7, sum(counts)
+    x = torch.randn(A, D, dtype=torch.float64, requires_grad=True)
+    ws = [torch.randn(*shape, dtype=torch.float64, requires_grad=True) for shape in ((E, F, D), (E, F, D), (E, D, F))]
+    assert torch.autograd.gradcheck(lambda x, a, b, c: _GroupedSwiGLU.apply(x, a, b, c, counts), (x, *ws))
+    experts = Experts(E, D, F)
+    x = torch.randn(A, D, requires_grad=True)
+    y = experts(x, counts)
+    gy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [x, experts.w1, experts.w3, experts.w2], gy)
+    ref, start = [], 0
+    for e, n in enumerate(counts):
+        ref.append(swiglu(x[start:start + n], experts.w1[e], experts.w3[e], experts.w2[e]))
+        start += n
+    ref = torch.cat(ref)
+    torch.testing.assert_close(y, ref)
+    for g, r in zip(grads, torch.autograd.grad(ref, [x, experts.w1, experts.w3, experts.w2], gy)):
+        torch.testing.assert_close(g, r)
+
+
 def test_bias_balancing_raises_underloaded_experts():
     moe = MoELayer(2, 8, MoEConfig(num_experts=2, bias_balancing=True, bias_rate=0.1), [])
     with torch.no_grad():
@@ -157,6 +184,18 @@ def test_bias_balancing_raises_underloaded_experts():
     moe.balance_step()
     assert moe.expert_bias.tolist() == pytest.approx([-0.1, 0.1])
     assert moe.load_acc.sum() == 0
+    # the bias steers the selection (never the gate)
+    with torch.no_grad():
+        moe.expert_bias.copy_(torch.tensor([-1.0, 1.0]))
+    assert moe.eval()(torch.tensor([[3.0, 0.0]])).idx_NK.tolist() == [[1]]
+    # a phase with bias_balancing: false clears the bias and holds it at zero
+    moe.train()(torch.tensor([[3.0, 0.0]] * 5))
+    moe.balance_step(on=False)
+    assert moe.expert_bias.tolist() == [0.0, 0.0] and moe.load_acc.sum() == 0
+    assert moe.eval()(torch.tensor([[3.0, 0.0]])).idx_NK.tolist() == [[0]]
+    with pytest.raises(ValueError, match=r"phases.0.bias_balancing: needs model.moe.bias_balancing"):
+        parse_config({"curriculum": {"phases": [{"name": "a", "until_step": 4, "moe": True,
+                                                 "bias_balancing": False}]}})
 
 
 # --------------------------------------------------------------------------- gradients

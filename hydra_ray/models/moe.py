@@ -64,6 +64,56 @@ class SwiGLU(nn.Module):
         return swiglu(x, self.w1, self.w3, self.w2)
 
 
+class _GroupedSwiGLU(torch.autograd.Function):
+    """E SwiGLU experts over rows grouped by expert (`counts[e]` rows each), as one autograd node.
+    The forward writes every expert's rows into one output (no concatenation); the backward
+    writes each expert's weight gradients straight into one [E, ...] buffer per weight. Through
+    autograd, each expert's gradient would be a separate tensor stacked afterwards (a copy of all
+    expert gradients per call, 3 per layer and recursion). Same dtype throughout (the caller falls
+    back to autograd under autocast)."""
+
+    @staticmethod
+    def forward(ctx, x_AD, w1_EFD, w3_EFD, w2_EDF, counts):
+        A, Fh = x_AD.shape[0], w1_EFD.shape[1]
+        h1_AF, h3_AF = x_AD.new_empty(A, Fh), x_AD.new_empty(A, Fh)
+        y_AD = x_AD.new_empty(A, w2_EDF.shape[1])
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                rows = slice(start, start + n)
+                torch.mm(x_AD[rows], w1_EFD[e].t(), out=h1_AF[rows])
+                torch.mm(x_AD[rows], w3_EFD[e].t(), out=h3_AF[rows])
+                torch.mm(F.silu(h1_AF[rows]) * h3_AF[rows], w2_EDF[e].t(), out=y_AD[rows])
+            start += n
+        ctx.save_for_backward(x_AD, w1_EFD, w3_EFD, w2_EDF, h1_AF, h3_AF)
+        ctx.counts = counts
+        return y_AD
+
+    @staticmethod
+    def backward(ctx, gy_AD):
+        x_AD, w1, w3, w2, h1_AF, h3_AF = ctx.saved_tensors
+        gx_AD = torch.empty_like(x_AD)
+        g1, g3, g2 = torch.empty_like(w1), torch.empty_like(w3), torch.empty_like(w2)
+        start = 0
+        for e, n in enumerate(ctx.counts):
+            if not n:  # an expert without rows has a zero gradient
+                g1[e].zero_(), g3[e].zero_(), g2[e].zero_()
+                continue
+            rows = slice(start, start + n)
+            x, gy, h1, h3 = x_AD[rows], gy_AD[rows], h1_AF[rows], h3_AF[rows]
+            act = F.silu(h1)
+            torch.mm(gy.t(), act * h3, out=g2[e])
+            gg = gy @ w2[e]  # d(act * h3)
+            gh3 = gg * act
+            gh1 = torch.ops.aten.silu_backward(gg * h3, h1)
+            torch.mm(gh1.t(), x, out=g1[e])
+            torch.mm(gh3.t(), x, out=g3[e])
+            torch.mm(gh1, w1[e], out=gx_AD[rows])
+            gx_AD[rows].addmm_(gh3, w3[e])
+            start += n
+        return gx_AD, g1, g3, g2, None
+
+
 class Experts(nn.Module):
     """E SwiGLU experts stored stacked (w1_EFD, w3_EFD, w2_EDF): global expert e is row e - offset."""
 
@@ -77,6 +127,9 @@ class Experts(nn.Module):
 
     def forward(self, x_AD: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """Rows of x_AD are grouped by local expert, `counts[e]` rows each."""
+        if any(counts) and not torch.is_autocast_enabled(x_AD.device.type) and \
+                x_AD.dtype == self.w1.dtype == self.w3.dtype == self.w2.dtype:
+            return _GroupedSwiGLU.apply(x_AD, self.w1, self.w3, self.w2, list(counts))
         outs, start = [], 0
         # unbind, not w[e]: the backward of w[e] zero-fills a gradient of every expert's size per
         # expert and adds them up; unbind's backward stacks the E gradients once
@@ -147,9 +200,12 @@ class MoELayer(nn.Module):
         self.upcycled.fill_(True)
 
     @torch.no_grad()
-    def balance_step(self) -> None:
-        """Aux-loss-free balancing: nudge under-loaded experts' bias up, over-loaded down."""
-        if self.cfg.bias_balancing and self.load_acc.sum() > 0:
+    def balance_step(self, on: bool = True) -> None:
+        """Aux-loss-free balancing: nudge under-loaded experts' bias up, over-loaded down. `on`
+        False (a phase with `bias_balancing: false`): the bias is cleared and held at zero."""
+        if not on:
+            self.expert_bias.zero_()
+        elif self.cfg.bias_balancing and self.load_acc.sum() > 0:
             self.expert_bias.add_(self.cfg.bias_rate * torch.sign(self.load_acc.mean() - self.load_acc))
         self.load_acc.zero_()
 

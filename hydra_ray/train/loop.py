@@ -128,6 +128,7 @@ class _Run:
         self.opt = build_optimizer(model, cfg)
         self.metrics = RunLog(self.run_dir, enabled=env.rank == 0)
         self.step = 0
+        self.balancing = True  # the phase's bias_balancing (false: off), set at every step
         if loaded is not None:
             restore(model, self.opt, loaded, env)
             self.step = loaded.step
@@ -158,6 +159,7 @@ class _Run:
             with TIMERS.section("data"):
                 batch = self.stream.get(self.step)
             switch = self._set_features(p, batch)
+            self.balancing = p.phase.bias_balancing is not False
             for g in self.opt.param_groups:
                 g["lr"] = p.lr * g["lr_scale"]
             log_now = (self.step + 1) % self.cfg.train.log_every == 0 or self.step + 1 == end_step \
@@ -245,7 +247,7 @@ class _Run:
                 for layer, part in zip(layers, acc.split([layer.load_acc.numel() for layer in layers])):
                     layer.load_acc.copy_(part)
             for layer in layers:
-                layer.balance_step()
+                layer.balance_step(on=self.balancing)
             self.nan_run = 0
         else:
             self.opt.zero_grad(set_to_none=True)
