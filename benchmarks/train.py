@@ -204,18 +204,30 @@ def run(config: str = "small", phase: str | None = None, workers: int = 2, gpu: 
     mfu = 3 * flops * tps / rate
     step_s = tokens_per_step / tps
     vs = hydra_vs_dense(cfg, ph, device, amp, rounds)
+    vs_worker = None
+    if not gpu and threads != torch.get_num_threads():  # as each worker of the scaling runs computes
+        all_threads = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            vs_worker = {**hydra_vs_dense(cfg, ph, device, amp, rounds), "threads": threads}
+        finally:
+            torch.set_num_threads(all_threads)
     res = {"config": config, "phase": ph.name, "device": torch.cuda.get_device_name() if gpu else "cpu",
            "dtype": str(dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
            "tokens_per_s": tps, "flops_per_token": flops, "matmul_flops": rate, "mfu": mfu,
            "step_s": step_s, "breakdown_s": breakdown,
-           "breakdown_share": {k: v / step_s for k, v in (breakdown or {}).items()}, "hydra_vs_dense": vs}
+           "breakdown_share": {k: v / step_s for k, v in (breakdown or {}).items()}, "hydra_vs_dense": vs,
+           "hydra_vs_dense_worker_threads": vs_worker}
     log(f"  tokens/s {tps:,.0f}; MFU {100 * mfu:.1f}% of the measured {rate / 1e9:,.1f} GFLOP/s matmul "
         f"(3 x {flops / 1e6:,.1f} MFLOP/token)")
     if breakdown:
         log("  step " + f"{step_s * 1e3:.0f} ms: " + ", ".join(
             f"{k} {v * 1e3:.0f} ms ({100 * v / step_s:.0f}%)" for k, v in breakdown.items()))
     log(f"  HYDRA vs dense of equal depth: time {vs['time_ratio']:.2f}x, FLOPs {vs['flops_ratio']:.2f}x -> "
-        f"routing overhead {vs['routing_overhead']:.2f} (1.00 = time follows FLOPs)")
+        f"routing overhead {vs['routing_overhead']:.2f} (1.00 = time follows FLOPs; {torch.get_num_threads()} threads)")
+    if vs_worker:
+        log(f"    at {threads} thread(s), as each worker runs: time {vs_worker['time_ratio']:.2f}x -> "
+            f"routing overhead {vs_worker['routing_overhead']:.2f}")
     if workers > 1:
         one, _ = _spawned(1, threads, cfg, prepared, steps, device.type)
         res["scaling"] = {"workers": workers, "threads_per_worker": threads, "tokens_per_s_1": one}

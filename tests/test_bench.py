@@ -2,6 +2,7 @@
 targets live in the benchmarks' output, never in timed tests)."""
 
 import pytest
+import torch
 
 
 @pytest.mark.slow
@@ -20,6 +21,12 @@ def test_train_benchmark_reports_every_figure():
     vs = res["hydra_vs_dense"]
     assert vs["routing_overhead"] == pytest.approx(vs["time_ratio"] / vs["flops_ratio"])
     assert 0 < vs["flops_ratio"] < 1  # MoD and MoR skip work that the dense twin does
+    if torch.get_num_threads() > 1:  # the same comparison at the workers' 1 thread
+        w = res["hydra_vs_dense_worker_threads"]
+        assert w["threads"] == 1 and w["flops_ratio"] == vs["flops_ratio"]
+        assert w["routing_overhead"] == pytest.approx(w["time_ratio"] / w["flops_ratio"])
+    else:
+        assert res["hydra_vs_dense_worker_threads"] is None  # already measured at 1 thread
     sc = res["scaling"]
     sharded, replicated = sc["sharded"], sc["replicated"]
     assert sc["speedup"] == sharded["speedup"] == pytest.approx(sharded["tokens_per_s_n"] / sc["tokens_per_s_1"])
