@@ -16,7 +16,7 @@ import logging
 import time
 import uuid
 
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from hydra_ray.data import chat
 from hydra_ray.serve import shapes
@@ -104,7 +104,7 @@ async def completions(me, request):
                           "logprobs": logprobs(j, ev, 0), "finish_reason": ev["finish_reason"],
                           **(await routing_extra(me, body, model_id, ids[j // n], comp[j], body.domain))}
         finished(me, "completions", model_id, comp, t0)
-        return {**head, "choices": choices, "usage": shapes.usage(prompt_tokens(), sum(map(len, comp)))}
+        return JSONResponse({**head, "choices": choices, "usage": shapes.usage(prompt_tokens(), sum(map(len, comp)))})
 
     async def sse():
         comp = [[] for _ in reqs]
@@ -170,8 +170,8 @@ async def chat_completions(me, request):
                     **(await routing_extra(me, body, model_id, ids, comp[j], domain))}
                    for j, ev in enumerate(joined)]
         finished(me, "chat", model_id, comp, t0)
-        return {"id": cid, "object": "chat.completion", "created": created, "model": model_id,
-                "choices": choices, "usage": shapes.usage(len(ids), sum(map(len, comp)))}
+        return JSONResponse({"id": cid, "object": "chat.completion", "created": created, "model": model_id,
+                             "choices": choices, "usage": shapes.usage(len(ids), sum(map(len, comp)))})
 
     async def sse():
         comp = [[] for _ in reqs]

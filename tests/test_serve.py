@@ -623,12 +623,20 @@ def test_a_cancelled_stream_frees_its_row_in_the_model_replica(app, engines):
     cancelled, and the replica's scheduler lets the sequence go at the next token boundary."""
     import asyncio
 
-    from ray import serve
+    from ray.serve.handle import DeploymentHandle
 
     e = engines["tiny@180"]
-    handle = serve.get_deployment_handle("HydraModel", app_name="hydra")
 
     async def main():
+        # a handle of this event loop's own (not Serve's cached one): in Serve's throughput mode its
+        # router runs on the caller's loop, so it is shut down here, before asyncio.run closes it
+        handle = DeploymentHandle("HydraModel", app_name="hydra")
+        try:
+            await use(handle)
+        finally:
+            await handle.shutdown_async()
+
+    async def use(handle):
         h = handle.options(multiplexed_model_id="tiny@180")
         # EOS banned: the row runs until it is cancelled or its 300 tokens are out
         req = dict(prompt_ids=e.encode("def add(a, b):"), max_tokens=300, temperature=1.0, seed=1,

@@ -117,20 +117,23 @@ class RoutingTrace:
         """Per-token records for one row: {'moe': {layer: {experts, gates}}, 'mod': {...}, 'mor': {...}}."""
         T = next(iter([*self.mor.values(), *(s for s, _ in self.mod.values()),
                        *(e[..., 0] for e, _ in self.moe.values())]), torch.empty(1, 0)).shape[1]
+        # the row's values as Python lists once: indexing tensors element by element costs
+        # microseconds a value, which made this loop most of a served routing trace
+        moe = [(f"b{b}r{r}", e[row].tolist(), g[row].tolist()) for (b, r), (e, g) in sorted(self.moe.items())]
+        mod = [(f"b{b}", s[row].tolist(), c[row].tolist()) for b, (s, c) in sorted(self.mod.items())]
+        mor = [(f"b{b}", d[row].tolist()) for b, d in sorted(self.mor.items())]
         out = []
         for t in range(T):
             rec: dict = {"moe": {}, "mod": {}, "mor": {}}
-            for (b, r), (exp_BTK, gate_BTK) in sorted(self.moe.items()):
-                ex = exp_BTK[row, t].tolist()
+            for name, ex_TK, gate_TK in moe:
+                ex = ex_TK[t]
                 if max(ex) >= 0:
                     keep = [i for i, e in enumerate(ex) if e >= 0]
-                    rec["moe"][f"b{b}r{r}"] = {
-                        "experts": [ex[i] for i in keep],
-                        "gates": [round(float(gate_BTK[row, t, i]), 6) for i in keep],
-                    }
-            for b, (sel_BT, score_BT) in sorted(self.mod.items()):
-                rec["mod"][f"b{b}"] = {"selected": bool(sel_BT[row, t]), "score": float(score_BT[row, t])}
-            for b, depth_BT in sorted(self.mor.items()):
-                rec["mor"][f"b{b}"] = int(depth_BT[row, t])
+                    rec["moe"][name] = {"experts": [ex[i] for i in keep],
+                                        "gates": [round(float(gate_TK[t][i]), 6) for i in keep]}
+            for name, sel_T, score_T in mod:
+                rec["mod"][name] = {"selected": bool(sel_T[t]), "score": float(score_T[t])}
+            for name, depth_T in mor:
+                rec["mor"][name] = int(depth_T[t])
             out.append(rec)
         return out
