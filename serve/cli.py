@@ -178,10 +178,18 @@ def smoke(url: str, api_key: str | None) -> int:
         s = r.json()["summary"]
         util = ", ".join(f"E{e['expert']} {100 * e['fraction']:.0f}%" for e in s["experts"])
         print(f"[routing] {s['tokens']} tokens: {util}; closest domain {s['closest_domain']}; "
-              f"MoD selected {s['mod_selected_frac']}; MoR depth {s['mor_mean_depth']}")
+              f"MoD selected {_pct(s['mod_selected_frac'])}; MoR mean depth {_num(s['mor_mean_depth'])}")
     return 0
 
 
 def _check(r) -> None:
     if r.status_code != 200:
         raise RuntimeError(f"{r.request.method} {r.request.url.path}: HTTP {r.status_code} {r.text}")
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.0f}%"
+
+
+def _num(x) -> str:
+    return "-" if x is None else f"{x:.2f}"
