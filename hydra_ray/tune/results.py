@@ -147,7 +147,7 @@ def pareto(rows: list[dict], objective: Objective = Objective()) -> list[dict]:
     counts negated); a missing imbalance (MoE never on) counts as the worst."""
     def point(r):
         imb = r[SECOND]
-        return objective.lower_is_better(r[objective.name]), imb if imb is not None and not math.isnan(imb) else math.inf
+        return objective.as_cost(r[objective.name]), imb if imb is not None and not math.isnan(imb) else math.inf
 
     done = _completed(rows, objective)
     front = []
@@ -218,7 +218,7 @@ def write_outputs(sweep_dir: str, rows: list[dict], entries: list[Entry], base: 
     front_ids = {r["trial"] for r in front}
     done = _completed(rows, objective)
     # ties on a task score (a share of n items) go to the lower eval loss
-    best = min(done, key=lambda r: (objective.lower_is_better(r[objective.name]),
+    best = min(done, key=lambda r: (objective.as_cost(r[objective.name]),
                                     r[METRIC] if r[METRIC] is not None else math.inf)) if final and done else None
     _write_csv(storage.join(sweep_dir, "trials.csv"), rows, entries, front_ids, objective)
     if final:

@@ -63,7 +63,7 @@ class Objective:
             return ()
         return TASKS if self.name == "task_mean" else (self.name.removeprefix("task_"),)
 
-    def lower_is_better(self, value: float) -> float:
+    def as_cost(self, value: float) -> float:
         """The objective as a cost, for sorting and the Pareto set."""
         return value if self.mode == "min" else -value
 
