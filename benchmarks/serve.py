@@ -2,7 +2,8 @@
 
 1. Engine, no Ray: greedy decode tokens/s with the KV cache against recomputing the prefix every
    step (256 new tokens), and 8 requests decoded as one batch against the same 8 one after another.
-2. The real Serve app on a local Ray, 1 client against 16 concurrent clients:
+2. The real Serve app on a local Ray, 1 client against 16 concurrent clients, at the ingress
+   replica's own address (direct ingress: the headline) and at Serve's proxy:
    - streamed completions (32 tokens each): completion tokens/s, and the p50 time to first token
      (continuous batching: a newcomer joins the running batch at the next token);
    - /v1/routing requests/s (Serve batches concurrent traces into one forward).
@@ -120,11 +121,37 @@ def completion_load(url: str, clients: int, seconds: float, headers: dict | None
             "tokens_per_s": sum(u for _, u in done) / wall, "ttft_p50_ms": 1000 * statistics.median(f for f, _ in done)}
 
 
+def path_ratios(url: str, seconds: float, headers: dict, log, label: str) -> dict:
+    """1 client against 16 on one address: routing requests/s, streamed completion tokens/s and the
+    p50 time to first token."""
+    routing_throughput(url, 4, 2.0, headers)  # warm-up: model loaded, batch queue running
+    one = routing_throughput(url, 1, seconds, headers)
+    many = routing_throughput(url, 16, seconds, headers)
+    completion_load(url, 4, 2.0, headers)  # warm-up: the decode thread running
+    gen1 = completion_load(url, 1, seconds, headers)
+    gen16 = completion_load(url, 16, seconds, headers)
+    res = dict(url=url, completions_1_client=gen1, completions_16_clients=gen16,
+               completions_16_vs_1=gen16["tokens_per_s"] / gen1["tokens_per_s"],
+               ttft_16_vs_1=gen16["ttft_p50_ms"] / gen1["ttft_p50_ms"],
+               routing_1_client=one, routing_16_clients=many, routing_16_vs_1=many["req_per_s"] / one["req_per_s"])
+    log(f"[completions, {label}] 32 tokens streamed: 1 client {gen1['tokens_per_s']:.0f} tok/s (p50 first token "
+        f"{gen1['ttft_p50_ms']:.0f} ms), 16 clients {gen16['tokens_per_s']:.0f} tok/s (p50 first token "
+        f"{gen16['ttft_p50_ms']:.0f} ms) = {res['completions_16_vs_1']:.2f}x tokens/s, "
+        f"{res['ttft_16_vs_1']:.2f}x time to first token; errors {gen1['errors'] + gen16['errors']}")
+    log(f"[routing, {label}] /v1/routing: 1 client {one['req_per_s']:.1f} req/s (p50 {one['p50_ms']:.0f} ms), "
+        f"16 clients {many['req_per_s']:.1f} req/s (p50 {many['p50_ms']:.0f} ms) = {res['routing_16_vs_1']:.2f}x; "
+        f"errors {one['errors'] + many['errors']}")
+    return res
+
+
 def run(run_dir: str, seconds: float = 10.0, port: int = 8765, log=print) -> dict:
+    """The engine ratios, then the app's ratios at the ingress replica's own address (Serve's
+    direct ingress, what a load balancer in front of the replicas reaches: the headline figures)
+    and at the proxy's port (`proxy`)."""
     from ray import serve
 
     from hydra_ray.serve.args import ServeArgs
-    from hydra_ray.serve.builder import build_app
+    from hydra_ray.serve.builder import build_app, ingress_urls
     from hydra_ray.serve.engine import Engine
     from hydra_ray.serve.store import CheckpointStore
     from hydra_ray.raystart import ray_init
@@ -137,26 +164,16 @@ def run(run_dir: str, seconds: float = 10.0, port: int = 8765, log=print) -> dic
     try:
         serve.run(build_app(ServeArgs(run=run_dir, max_batch_size=16, batch_wait_timeout_s=0.005, max_num_seqs=16)),
                   name="hydra-bench", route_prefix="/")
-        url = f"http://127.0.0.1:{port}"
         key = os.environ.get("HYDRA_API_KEY")  # the app picks it up too
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        routing_throughput(url, 4, 2.0, headers)  # warm-up: model loaded, batch queue running
-        one = routing_throughput(url, 1, seconds, headers)
-        many = routing_throughput(url, 16, seconds, headers)
-        completion_load(url, 4, 2.0, headers)  # warm-up: the decode thread running
-        gen1 = completion_load(url, 1, seconds, headers)
-        gen16 = completion_load(url, 16, seconds, headers)
+        proxy = f"http://127.0.0.1:{port}"
+        direct = ingress_urls("hydra-bench", "127.0.0.1")
+        if direct:
+            res.update(path="direct ingress", **path_ratios(direct[0], seconds, headers, log, "direct ingress"))
+            res["proxy"] = path_ratios(proxy, seconds, headers, log, "Serve proxy")
+        else:
+            log("[serve] no direct ingress address (Serve's high-throughput mode is off): the proxy only")
+            res.update(path="Serve proxy", **path_ratios(proxy, seconds, headers, log, "Serve proxy"))
     finally:
         serve.shutdown()
-    res.update(completions_1_client=gen1, completions_16_clients=gen16,
-               completions_16_vs_1=gen16["tokens_per_s"] / gen1["tokens_per_s"],
-               ttft_16_vs_1=gen16["ttft_p50_ms"] / gen1["ttft_p50_ms"])
-    log(f"[completions] 32 tokens streamed: 1 client {gen1['tokens_per_s']:.0f} tok/s (p50 first token "
-        f"{gen1['ttft_p50_ms']:.0f} ms), 16 clients {gen16['tokens_per_s']:.0f} tok/s (p50 first token "
-        f"{gen16['ttft_p50_ms']:.0f} ms) = {res['completions_16_vs_1']:.2f}x tokens/s, "
-        f"{res['ttft_16_vs_1']:.2f}x time to first token; errors {gen1['errors'] + gen16['errors']}")
-    res.update(routing_1_client=one, routing_16_clients=many, routing_16_vs_1=many["req_per_s"] / one["req_per_s"])
-    log(f"[routing] /v1/routing: 1 client {one['req_per_s']:.1f} req/s (p50 {one['p50_ms']:.0f} ms), "
-        f"16 clients {many['req_per_s']:.1f} req/s (p50 {many['p50_ms']:.0f} ms) = {res['routing_16_vs_1']:.2f}x; "
-        f"errors {one['errors'] + many['errors']}")
     return res

@@ -51,6 +51,9 @@ def ray_init(log=print, min_cpus: float = 0) -> None:
     # tokens/s and /v1/routing 1.4x the requests/s (`hydra-ray bench serve`). A cluster sets it
     # where `ray start` runs (cluster.yaml).
     os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+    # ...whose proxy still sends HTTP to the ingress as actor calls (Ray 2.60 derives the proxy's
+    # flag before the mode turns gRPC on): say it. /v1/routing with 16 clients 99 -> 119 req/s.
+    os.environ.setdefault("RAY_SERVE_PROXY_USE_GRPC", "1")
     if ray.is_initialized():
         return
     requiet()

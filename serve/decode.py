@@ -2,11 +2,12 @@
 
 Design choices
 - Iteration-level scheduling (Orca, vLLM): sequences join and leave the running batch at token
-  boundaries. Each `step()` first decodes one token for every sequence already running, in one
-  forward over the rows in use, then admits waiting sequences into free rows, prefilling them
+  boundaries. Each `step()` first admits waiting sequences into free rows, prefilling them
   together (one right-padded forward into a cache of their own, whose rows are then copied into
-  the running cache) and emitting their first tokens. A long generation never holds a short one back, and a
-  sequence that arrives mid-generation waits at most one decode step.
+  the running cache) and emitting their first tokens, then decodes one token for every running
+  sequence in one forward over the rows in use. A long generation never holds a short one back,
+  and a sequence that arrives mid-generation waits for at most the step then running before its
+  prefill (the scheduler sends the first tokens before the decode forward).
 - At most `max_num_seqs` sequences run; the rest wait in arrival order. A cancelled sequence (a
   client that left) gives its row back at once.
 - The KV cache has one row per running slot, each with its own positions (`KVCache.rows` views
@@ -184,18 +185,28 @@ class Decoder:
         row.slot = None
 
     def step(self) -> list[tuple["_Row", GenEvent]]:
-        """One iteration: a token for every running sequence, then the first token of each newly
-        admitted one. Finished sequences leave (their last event carries the finish reason)."""
-        events = self._decode([r for r in self.slots if r is not None])
+        """One iteration: `admit` (the first token of each newly admitted sequence), then `decode`
+        (a token for every running sequence)."""
+        return self.admit() + self.decode()
+
+    def admit(self) -> list[tuple["_Row", GenEvent]]:
+        """Waiting sequences take free rows; their prompts are prefilled in one forward and each
+        emits its first token. Newcomers go first: their first token then waits for the step that
+        was running when they arrived, not for another decode of the whole batch."""
         admitted = []
         while self.waiting and None in self.slots:
             row = self.waiting.popleft()
             row.slot = self.slots.index(None)
             self.slots[row.slot] = row
             admitted.append(row)
-        if admitted:
-            events += self._prefill(admitted)
-        for row, ev in events:
+        return self._finish(self._prefill(admitted) if admitted else [])
+
+    def decode(self) -> list[tuple["_Row", GenEvent]]:
+        """A token for every running sequence, in one forward."""
+        return self._finish(self._decode([r for r in self.slots if r is not None]))
+
+    def _finish(self, events: list[tuple["_Row", GenEvent]]) -> list[tuple["_Row", GenEvent]]:
+        for row, ev in events:  # finished sequences leave (their last event carries the finish reason)
             if ev.finish_reason:
                 self._free(row)
         return events

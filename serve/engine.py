@@ -257,16 +257,19 @@ class Engine:
     @torch.no_grad()
     def generate(self, reqs: list[GenRequest], use_cache: bool = True) -> Iterator[list[GenEvent | None]]:
         """Decode a batch of requests together (decode.Decoder, all admitted at once); yields, per
-        step, one event per request (None for those that finished earlier). Every request ends
-        with an event that carries its finish reason."""
+        forward (the prefill, then each decode step), one event per request (None for those that
+        finished earlier). Every request ends with an event that carries its finish reason."""
         dec = Decoder(self, max(1, len(reqs)), use_cache)
         rows = [dec.submit(r) for r in reqs]
         index = {id(r): i for i, r in enumerate(rows)}
         while dec.busy:
-            out: list[GenEvent | None] = [None] * len(rows)
-            for row, ev in dec.step():
-                out[index[id(row)]] = ev
-            yield out
+            for phase in (dec.admit, dec.decode):
+                events = phase()
+                if events:
+                    out: list[GenEvent | None] = [None] * len(rows)
+                    for row, ev in events:
+                        out[index[id(row)]] = ev
+                    yield out
 
     def complete(self, reqs: list[GenRequest], use_cache: bool = True) -> list[dict]:
         """Run `generate` to the end: per request its text, token ids and finish reason."""

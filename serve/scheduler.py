@@ -3,9 +3,12 @@ asyncio. No Ray here: the model deployment (model.py) holds one per loaded engin
 
 Design choices
 - The decode loop runs in a thread, so the replica's event loop stays free to accept requests
-  while a forward runs. Requests and cancellations reach the loop through a thread-safe inbox,
-  applied at the next token boundary; events go back to each request's asyncio queue with
-  `call_soon_threadsafe`.
+  while a forward runs. (Running the forwards on the loop itself, yielding at each token
+  boundary, was tried: a newcomer then advances through the request path one loop turn per
+  forward, and the p50 time to first token with 16 streaming clients doubled.) Requests and
+  cancellations reach the thread through a thread-safe inbox, applied at the next token
+  boundary; events go back to each request's asyncio queue with `call_soon_threadsafe`.
+- Each iteration prefills the newcomers and sends their first tokens, then decodes the batch.
 - `submit` validates against the engine at once (an EngineError is raised to the caller, before
   anything is queued). A request that is cancelled (its client left) leaves the batch at the next
   boundary and frees its row for the next waiting one.
@@ -102,21 +105,22 @@ class Scheduler:
                     self.sinks.pop(id(handle), None)
             if not dec.busy:
                 continue
-            try:
-                events = dec.step()
-            except Exception as e:  # the batch's forward failed: every sequence in it ends with the error
-                for row in [r for r in dec.slots if r is not None] + list(dec.waiting):
-                    handle = rows.pop(id(row), None)
-                    dec.cancel(row)
-                    if handle is not None:
+            for phase in (dec.admit, dec.decode):  # newcomers' first tokens go out before the decode
+                try:
+                    events = phase()
+                except Exception as e:  # the batch's forward failed: every sequence in it ends with the error
+                    for row in [r for r in dec.slots if r is not None] + list(dec.waiting):
+                        handle = rows.pop(id(row), None)
+                        dec.cancel(row)
+                        if handle is not None:
+                            by_handle.pop(id(handle), None)
+                            self._send(handle, e)
+                    break
+                for row, ev in events:
+                    handle = rows.get(id(row))
+                    if handle is None:
+                        continue
+                    self._send(handle, ev)
+                    if ev.finish_reason:
+                        rows.pop(id(row), None)
                         by_handle.pop(id(handle), None)
-                        self._send(handle, e)
-                continue
-            for row, ev in events:
-                handle = rows.get(id(row))
-                if handle is None:
-                    continue
-                self._send(handle, ev)
-                if ev.finish_reason:
-                    rows.pop(id(row), None)
-                    by_handle.pop(id(handle), None)

@@ -530,6 +530,27 @@ def test_routing_endpoints_agree_with_the_engine_trace(app, engines):
 
 @pytest.mark.integration
 @pytest.mark.slow
+def test_the_ingress_replicas_own_address_serves_the_same_api(app):
+    """Serve's direct ingress (high-throughput mode): `hydra-ray serve` prints these addresses."""
+    from hydra_ray.serve.builder import ingress_urls
+
+    urls = ingress_urls("hydra", "127.0.0.1")
+    assert len(urls) == 1 and urls[0] != app["url"], urls
+    c, text = app["client"], "Solve 12 * 7 = "
+    comp = {"prompt": "def f(x):", "max_tokens": 6, "temperature": 0}
+    with httpx.Client(base_url=urls[0], timeout=60) as d:
+        assert d.post("/v1/routing", json={"text": text}).status_code == 401  # the API key holds there too
+        r = d.post("/v1/routing", json={"text": text}, headers=AUTH)
+        assert r.status_code == 200, r.text
+        _same_routing(r.json()["tokens"], c.post("/v1/routing", json={"text": text}).json()["tokens"])
+        g = d.post("/v1/completions", json=comp, headers=AUTH)
+        assert g.status_code == 200, g.text
+        assert g.json()["choices"][0]["text"] == c.post("/v1/completions", json=comp).json()["choices"][0]["text"]
+    assert ingress_urls("no-such-app", "127.0.0.1") == []
+
+
+@pytest.mark.integration
+@pytest.mark.slow
 def test_two_checkpoints_are_multiplexed_side_by_side(app, engines):
     c = app["client"]
     texts = {"tiny@160": "Solve 3 + 4 = ", "tiny@180": "Solve 3 + 4 = "}
@@ -871,6 +892,8 @@ def test_serve_cli_runs_until_interrupted_and_shuts_down_cleanly(store, tmp_path
         out, _ = proc.communicate(timeout=120)
         assert proc.returncode == 0, out
         assert "shutting down" in out
+        direct = [line for line in out.splitlines() if line.startswith("direct ingress")]
+        assert len(direct) == 1 and "http://127.0.0.1:" in direct[0], out  # printed, on the host asked for
         noise = [line for line in out.splitlines() if any(w in line for w in ("INFO", "failed", "Traceback", "killed"))]
         assert not noise, noise  # a clean shutdown says so and nothing else
         with pytest.raises(httpx.HTTPError):
