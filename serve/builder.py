@@ -46,7 +46,7 @@ def ingress_urls(app_name: str, host: str) -> list[str]:
     """The HTTP addresses the app's ingress replicas serve on themselves, in Serve's
     high-throughput mode (direct ingress; a load balancer such as Serve's HAProxy mode spreads
     traffic over them), else []. A request there skips Serve's Python proxy: on 2 cores, 16
-    clients on /v1/routing get about 1.8x the requests/s of the proxy's port. `host`: the HTTP
+    clients on /v1/routing get 1.7-2.7x the requests/s of the proxy's port. `host`: the HTTP
     host Serve was started with; a wildcard is replaced by each replica's node address."""
     import ray
 

@@ -14,7 +14,7 @@ Design choices
   an error reaches only its own group's callers. The batch's forward runs on the replica's event
   loop, blocking it: calls that arrive meanwhile wait in the transport and all join the next batch.
   In a worker thread the forward holds the GIL against the loop, calls trickle in one per forward,
-  and 16 clients got batches of 1 (16 clients: 58 -> 106 requests/s, `hydra-ray bench serve`).
+  and 16 clients got batches of 1 (16 client processes: 58 -> 106 requests/s).
 - It trusts its caller: the ingress has validated every request before any work is queued. The
   engine still refuses what it cannot serve (EngineError), which travels back intact.
 - Replicas read the checkpoints themselves (local folder or object storage, with the standard

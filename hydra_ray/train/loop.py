@@ -128,7 +128,6 @@ class _Run:
         self.opt = build_optimizer(model, cfg)
         self.metrics = RunLog(self.run_dir, enabled=env.rank == 0)
         self.step = 0
-        self.balancing = True  # the phase's bias_balancing (false: off), set at every step
         if loaded is not None:
             restore(model, self.opt, loaded, env)
             self.step = loaded.step
@@ -159,14 +158,13 @@ class _Run:
             with TIMERS.section("data"):
                 batch = self.stream.get(self.step)
             switch = self._set_features(p, batch)
-            self.balancing = p.phase.bias_balancing is not False
             for g in self.opt.param_groups:
                 g["lr"] = p.lr * g["lr_scale"]
             log_now = (self.step + 1) % self.cfg.train.log_every == 0 or self.step + 1 == end_step \
                 or switch is not None
             sums, trace, trace_dom = self._forward_backward(batch, want_trace=log_now)
             with TIMERS.section("optimizer"):
-                ok, grad_norm, clipped = self._update(sums[0])
+                ok, grad_norm, clipped = self._update(sums[0], balancing=p.phase.bias_balancing is not False)
             TIMERS.steps += 1
             self.tokens_total += self.cfg.train.batch_size * batch["input_ids"].shape[1]
             self.step += 1
@@ -231,8 +229,9 @@ class _Run:
         self.inject.discard(self.step)
         return (loss_sum, aux, stats), trace, trace_dom
 
-    def _update(self, loss_sum: torch.Tensor) -> tuple[bool, float, float]:
-        """Clip and step when every rank's loss and the gradient norm are finite; else skip."""
+    def _update(self, loss_sum: torch.Tensor, balancing: bool = True) -> tuple[bool, float, float]:
+        """Clip and step when every rank's loss and the gradient norm are finite; else skip.
+        `balancing`: the phase's bias_balancing (false: the MoE routing bias is held at zero)."""
         env = self.env
         ok = env.all_finite(loss_sum)
         grad_norm = clipped = float("nan")
@@ -247,7 +246,7 @@ class _Run:
                 for layer, part in zip(layers, acc.split([layer.load_acc.numel() for layer in layers])):
                     layer.load_acc.copy_(part)
             for layer in layers:
-                layer.balance_step(on=self.balancing)
+                layer.balance_step(on=balancing)
             self.nan_run = 0
         else:
             self.opt.zero_grad(set_to_none=True)
