@@ -54,6 +54,10 @@ def ray_init(log=print, min_cpus: float = 0) -> None:
     # ...whose proxy still sends HTTP to the ingress as actor calls (Ray 2.60 derives the proxy's
     # flag before the mode turns gRPC on): say it. /v1/routing with 16 clients 99 -> 119 req/s.
     os.environ.setdefault("RAY_SERVE_PROXY_USE_GRPC", "1")
+    # ...whose ingress replicas stay up 30 s after a shutdown or delete, for a load balancer to take
+    # them out: a local Ray has none (Ctrl-C on `hydra-ray serve` waited that long). A cluster's
+    # replicas take theirs from where `ray start` ran.
+    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
     if ray.is_initialized():
         return
     requiet()

@@ -12,6 +12,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")  # as hydra_ray.raystart.ray_init sets it
 os.environ.setdefault("RAY_SERVE_PROXY_USE_GRPC", "1")
+os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
 
 
 def _free_port() -> int:

@@ -873,27 +873,36 @@ def test_serve_cli_runs_until_interrupted_and_shuts_down_cleanly(store, tmp_path
     proc = subprocess.Popen([sys.executable, "-m", "hydra_ray.cli", "serve", "--run", str(store / "tiny"),
                              "--port", str(port), "--num-cpus", "0.5"], env=env, cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()
     try:
         url = f"http://127.0.0.1:{port}"
 
         def ready():
             if proc.poll() is not None:
-                pytest.fail(f"hydra-ray serve exited: {proc.stdout.read()}")
+                reader.join(10)
+                pytest.fail(f"hydra-ray serve exited: {''.join(lines)}")
+            if not any(line.startswith("direct ingress") for line in lines):  # printed once serve.run returned
+                return False
             try:
                 return httpx.get(url + "/healthz", timeout=2).json()["default_model"] == "tiny@180"
             except (httpx.HTTPError, ValueError):
                 return False
 
         _wait_until(ready, 180, "the server to serve tiny@180", every=0.5)
+        direct = next(line for line in lines if line.startswith("direct ingress")).split(": ")[-1].strip()
+        assert direct.startswith("http://127.0.0.1:"), direct  # on the host asked for
         assert httpx.post(url + "/v1/routing", json={"text": "x"}).status_code == 401  # key from HYDRA_API_KEY
-        r = httpx.post(url + "/v1/routing", json={"text": "x"}, headers={"Authorization": "Bearer env-key"})
-        assert r.status_code == 200
+        for base in (url, direct):  # the proxy's port and the ingress replica's own
+            r = httpx.post(base + "/v1/routing", json={"text": "x"}, headers={"Authorization": "Bearer env-key"})
+            assert r.status_code == 200, (base, r.text)
         proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=120)
+        proc.wait(timeout=120)
+        reader.join(10)
+        out = "".join(lines)
         assert proc.returncode == 0, out
         assert "shutting down" in out
-        direct = [line for line in out.splitlines() if line.startswith("direct ingress")]
-        assert len(direct) == 1 and "http://127.0.0.1:" in direct[0], out  # printed, on the host asked for
         noise = [line for line in out.splitlines() if any(w in line for w in ("INFO", "failed", "Traceback", "killed"))]
         assert not noise, noise  # a clean shutdown says so and nothing else
         with pytest.raises(httpx.HTTPError):
