@@ -23,7 +23,6 @@ Design choices
 
 import asyncio
 import dataclasses
-import sys
 from typing import Any
 
 from ray import serve
@@ -32,9 +31,6 @@ from hydra_ray.serve.decode import merge_events
 from hydra_ray.serve.engine import Engine, GenRequest
 from hydra_ray.serve.scheduler import Scheduler
 from hydra_ray.serve.store import CheckpointStore
-
-
-SWITCH_INTERVAL_S = 0.0005
 
 
 class HydraModel:
@@ -46,10 +42,6 @@ class HydraModel:
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
-        # forwards run in threads, and a small model's forward is mostly Python holding the GIL:
-        # hand the GIL to the event loop (new requests, streamed events) sooner than Python's
-        # default 5 ms, or new calls trickle in one per forward
-        sys.setswitchinterval(SWITCH_INTERVAL_S)
         self.store = CheckpointStore(**store)
 
         async def load(model_id: str) -> Engine:
