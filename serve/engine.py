@@ -157,7 +157,7 @@ class Engine:
         by_layer = trace.expert_counts_by_layer(valid_BT, by_row=True)  # layer -> [B, E]
         return [{k: c_BE[b].tolist() for k, c_BE in by_layer.items()} for b in range(valid_BT.shape[0])]
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def trace_ids(self, batch: list[list[int]], domains: list[str | None] | None = None) -> list[dict]:
         """Per-token routing of several token sequences in one forward (right-padded; causal
         routing makes every row independent of the others)."""
@@ -254,7 +254,7 @@ class Engine:
         lp_TV = logits_TV[: n - 1].float().log_softmax(-1).cpu()
         return [None] + [logprob_entry(lp_TV[i], ids[i + 1], top) for i in range(n - 1)]
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(self, reqs: list[GenRequest], use_cache: bool = True) -> Iterator[list[GenEvent | None]]:
         """Decode a batch of requests together (decode.Decoder, all admitted at once); yields, per
         forward (the prefill, then each decode step), one event per request (None for those that
@@ -263,8 +263,7 @@ class Engine:
         rows = [dec.submit(r) for r in reqs]
         index = {id(r): i for i, r in enumerate(rows)}
         while dec.busy:
-            for phase in (dec.admit, dec.decode):
-                events = phase()
+            for events in dec.forwards():
                 if events:
                     out: list[GenEvent | None] = [None] * len(rows)
                     for row, ev in events:
