@@ -2,14 +2,12 @@
 
 Design choices
 - Iteration-level scheduling (Orca, vLLM): sequences join and leave the running batch at token
-  boundaries. Each iteration (`forwards`) admits waiting sequences into free rows. When sequences
-  are running and the newcomers' prompts are short, one forward prefills the newcomers into their
-  rows of the running cache and decodes the running rows (a mixed batch, as vLLM's chunked
-  prefill mixes prefill and decode): a newcomer then costs the batch no extra forward. Otherwise
-  the newcomers are prefilled together (a right-padded forward into a cache of their own, whose
-  rows are then copied into the running cache) and emit their first tokens, then every running
-  sequence decodes one token in one forward over the rows in use. A long generation never holds a
-  short one back, and a newcomer waits for at most the forward then running before its own.
+  boundaries. Each `step()` first admits waiting sequences into free rows, prefilling them
+  together (one right-padded forward into a cache of their own, whose rows are then copied into
+  the running cache) and emitting their first tokens, then decodes one token for every running
+  sequence in one forward over the rows in use. A long generation never holds a short one back,
+  and a sequence that arrives mid-generation waits for at most the step then running before its
+  prefill (the scheduler sends the first tokens before the decode forward).
 - At most `max_num_seqs` sequences run; the rest wait in arrival order. A cancelled sequence (a
   client that left) gives its row back at once.
 - The KV cache has one row per running slot, each with its own positions (`KVCache.rows` views
@@ -19,9 +17,10 @@ Design choices
   differently shaped matmuls, which can flip a near-tie).
 - Without the cache (`use_cache=False`, the reference the benchmarks compare against) each step
   recomputes the running sequences from their first token, right-padded into one batch.
-- Forwards run in `torch.inference_mode` (the decode thread would otherwise record autograd
-  graphs: a 16-row decode step costs about a quarter more). The KV cache is then made of inference
-  tensors, so everything that edits it (prefill, decode, the mixed forward) runs in that mode.
+- Forwards run in `torch.inference_mode`: the decode thread would otherwise record autograd
+  graphs (a 16-row decode step took about a quarter longer). The KV cache is then made of
+  inference tensors, so what edits it (the prefill, with `keep_prefix` and `take_rows`, and the
+  decode) runs in that mode.
 - Sampling is per sequence on the host with its own seeded generator: the same seed gives the
   same text. Penalties and logit bias adjust the logits before sampling; logprobs report the
   model's own log-softmax.
@@ -33,19 +32,12 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 
 from hydra_ray.models.attention import KVCache
 from hydra_ray.models.hydra import sample
-
-# A mixed forward (newcomers' prefill with the running rows' decode) pads every row to the longest
-# new prompt: it runs when rows x that length stays within this many token positions. On the tiny
-# CPU model a forward's cost is mostly per-operator overhead: 16 rows x 12 tokens take about what
-# 6 rows x 12 take, and a separate decode of 16 rows costs 17 ms more. Longer prompts are
-# prefilled on their own, so a long prompt does not pad every running row to its length.
-MIX_TOKENS = 512
 
 if TYPE_CHECKING:
     from hydra_ray.serve.engine import Engine
@@ -196,41 +188,26 @@ class Decoder:
             self.slots[row.slot] = None
         row.slot = None
 
-    def forwards(self) -> Iterator[list[tuple["_Row", GenEvent]]]:
-        """One iteration, forward by forward (the scheduler sends each forward's events at once).
-        Waiting sequences take free rows. If sequences are running too and the newcomers' prompts
-        are short (`MIX_TOKENS`), one forward prefills the newcomers and decodes the running rows
-        together: the newcomers emit their first token, the others their next. Otherwise the
-        newcomers are prefilled first (their first tokens go out), then every running row decodes."""
-        running = [r for r in self.slots if r is not None]
-        admitted = self._take()
-        if admitted and running and self._mixable(admitted, running):
-            yield self._finish(self._mixed(admitted, running))
-            return
-        if admitted:
-            yield self._finish(self._prefill(admitted))
-        yield self._finish(self._decode([r for r in self.slots if r is not None]))
-
     def step(self) -> list[tuple["_Row", GenEvent]]:
-        """One iteration's events (`forwards`, flattened)."""
-        return [ev for events in self.forwards() for ev in events]
+        """One iteration: `admit` (the first token of each newly admitted sequence), then `decode`
+        (a token for every running sequence)."""
+        return self.admit() + self.decode()
 
-    def _take(self) -> list["_Row"]:
+    def admit(self) -> list[tuple["_Row", GenEvent]]:
+        """Waiting sequences take free rows; their prompts are prefilled in one forward and each
+        emits its first token. Newcomers go first: their first token then waits for the step that
+        was running when they arrived, not for another decode of the whole batch."""
         admitted = []
         while self.waiting and None in self.slots:
             row = self.waiting.popleft()
             row.slot = self.slots.index(None)
             self.slots[row.slot] = row
             admitted.append(row)
-        return admitted
+        return self._finish(self._prefill(admitted) if admitted else [])
 
-    def _mixable(self, admitted: list["_Row"], running: list["_Row"]) -> bool:
-        if self.cache is None:
-            return False
-        T = max(len(r.seq) for r in admitted)
-        hi = max(r.slot for r in admitted + running) + 1
-        # a running row's padding columns take positions after its token: they must fit the cache
-        return hi * T <= MIX_TOKENS and all(len(r.seq) + T - 1 <= self.cache.max_len for r in running)
+    def decode(self) -> list[tuple["_Row", GenEvent]]:
+        """A token for every running sequence, in one forward."""
+        return self._finish(self._decode([r for r in self.slots if r is not None]))
 
     def _finish(self, events: list[tuple["_Row", GenEvent]]) -> list[tuple["_Row", GenEvent]]:
         for row, ev in events:  # finished sequences leave (their last event carries the finish reason)
@@ -308,46 +285,6 @@ class Decoder:
         for r, b in order:
             add_counts(r.counts, counts[b])
             events.append((r, self._emit(r, logits_BV[b:b + 1])))
-        return events
-
-
-    @torch.inference_mode()
-    def _mixed(self, admitted: list["_Row"], running: list["_Row"]) -> list[tuple["_Row", GenEvent]]:
-        """Newcomers' prompts and the running rows' next tokens in one forward over the running
-        cache, right-padded to the longest prompt. A running row's token sits in column 0 at its
-        own position; its padding columns come after it, so causal attention and causal routing
-        keep them out of its result, and their keys are forgotten afterwards (`keep_prefix`)."""
-        eng, cache = self.engine, self.cache
-        hi = max(r.slot for r in admitted + running) + 1
-        by_slot = self.slots[:hi]
-        T = max(len(r.seq) for r in admitted)
-        idx = torch.full((hi, T), eng.pad_id, dtype=torch.long)
-        pos, last = torch.zeros(hi, dtype=torch.long), torch.zeros(hi, dtype=torch.long)
-        valid = torch.zeros(hi, T, dtype=torch.bool)
-        keep = torch.full((cache.batch,), cache.max_len)
-        keep[:hi] = 0  # a free row keeps nothing
-        for r in admitted:
-            n = len(r.seq)
-            idx[r.slot, :n] = torch.tensor(r.seq)
-            last[r.slot], keep[r.slot] = n - 1, n
-            valid[r.slot, :n] = True
-        for r in running:
-            idx[r.slot, 0], pos[r.slot], keep[r.slot] = r.seq[-1], len(r.seq) - 1, len(r.seq)
-            valid[r.slot, 0] = True
-        cache.clear_rows([r.slot for r in admitted])  # the previous occupants' keys
-        out, logits_BV = eng._forward(idx, self._dom(by_slot, T), last, cache=cache.rows(0, hi), start_pos=pos)
-        cache.keep_prefix(keep)
-        counts = eng._rows(out.trace, valid)
-        events = []
-        for r in admitted + running:
-            add_counts(r.counts, counts[r.slot])
-            fresh = len(r.seq) == len(r.req.prompt_ids)  # before _emit appends the new token
-            prompt_lp = None
-            if fresh and r.req.prompt_logprobs:
-                prompt_lp = eng._prompt_logprobs(out.logits[r.slot], r.seq, r.req.logprobs or 0)
-            ev = self._emit(r, logits_BV[r.slot:r.slot + 1])
-            ev.prompt_logprobs = prompt_lp
-            events.append((r, ev))
         return events
 
 

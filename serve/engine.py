@@ -263,7 +263,8 @@ class Engine:
         rows = [dec.submit(r) for r in reqs]
         index = {id(r): i for i, r in enumerate(rows)}
         while dec.busy:
-            for events in dec.forwards():
+            for phase in (dec.admit, dec.decode):
+                events = phase()
                 if events:
                     out: list[GenEvent | None] = [None] * len(rows)
                     for row, ev in events:

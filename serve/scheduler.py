@@ -8,9 +8,7 @@ Design choices
   forward, and the p50 time to first token with 16 streaming clients doubled.) Requests and
   cancellations reach the thread through a thread-safe inbox, applied at the next token
   boundary; events go back to each request's asyncio queue with `call_soon_threadsafe`.
-- Each iteration is one or two forwards (`Decoder.forwards`): newcomers with short prompts are
-  prefilled in the running batch's decode forward, others first on their own; each forward's
-  events are sent as soon as it ends.
+- Each iteration prefills the newcomers and sends their first tokens, then decodes the batch.
 - `submit` validates against the engine at once (an EngineError is raised to the caller, before
   anything is queued). A request that is cancelled (its client left) leaves the batch at the next
   boundary and frees its row for the next waiting one.
@@ -107,10 +105,9 @@ class Scheduler:
                     self.sinks.pop(id(handle), None)
             if not dec.busy:
                 continue
-            forwards = dec.forwards()
-            while True:  # each forward's events go out as soon as it ends
+            for phase in (dec.admit, dec.decode):  # newcomers' first tokens go out before the decode
                 try:
-                    events = next(forwards, None)
+                    events = phase()
                 except Exception as e:  # the batch's forward failed: every sequence in it ends with the error
                     for row in [r for r in dec.slots if r is not None] + list(dec.waiting):
                         handle = rows.pop(id(row), None)
@@ -118,8 +115,6 @@ class Scheduler:
                         if handle is not None:
                             by_handle.pop(id(handle), None)
                             self._send(handle, e)
-                    break
-                if events is None:
                     break
                 for row, ev in events:
                     handle = rows.get(id(row))

@@ -129,12 +129,6 @@ class KVCache:
                 slot_L = torch.arange(layer.max_len, device=layer.valid_BL.device)
                 layer.valid_BL &= slot_L[None, :] < length_B.to(layer.valid_BL.device)[:, None]
 
-    def clear_rows(self, rows: list[int]) -> None:
-        """Forget every key of these rows (a new sequence takes them over)."""
-        for layer in self.layers.values():
-            if layer.valid_BL is not None:
-                layer.valid_BL[rows] = False
-
     def take_rows(self, src: "KVCache", pairs: list[tuple[int, int]]) -> None:
         """Row `s` of `src` becomes row `d` of this cache, for each (s, d): sequences prefilled
         together in a cache of their own join the running batch's rows."""
