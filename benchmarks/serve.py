@@ -6,7 +6,10 @@
    replica's own address (direct ingress: the headline) and at Serve's proxy:
    - streamed completions (32 tokens each): completion tokens/s, and the p50 time to first token
      (continuous batching: a newcomer joins the running batch at the next token);
-   - /v1/routing requests/s (Serve batches concurrent traces into one forward).
+   - /v1/routing requests/s (Serve batches concurrent traces into one forward);
+   - where the first token's time goes, from the app's /metrics histograms: the mean at the
+     ingress, and in the model replica the wait before the prefill (for the forward then running)
+     and the prefill forward itself.
 """
 
 from __future__ import annotations
@@ -121,6 +124,46 @@ def completion_load(url: str, clients: int, seconds: float, headers: dict | None
             "tokens_per_s": sum(u for _, u in done) / wall, "ttft_p50_ms": 1000 * statistics.median(f for f, _ in done)}
 
 
+FIRST_TOKEN_PARTS = {"first_token": "hydra_time_to_first_token_seconds", "queue": "hydra_queue_seconds",
+                     "prefill": "hydra_prefill_seconds"}
+
+
+def _histogram_totals(url: str, headers: dict) -> dict[str, tuple[float, float]]:
+    """(sum, count) of the first-token histograms at the ingress's /metrics, over every model."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {k: [0.0, 0.0] for k in FIRST_TOKEN_PARTS}
+    names = {v: k for k, v in FIRST_TOKEN_PARTS.items()}
+    for fam in text_string_to_metric_families(httpx.get(url + "/metrics", headers=headers).text):
+        if fam.name in names:
+            for sample in fam.samples:
+                if sample.name.endswith("_sum"):
+                    out[names[fam.name]][0] += sample.value
+                elif sample.name.endswith("_count"):
+                    out[names[fam.name]][1] += sample.value
+    return {k: (v[0], v[1]) for k, v in out.items()}
+
+
+def completion_load_with_parts(url: str, clients: int, seconds: float, headers: dict) -> dict:
+    """`completion_load`, plus the mean first-token time at the ingress and its parts in the model
+    replica (waiting to be prefilled, the prefill forward) from the app's own histograms."""
+    before = _histogram_totals(url, headers)
+    res = completion_load(url, clients, seconds, headers)
+    after = _histogram_totals(url, headers)
+    for k in FIRST_TOKEN_PARTS:
+        n = after[k][1] - before[k][1]
+        res[f"{k}_mean_ms"] = 1000 * (after[k][0] - before[k][0]) / n if n else None
+    return res
+
+
+def _parts(r: dict) -> str:
+    if r.get("queue_mean_ms") is None:
+        return "no first-token histograms"
+    return (f"mean {r['first_token_mean_ms']:.0f} ms at the ingress: {r['queue_mean_ms']:.0f} waiting "
+            f"+ {r['prefill_mean_ms']:.0f} prefill in the model replica")
+
+
 def path_ratios(url: str, seconds: float, headers: dict, log, label: str) -> dict:
     """1 client against 16 on one address: routing requests/s, streamed completion tokens/s and the
     p50 time to first token."""
@@ -128,8 +171,8 @@ def path_ratios(url: str, seconds: float, headers: dict, log, label: str) -> dic
     one = routing_throughput(url, 1, seconds, headers)
     many = routing_throughput(url, 16, seconds, headers)
     completion_load(url, 4, 2.0, headers)  # warm-up: the decode thread running
-    gen1 = completion_load(url, 1, seconds, headers)
-    gen16 = completion_load(url, 16, seconds, headers)
+    gen1 = completion_load_with_parts(url, 1, seconds, headers)
+    gen16 = completion_load_with_parts(url, 16, seconds, headers)
     res = dict(url=url, completions_1_client=gen1, completions_16_clients=gen16,
                completions_16_vs_1=gen16["tokens_per_s"] / gen1["tokens_per_s"],
                ttft_16_vs_1=gen16["ttft_p50_ms"] / gen1["ttft_p50_ms"],
@@ -138,6 +181,7 @@ def path_ratios(url: str, seconds: float, headers: dict, log, label: str) -> dic
         f"{gen1['ttft_p50_ms']:.0f} ms), 16 clients {gen16['tokens_per_s']:.0f} tok/s (p50 first token "
         f"{gen16['ttft_p50_ms']:.0f} ms) = {res['completions_16_vs_1']:.2f}x tokens/s, "
         f"{res['ttft_16_vs_1']:.2f}x time to first token; errors {gen1['errors'] + gen16['errors']}")
+    log(f"[first token, {label}] 1 client: {_parts(gen1)}; 16 clients: {_parts(gen16)}")
     log(f"[routing, {label}] /v1/routing: 1 client {one['req_per_s']:.1f} req/s (p50 {one['p50_ms']:.0f} ms), "
         f"16 clients {many['req_per_s']:.1f} req/s (p50 {many['p50_ms']:.0f} ms) = {res['routing_16_vs_1']:.2f}x; "
         f"errors {one['errors'] + many['errors']}")

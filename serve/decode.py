@@ -30,6 +30,7 @@ Shape legend: B rows, T tokens, V vocabulary.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -73,6 +74,10 @@ class GenEvent:
     logprobs: list[list] | None = None
     # with GenRequest.prompt_logprobs, on the first event: the same per prompt token (None for the first)
     prompt_logprobs: list[list | None] | None = None
+    # on the first event: seconds from submit to the start of the prefill forward (waiting for the
+    # forward then running, or for a free row), and that prefill (the newcomers' forward, sampling)
+    queue_s: float | None = None
+    prefill_s: float | None = None
 
 
 class _Row:
@@ -82,6 +87,7 @@ class _Row:
         self.req, self.tok = req, tokenizer
         self.seq: list[int] = list(req.prompt_ids)  # prompt + completion: what the model has seen
         self.slot: int | None = None  # the decoder's row, while running
+        self.arrived = time.perf_counter()  # Decoder.submit may set when the request really came
         self.dom: int | None = None
         self.ids: list[int] = []
         self.emitted = 0  # characters of the completion already sent
@@ -170,9 +176,12 @@ class Decoder:
     def running(self) -> int:
         return sum(r is not None for r in self.slots)
 
-    def submit(self, req: GenRequest) -> "_Row":
+    def submit(self, req: GenRequest, arrived: float | None = None) -> "_Row":
+        """Queue a request; `arrived` (time.perf_counter) when it reached the caller, if earlier."""
         self.engine.check_request(req)
         row = _Row(req, self.engine.tokenizer)
+        if arrived is not None:
+            row.arrived = arrived
         row.dom = self.engine.domain_id(req.domain)
         self.waiting.append(row)
         return row
@@ -242,6 +251,7 @@ class Decoder:
         """The newcomers' prompts in one right-padded forward, into a cache of their own whose
         rows then become theirs in the running cache; each emits its first token."""
         eng = self.engine
+        t0 = time.perf_counter()
         idx, lens = self._padded(rows)
         staged = KVCache(len(rows), int(lens.max())) if self.cache is not None else None
         out, logits_BV = eng._forward(idx, self._dom(rows, idx.shape[1]), lens - 1, cache=staged)
@@ -257,6 +267,9 @@ class Decoder:
             ev = self._emit(r, logits_BV[b:b + 1])
             ev.prompt_logprobs = prompt_lp
             events.append((r, ev))
+        t1 = time.perf_counter()
+        for r, ev in events:
+            ev.queue_s, ev.prefill_s = max(0.0, t0 - r.arrived), t1 - t0
         return events
 
     @torch.inference_mode()
@@ -290,13 +303,14 @@ class Decoder:
 
 def merge_events(evs: list[dict]) -> dict:
     """Consecutive events of one sequence (as dicts, the form they travel in) as one: texts, tokens
-    and logprobs joined; the prompt logprobs of the first, everything else of the last."""
+    and logprobs joined; the first's prompt logprobs and first-token timings, everything else of the last."""
     if len(evs) == 1:
         return evs[0]
     lps = [x for e in evs for x in (e["logprobs"] or [])]
     return {**evs[-1], "text": "".join(e["text"] for e in evs), "token_ids": [t for e in evs for t in e["token_ids"]],
             "logprobs": lps if any(e["logprobs"] is not None for e in evs) else None,
-            "prompt_logprobs": evs[0]["prompt_logprobs"]}
+            "prompt_logprobs": evs[0]["prompt_logprobs"], "queue_s": evs[0]["queue_s"],
+            "prefill_s": evs[0]["prefill_s"]}
 
 
 def add_counts(total: dict[str, list[int]], more: dict[str, list[int]]) -> None:

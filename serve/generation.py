@@ -76,7 +76,7 @@ async def completions(me, request):
     n, want_lp = body.n, body.logprobs is not None
     reqs = [engine_request(body, ids[j // n], j, list(body.stop or []), body.domain, body.max_tokens,
                           body.logprobs, body.echo and want_lp) for j in range(len(ids) * n)]
-    streams = await me._generate(model_id, reqs, body.use_cache)
+    streams = await me._generate(model_id, reqs, body.use_cache, t0)
     cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     head = {"id": cid, "object": "text_completion", "created": created, "model": model_id}
     piece = functools.partial(_piece, tok)
@@ -148,7 +148,7 @@ async def chat_completions(me, request):
     stop = list(body.stop or []) + chat.stop_strings(template)
     top = (body.top_logprobs or 0) if body.logprobs else None
     reqs = [engine_request(body, ids, j, stop, domain, limit, top) for j in range(body.n)]
-    streams = await me._generate(model_id, reqs, body.use_cache)
+    streams = await me._generate(model_id, reqs, body.use_cache, t0)
     cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     piece = functools.partial(_piece, me._tokenizer(cfg))
 

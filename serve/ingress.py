@@ -239,7 +239,8 @@ def make_ingress(settings: dict) -> type:
                     raise
                 raise err from None
 
-        async def _generate(self, model_id: str, reqs: list[dict], use_cache: bool) -> list[AsyncIterator[dict]]:
+        async def _generate(self, model_id: str, reqs: list[dict], use_cache: bool,
+                            t0: float | None = None) -> list[AsyncIterator[dict]]:
             """One event stream per request, each already past its first event: replica errors
             surface here, before any byte is sent. The last event of each carries its finish
             reason; the expert counters and the batch-size metric are kept as they finish."""
@@ -253,6 +254,13 @@ def make_ingress(settings: dict) -> type:
                     raise
                 raise err from None
             self.served[model_id] = self.served.get(model_id, 0) + len(reqs)
+            now = time.perf_counter()
+            for f in firsts:
+                if t0 is not None:  # when the request came in
+                    self.metrics.first_token.labels(model_id).observe(now - t0)
+                if f.get("queue_s") is not None:
+                    self.metrics.queue.labels(model_id).observe(f["queue_s"])
+                    self.metrics.prefill.labels(model_id).observe(f["prefill_s"])
 
             async def events(first: dict, rest) -> AsyncIterator[dict]:
                 ev = first

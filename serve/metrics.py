@@ -19,6 +19,15 @@ class Metrics:
         self.tokens = Counter("hydra_tokens", "tokens processed", ["model", "kind"], registry=self.registry)
         self.expert = Counter("hydra_expert_tokens", "tokens routed to each expert (all MoE layers)",
                               ["model", "expert"], registry=self.registry)
+        # first token: at this ingress (request in -> first event back), and its two parts in the
+        # model replica (waiting to be prefilled, then the prefill forward)
+        seconds = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12)
+        self.first_token = Histogram("hydra_time_to_first_token_seconds", "request in to first token at the ingress",
+                                     ["model"], buckets=seconds, registry=self.registry)
+        self.queue = Histogram("hydra_queue_seconds", "a sequence's wait in the model replica before its prefill",
+                               ["model"], buckets=seconds, registry=self.registry)
+        self.prefill = Histogram("hydra_prefill_seconds", "the prefill forward that gave a sequence its first token",
+                                 ["model"], buckets=seconds, registry=self.registry)
         self.batch = Histogram("hydra_batch_size", "requests served by one batched forward", ["kind"],
                                buckets=(1, 2, 4, 8, 16, 32), registry=self.registry)
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import time
 from typing import Callable
 
 from hydra_ray.serve.decode import Decoder, GenRequest
@@ -49,7 +50,7 @@ class Scheduler:
         q: asyncio.Queue = asyncio.Queue()
         handle = object()
         self.sinks[id(handle)] = (asyncio.get_running_loop(), q)
-        self.inbox.put(("submit", handle, req))
+        self.inbox.put(("submit", handle, (req, time.perf_counter())))  # when it arrived: the queue time starts
         with self.lock:
             if self.thread is None:
                 self.thread = threading.Thread(target=self._run, name="hydra-decode", daemon=True)
@@ -90,7 +91,7 @@ class Scheduler:
             for kind, handle, req in msgs:
                 if kind == "submit":
                     try:
-                        row = dec.submit(req)
+                        row = dec.submit(*req)
                     except Exception as e:
                         self._send(handle, e)
                         self.sinks.pop(id(handle), None)

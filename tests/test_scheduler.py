@@ -4,6 +4,7 @@ back by a long one, the running batch is bounded and the rest wait in order, can
 row, and every sequence gets the tokens and routing counts it gets alone."""
 
 import asyncio
+import time
 from dataclasses import asdict
 
 import pytest
@@ -39,6 +40,7 @@ def test_sequences_join_mid_generation_and_get_the_tokens_they_get_alone(engine)
     toks: dict[int, list[int]] = {id(long_row): []}
     finished_at: dict[int, int] = {}
     short_lp: list = []
+    short_first_times: list = []
     step = 0
     while dec.busy:
         if step == 5:  # arrives while the long one is generating
@@ -48,6 +50,8 @@ def test_sequences_join_mid_generation_and_get_the_tokens_they_get_alone(engine)
             toks[id(row)] += ev.token_ids
             if row is not long_row:
                 short_lp.append((ev.prompt_logprobs, ev.logprobs))
+                if ev.queue_s is not None:
+                    short_first_times += [ev.queue_s, ev.prefill_s]
             if ev.finish_reason:
                 finished_at[id(row)] = step
         step += 1
@@ -56,6 +60,8 @@ def test_sequences_join_mid_generation_and_get_the_tokens_they_get_alone(engine)
     alone_lp = [(ev.prompt_logprobs, ev.logprobs) for (ev,) in e.generate([short_req])]
     flat = lambda x: [v for i in x for v in (flat(i) if isinstance(i, (list, tuple)) else [i])]  # noqa: E731
     assert flat(short_lp) == pytest.approx(flat(alone_lp), abs=1e-4)  # the echo's prompt logprobs too
+    # the first event carries the first token's two parts: waiting, then the prefill forward
+    assert len(short_first_times) == 2 and short_first_times[0] >= 0 and short_first_times[1] > 0
     # the forwards recorded no autograd graph: the cache is made of inference tensors
     assert all(layer.k_BLGE.is_inference() for layer in dec.cache.layers.values() if layer.k_BLGE is not None)
     # joined at once (first token from its prefill, the second from that step's decode), left after 3 tokens
@@ -107,11 +113,14 @@ def test_the_scheduler_serves_asyncio_callers_and_a_cancel_frees_the_row(engine)
         first = await long_q.get()
         assert first.token_ids and sched.running == 1
         short_req = _req(e, "hi", 3, 2)
+        t0 = time.perf_counter()
         short_h, short_q = sched.submit(short_req)  # waits: the only row is taken
         sched.cancel(long_h)  # the long request's client left
         got = []
         while True:
             ev = await asyncio.wait_for(short_q.get(), 30)
+            if not got:  # its wait and prefill, timed in the decode thread from submit on, fit in what the caller saw
+                assert 0 <= ev.queue_s and 0 < ev.prefill_s and ev.queue_s + ev.prefill_s <= time.perf_counter() - t0
             got += ev.token_ids
             if ev.finish_reason:
                 break

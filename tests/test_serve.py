@@ -493,12 +493,15 @@ def test_the_official_openai_client_gets_n_logprobs_echo_token_prompts_and_penal
 @pytest.mark.integration
 @pytest.mark.slow
 def test_bench_serve_measures_completions_and_decode_side_by_side(app, engines):
-    from hydra_ray.benchmarks.serve import completion_load, engine_ratios
+    from hydra_ray.benchmarks.serve import completion_load, completion_load_with_parts, engine_ratios
 
     one = completion_load(app["url"], 1, 1.0, AUTH, max_tokens=8)
-    many = completion_load(app["url"], 3, 1.0, AUTH, max_tokens=8)
+    many = completion_load_with_parts(app["url"], 3, 1.0, AUTH)
     for r in (one, many):
         assert r["errors"] == 0 and r["completions"] >= 1 and r["tokens_per_s"] > 0 and r["ttft_p50_ms"] > 0
+    # the first token's parts, from the app's histograms over the same requests: they fit inside it
+    assert 0 <= many["queue_mean_ms"] and 0 < many["prefill_mean_ms"]
+    assert many["queue_mean_ms"] + many["prefill_mean_ms"] <= many["first_token_mean_ms"]
     res = engine_ratios(engines["tiny@180"], prompt_tokens=64, new_tokens=8, rounds=1, log=lambda *_: None)
     assert res["cache_vs_recompute"] == pytest.approx(res["decode_tokens_per_s_cache"] / res["decode_tokens_per_s_recompute"])
 
@@ -604,6 +607,10 @@ def test_concurrent_requests_are_batched_and_counted(app):
 
     # some generations shared a batch: fewer of them fall in the "batch of 1" bucket than ran
     assert value('hydra_batch_size_bucket{kind="generation",le="1.0"}') < value('hydra_batch_size_count{kind="generation"}')
+    # each completion's first token, and its wait and prefill in the model replica, were timed
+    for name in ("hydra_time_to_first_token_seconds", "hydra_queue_seconds", "hydra_prefill_seconds"):
+        assert value(name + "_count") >= 6, name
+    assert value("hydra_queue_seconds_sum") + value("hydra_prefill_seconds_sum") <= value("hydra_time_to_first_token_seconds_sum")
     after = c.get("/v1/experts/stats").json()["models"]["tiny@180"]
     routed = sum(sum(x["summary"]["experts"][e]["tokens"] for x in out) for e in range(4))
     assert sum(after["tokens_by_expert"]) - sum(before["tokens_by_expert"]) >= routed
