@@ -173,6 +173,26 @@ def test_grouped_experts_match_autograd_per_expert(counts):
     torch.testing.assert_close(y, ref)
     for g, r in zip(grads, torch.autograd.grad(ref, [x, experts.w1, experts.w3, experts.w2], gy)):
         torch.testing.assert_close(g, r)
+    with torch.inference_mode():  # generation's path: no autograd node, the same output
+        torch.testing.assert_close(experts(x, counts), ref)
+
+
+def test_inference_forwards_skip_the_auxiliary_losses_and_keep_the_output(small_model_cfg):
+    """Without grad (serving, evaluation) the MoE layers compute no auxiliary loss, which nothing
+    could train on; logits and routing are those of the forward with grad."""
+    cfg = small_model_cfg()
+    torch.manual_seed(0)
+    model = HydraLM(cfg)
+    model.set_features(mor=True, mod=True, moe=True)
+    model.eval()
+    x = torch.randint(0, cfg.vocab_size, (2, 16))
+    with_grad = model(x, causal=True, return_trace=True)
+    assert {"moe_lb", "moe_z"} <= set(with_grad.aux)
+    with torch.inference_mode():
+        without = model(x, causal=True, return_trace=True)
+    assert without.aux == {}
+    torch.testing.assert_close(without.logits, with_grad.logits)
+    assert without.trace.tokens(0) == with_grad.trace.tokens(0)
 
 
 def test_bias_balancing_raises_underloaded_experts():

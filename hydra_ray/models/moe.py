@@ -64,6 +64,23 @@ class SwiGLU(nn.Module):
         return swiglu(x, self.w1, self.w3, self.w2)
 
 
+def grouped_swiglu(x_AD, w1_EFD, w3_EFD, w2_EDF, counts: list[int]):
+    """E SwiGLU experts over rows grouped by expert (`counts[e]` rows each), written into one
+    output: (y_AD, and the hidden pre-activations h1_AF, h3_AF the backward needs)."""
+    A, Fh = x_AD.shape[0], w1_EFD.shape[1]
+    h1_AF, h3_AF = x_AD.new_empty(A, Fh), x_AD.new_empty(A, Fh)
+    y_AD = x_AD.new_empty(A, w2_EDF.shape[1])
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            rows = slice(start, start + n)
+            torch.mm(x_AD[rows], w1_EFD[e].t(), out=h1_AF[rows])
+            torch.mm(x_AD[rows], w3_EFD[e].t(), out=h3_AF[rows])
+            torch.mm(F.silu(h1_AF[rows]) * h3_AF[rows], w2_EDF[e].t(), out=y_AD[rows])
+        start += n
+    return y_AD, h1_AF, h3_AF
+
+
 class _GroupedSwiGLU(torch.autograd.Function):
     """E SwiGLU experts over rows grouped by expert (`counts[e]` rows each), as one autograd node.
     The forward writes every expert's rows into one output (no concatenation); the backward
@@ -74,17 +91,7 @@ class _GroupedSwiGLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_AD, w1_EFD, w3_EFD, w2_EDF, counts):
-        A, Fh = x_AD.shape[0], w1_EFD.shape[1]
-        h1_AF, h3_AF = x_AD.new_empty(A, Fh), x_AD.new_empty(A, Fh)
-        y_AD = x_AD.new_empty(A, w2_EDF.shape[1])
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                rows = slice(start, start + n)
-                torch.mm(x_AD[rows], w1_EFD[e].t(), out=h1_AF[rows])
-                torch.mm(x_AD[rows], w3_EFD[e].t(), out=h3_AF[rows])
-                torch.mm(F.silu(h1_AF[rows]) * h3_AF[rows], w2_EDF[e].t(), out=y_AD[rows])
-            start += n
+        y_AD, h1_AF, h3_AF = grouped_swiglu(x_AD, w1_EFD, w3_EFD, w2_EDF, counts)
         ctx.save_for_backward(x_AD, w1_EFD, w3_EFD, w2_EDF, h1_AF, h3_AF)
         ctx.counts = counts
         return y_AD
@@ -129,6 +136,8 @@ class Experts(nn.Module):
         """Rows of x_AD are grouped by local expert, `counts[e]` rows each."""
         if any(counts) and not torch.is_autocast_enabled(x_AD.device.type) and \
                 x_AD.dtype == self.w1.dtype == self.w3.dtype == self.w2.dtype:
+            if not torch.is_grad_enabled():  # generation: no autograd node to build
+                return grouped_swiglu(x_AD, self.w1, self.w3, self.w2, counts)[0]
             return _GroupedSwiGLU.apply(x_AD, self.w1, self.w3, self.w2, list(counts))
         outs, start = [], 0
         # unbind, not w[e]: the backward of w[e] zero-fills a gradient of every expert's size per
@@ -211,7 +220,9 @@ class MoELayer(nn.Module):
 
     # ----------------------------------------------------------------- forward
     def forward(self, x_ND: torch.Tensor, domain_N: torch.Tensor | None = None, causal: bool = False) -> MoEOut:
-        """`causal`: no decision may depend on other tokens (generation), so capacity never drops."""
+        """`causal`: no decision may depend on other tokens (generation), so capacity never drops.
+        The auxiliary losses are computed only where they can be trained on (grad enabled)."""
+        want_losses = torch.is_grad_enabled()
         if not self.enabled:
             return MoEOut(self.dense(x_ND))
         N, E, k = x_ND.shape[0], self.E, self.k
@@ -240,18 +251,19 @@ class MoELayer(nn.Module):
                 gate_NK[forced_N, 1:] = 0.0
 
         # routed load before capacity: the balance loss and bias balancing must see the overload
-        count_E = torch.bincount(idx_NK[idx_NK >= 0], minlength=E).float()
+        count_E = torch.bincount(idx_NK[idx_NK >= 0], minlength=E).float() if want_losses or self.training else None
         if self.training and not causal and math.isfinite(self.cfg.capacity_factor):
             idx_NK = self._drop_overflow(idx_NK)
 
         losses: dict[str, torch.Tensor] = {}
-        if self.routing in ("learned", "teacher", "free"):
-            frac_E = count_E / max(N * k, 1)
-            losses["lb"] = E * (frac_E * probs_NE.mean(0)).sum()
-        losses["z"] = torch.logsumexp(logits_NE, -1).pow(2).mean()
-        if mapped_N is not None and (mapped_N >= 0).any():
-            m = mapped_N >= 0
-            losses["teacher"] = F.cross_entropy(logits_NE[m], mapped_N[m])
+        if want_losses:
+            if self.routing in ("learned", "teacher", "free"):
+                frac_E = count_E / max(N * k, 1)
+                losses["lb"] = E * (frac_E * probs_NE.mean(0)).sum()
+            losses["z"] = torch.logsumexp(logits_NE, -1).pow(2).mean()
+            if mapped_N is not None and (mapped_N >= 0).any():
+                m = mapped_N >= 0
+                losses["teacher"] = F.cross_entropy(logits_NE[m], mapped_N[m])
         weights = {"lb": self.cfg.aux_weight, "z": self.cfg.z_loss, "teacher": self.cfg.teacher_weight}
         if self.training:
             self.load_acc += count_E.detach()
