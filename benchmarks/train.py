@@ -77,7 +77,7 @@ def phase_flops(cfg, mor: bool, mod: bool, moe: bool, full_depth: bool = False) 
     from hydra_ray.models import HydraLM
 
     with torch.device("meta"):
-        return HydraLM(feature_model(cfg.model, mor, mod, moe, full_depth)).flops_per_token()
+        return HydraLM(feature_model(cfg.model, mor, mod, moe, full_depth)).flops_per_token(selectors=not full_depth)
 
 
 def _records_tokens_per_s(run_dir: str) -> tuple[float, dict | None]:

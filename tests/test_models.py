@@ -592,3 +592,20 @@ def test_router_aux_loss_trains_the_router_scores_towards_its_own_top_k():
         s.bce.backward()
         got = r.router.weight.grad is not None and bool(r.router.weight.grad.abs().sum() > 0)
         assert got == expect
+
+
+def test_flops_per_token_counts_the_token_selectors(small_model_cfg):
+    """Each MoD block's selector and each extra recursion's score every token of the sequence:
+    a router (d -> 1), and the causal predictor (d -> h -> 1) where they select (capacity < 1)."""
+    cfg = small_model_cfg()
+    with torch.device("meta"):
+        model = HydraLM(cfg)
+    d, sched = cfg.d_model, cfg.mor.schedule()
+    assert len(cfg.mod_blocks()) >= 1 and len(sched) >= 2 and cfg.mod.capacity < 1
+
+    def one(hidden, capacity):
+        return 2 * d + (2 * (d * hidden + hidden) if capacity < 1 else 0)
+
+    want = len(cfg.mod_blocks()) * one(cfg.mod.predictor_hidden, cfg.mod.capacity)
+    want += cfg.n_blocks * sum(one(cfg.mor.predictor_hidden, c) for c in sched[1:])
+    assert model.flops_per_token() - model.flops_per_token(selectors=False) == pytest.approx(want, abs=1)

@@ -263,11 +263,14 @@ class HydraLM(nn.Module):
             inactive += (cfg.moe.num_experts - cfg.moe.top_k) * per_expert
         return {"total_params": total, "active_params": total - inactive, "stored_params": stored}
 
-    def flops_per_token(self) -> int:
+    def flops_per_token(self, selectors: bool = True) -> int:
         """Forward FLOPs per token with every feature on at its configured capacity: 2 x the
         parameters each application of a block multiplies with, times the expected number of
         applications (MoD capacity x sum of the MoR capacity schedule), plus attention scores
-        over the average causal context, plus the LM head."""
+        over the average causal context, plus the LM head. Plus the token selectors in front of
+        the applications (`selectors`; False for the dense baseline, which runs none): an MoD
+        block's router, and each extra recursion's, score every token of the sequence, with its
+        causal predictor where it selects (capacity < 1)."""
         cfg = self.cfg
         d, T = cfg.d_model, cfg.seq_len
         sched = cfg.mor.schedule()
@@ -275,11 +278,19 @@ class HydraLM(nn.Module):
         moe_blocks, mod_blocks = set(cfg.moe_blocks()), set(cfg.mod_blocks())
         attn = sum(p.numel() for p in self.units[0].block.attn.parameters() if p.dim() == 2)
         ffn = 3 * d * cfg.ffn_width
+
+        def selector(hidden: int, capacity: float) -> int:
+            return 2 * d + (2 * (d * hidden + hidden) if capacity < 1.0 else 0) if selectors else 0
+
         for i in range(cfg.n_blocks):
             enter = cfg.mod.capacity if i in mod_blocks else 1.0
             ffn_active = ffn * (cfg.moe.top_k + (1 if cfg.moe.shared_expert else 0)) if i in moe_blocks else ffn
             router = d * cfg.moe.num_experts if i in moe_blocks else 0
-            for c in sched:
+            if i in mod_blocks:
+                total += selector(cfg.mod.predictor_hidden, cfg.mod.capacity)
+            for r, c in enumerate(sched):
+                if r >= 1:
+                    total += selector(cfg.mor.predictor_hidden, c)
                 frac = enter * c  # fraction of the sequence running this application
                 scores = 2 * 2 * cfg.n_heads * cfg.head_dim * (frac * T / 2)
                 total += frac * (2 * (attn + ffn_active + router) + scores)
