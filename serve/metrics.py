@@ -22,7 +22,7 @@ class Metrics:
         # first token: at this ingress (request in -> first event back), and its two parts in the
         # model replica (waiting to be prefilled, then the prefill forward)
         seconds = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12)
-        self.first_token = Histogram("hydra_time_to_first_token_seconds", "request in to first token at the ingress",
+        self.first_token = Histogram("hydra_time_to_first_token_seconds", "request in to the first token of each choice (the first byte out), at the ingress",
                                      ["model"], buckets=seconds, registry=self.registry)
         self.queue = Histogram("hydra_queue_seconds", "a sequence's wait in the model replica before its prefill",
                                ["model"], buckets=seconds, registry=self.registry)
