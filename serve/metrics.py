@@ -26,7 +26,7 @@ class Metrics:
                                      ["model"], buckets=seconds, registry=self.registry)
         self.queue = Histogram("hydra_queue_seconds", "a sequence's wait in the model replica before its prefill",
                                ["model"], buckets=seconds, registry=self.registry)
-        self.prefill = Histogram("hydra_prefill_seconds", "the prefill forward that gave a sequence its first token",
+        self.prefill = Histogram("hydra_prefill_seconds", "the prefill step (forward, cache copy, sampling) that gave a sequence its first token",
                                  ["model"], buckets=seconds, registry=self.registry)
         self.batch = Histogram("hydra_batch_size", "requests served by one batched forward", ["kind"],
                                buckets=(1, 2, 4, 8, 16, 32), registry=self.registry)
