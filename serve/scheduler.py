@@ -15,11 +15,15 @@ Design choices
 - A forward that fails ends every sequence then running or waiting with that error (they shared
   the batch), and the loop goes on with what arrives next.
 - The thread stops after `idle_s` seconds without work; the next request starts a new one.
+- A fault outside the forward (a bug in the loop itself) is logged and ends every queued and
+  running request with that error, and the batch starts over: no caller waits forever on a
+  thread that is gone.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 import time
@@ -27,11 +31,14 @@ from typing import Callable
 
 from hydra_ray.serve.decode import Decoder, GenRequest
 
+log = logging.getLogger(__name__)
+
 
 class Scheduler:
     def __init__(self, engine, max_num_seqs: int = 16, use_cache: bool = True, idle_s: float = 30.0,
                  on_exit: Callable[["Scheduler"], None] | None = None):
         self.decoder = Decoder(engine, max_num_seqs, use_cache)
+        self._decoder_args = (engine, max_num_seqs, use_cache)
         self.inbox: queue.Queue = queue.Queue()
         self.idle_s, self.on_exit = idle_s, on_exit
         self.lock = threading.Lock()
@@ -69,6 +76,28 @@ class Scheduler:
             loop.call_soon_threadsafe(q.put_nowait, item)
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except Exception as e:  # a fault outside the forward (a bug): no caller may be left waiting
+            log.exception("the decode loop failed; every queued and running request ends with the error")
+            self._fail_all(e)
+
+    def _fail_all(self, err: Exception) -> None:
+        """Every request this scheduler holds gets `err`; the batch starts over empty. Under the
+        lock, so a `submit` racing with it either gets the error or starts a fresh thread."""
+        with self.lock:
+            while True:
+                try:
+                    self.inbox.get_nowait()
+                except queue.Empty:
+                    break
+            for loop, q in list(self.sinks.values()):
+                loop.call_soon_threadsafe(q.put_nowait, err)
+            self.sinks.clear()
+            self.decoder = Decoder(*self._decoder_args)
+            self.thread = None
+
+    def _loop(self) -> None:
         rows: dict[int, object] = {}  # id(row) -> handle
         by_handle: dict[int, object] = {}  # id(handle) -> row
         dec = self.decoder

@@ -145,3 +145,39 @@ def test_events_that_piled_up_travel_as_one():
         ("abc", [1, 2, 3], "length", {"b0r0": [1, 2]})
     assert m["logprobs"] == [[-0.1, []], [-0.2, []], [-0.3, []]] and m["prompt_logprobs"] == [None, [-1.0, []]]
     assert merge_events([b]) is b
+
+
+def test_a_fault_in_the_decode_loop_fails_its_callers_and_the_next_request_is_served(engine):
+    """A bug outside the forward must not leave callers waiting on a thread that died: they get
+    the error, and the scheduler serves what comes next."""
+    e = engine
+
+    async def main():
+        sched = Scheduler(e, max_num_seqs=2, idle_s=0.5)
+        send, calls = sched._send, []
+
+        def faulty(handle, item):  # the first event sent raises inside the decode loop
+            calls.append(item)
+            if len(calls) == 1:
+                raise RuntimeError("a bug in the loop")
+            send(handle, item)
+
+        sched._send = faulty
+        _, q1 = sched.submit(_req(e, "def add(a, b):", 20, 1))
+        _, q2 = sched.submit(_req(e, "hi", 20, 2))
+        for q in (q1, q2):
+            got = await asyncio.wait_for(q.get(), 30)
+            assert isinstance(got, RuntimeError) and "a bug in the loop" in str(got)
+        assert not sched.decoder.busy
+        req = _req(e, "Solve 3 + 4 =", 4, 3)
+        h, q = sched.submit(req)
+        toks = []
+        while True:
+            ev = await asyncio.wait_for(q.get(), 30)
+            toks += ev.token_ids
+            if ev.finish_reason:
+                break
+        sched.cancel(h)
+        assert toks == _alone(e, req)["token_ids"]
+
+    asyncio.run(main())
