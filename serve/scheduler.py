@@ -91,11 +91,14 @@ class Scheduler:
                     self.inbox.get_nowait()
                 except queue.Empty:
                     break
-            for loop, q in list(self.sinks.values()):
-                loop.call_soon_threadsafe(q.put_nowait, err)
-            self.sinks.clear()
+            # the new batch and the emptied sinks first: a caller that hears of the error may submit
+            # again at once, and its sink must survive (its submit waits for this lock only after it)
             self.decoder = Decoder(*self._decoder_args)
             self.thread = None
+            sinks = list(self.sinks.values())
+            self.sinks.clear()
+            for loop, q in sinks:
+                loop.call_soon_threadsafe(q.put_nowait, err)
 
     def _loop(self) -> None:
         rows: dict[int, object] = {}  # id(row) -> handle
