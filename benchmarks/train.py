@@ -13,7 +13,11 @@ Figures (ratios of things measured in this run, on this machine):
   the FLOPs ratio; their quotient is the routing overhead (1.0: time scales exactly with FLOPs);
 - 1 -> N workers: N processes with a torch.distributed group (gloo on CPU, NCCL on GPUs; experts
   sharded, the rest DDP; then experts replicated, all DDP) running the same loop, each with
-  `--threads` threads, against 1 such process. No Ray: the processes are spawned here, so this also runs where Ray is not installed.
+  `--threads` threads, against 1 such process. No Ray: the processes are spawned here, so this also
+  runs where Ray is not installed. Beside them, the ceiling: N processes that each train 1/N of the
+  batch alone, at the same time, with no group. What they reach is what the machine gives N
+  workers with no communication at all (shared memory bandwidth, caches, other load), so each
+  placement's scaling is also shown as a share of it.
 """
 
 from __future__ import annotations
@@ -170,6 +174,34 @@ def hydra_vs_dense(cfg, phase, device: torch.device, amp, rounds: int) -> dict:
             "flops_ratio": flops_ratio, "routing_overhead": time_ratio / flops_ratio}
 
 
+def _alone(rank: int, threads: int, loop_configs: list[dict], device_type: str) -> None:
+    from hydra_ray.train.env import Env
+    from hydra_ray.train.loop import train_loop_per_worker
+
+    torch.set_num_threads(threads)
+    os.environ["HYDRA_THREADS"] = str(threads)
+    device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
+    if device_type == "cuda":
+        torch.cuda.set_device(device)
+    train_loop_per_worker(loop_configs[rank], Env(device=device))
+
+
+def _independent(n: int, threads: int, cfg, prepared, steps: int, device_type: str) -> float:
+    """Summed tokens/s of `n` processes that each train 1/n of the batch alone, at the same time."""
+    import torch.multiprocessing as mp
+
+    part = cfg.model_copy(deep=True)
+    part.train.batch_size = cfg.train.batch_size // n
+    dirs = [tempfile.TemporaryDirectory(prefix=f"hydra-bench-alone{i}-") for i in range(n)]
+    try:
+        configs = [_loop_config(part, prepared, d.name, steps, True, device_type == "cuda") for d in dirs]
+        mp.spawn(_alone, args=(threads, configs, device_type), nprocs=n, join=True)
+        return sum(_records_tokens_per_s(d.name)[0] for d in dirs)
+    finally:
+        for d in dirs:
+            d.cleanup()
+
+
 def run(config: str = "small", phase: str | None = None, workers: int = 2, gpu: bool = False, steps: int = 12,
         threads: int = 1, rounds: int = 5, log=print) -> dict:
     from contextlib import nullcontext
@@ -230,14 +262,19 @@ def run(config: str = "small", phase: str | None = None, workers: int = 2, gpu: 
             f"routing overhead {vs_worker['routing_overhead']:.2f}")
     if workers > 1:
         one, _ = _spawned(1, threads, cfg, prepared, steps, device.type)
-        res["scaling"] = {"workers": workers, "threads_per_worker": threads, "tokens_per_s_1": one}
+        ceiling = _independent(workers, threads, cfg, prepared, steps, device.type)
+        res["scaling"] = {"workers": workers, "threads_per_worker": threads, "tokens_per_s_1": one,
+                          "independent": {"tokens_per_s_n": ceiling, "speedup": ceiling / one}}
+        log(f"  ceiling: {workers} independent processes ({threads} thread(s) each, 1/{workers} of the batch "
+            f"each, no communication): {one:,.0f} -> {ceiling:,.0f} tokens/s, {ceiling / one:.2f}x")
         for placement in ("sharded", "replicated"):
             pcfg = cfg.model_copy(deep=True)
             pcfg.train.expert_placement = placement
             many, parts = _spawned(workers, threads, pcfg, prepared, steps, device.type)
-            res["scaling"][placement] = {"tokens_per_s_n": many, "speedup": many / one, "breakdown_s_n": parts}
+            res["scaling"][placement] = {"tokens_per_s_n": many, "speedup": many / one, "breakdown_s_n": parts,
+                                         "of_ceiling": many / ceiling}
             log(f"  1 -> {workers} workers ({threads} thread(s) each), experts {placement}: "
-                f"{one:,.0f} -> {many:,.0f} tokens/s, {many / one:.2f}x")
+                f"{one:,.0f} -> {many:,.0f} tokens/s, {many / one:.2f}x ({100 * many / ceiling:.0f}% of the ceiling)")
             if parts:
                 step_n = tokens_per_step / many
                 log(f"    step on {workers} workers {step_n * 1e3:.0f} ms: " + ", ".join(

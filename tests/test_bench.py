@@ -32,3 +32,7 @@ def test_train_benchmark_reports_every_figure():
     assert sc["speedup"] == sharded["speedup"] == pytest.approx(sharded["tokens_per_s_n"] / sc["tokens_per_s_1"])
     assert sharded["breakdown_s_n"]["all_to_all"] > 0 and sharded["breakdown_s_n"]["all_to_all_counts"] > 0
     assert replicated["tokens_per_s_n"] > 0 and "all_to_all" not in replicated["breakdown_s_n"]  # no token travels
+    ceiling = sc["independent"]  # 2 processes training half the batch each, alone: what the machine allows
+    assert ceiling["tokens_per_s_n"] > 0 and ceiling["speedup"] == pytest.approx(ceiling["tokens_per_s_n"] / sc["tokens_per_s_1"])
+    for p in (sharded, replicated):
+        assert p["of_ceiling"] == pytest.approx(p["tokens_per_s_n"] / ceiling["tokens_per_s_n"])
