@@ -62,6 +62,20 @@ def _wait_job(cluster: LocalCluster, job: str, done=("SUCCEEDED", "FAILED", "STO
     return "TIMEOUT"
 
 
+def _crashed_at_start(cluster: LocalCluster, job: str) -> bool:
+    """Whether `job` failed because a Ray worker process died while it started. On this one-machine
+    cluster, Ray's fake_multinode nodes share one session folder, and each node's runtime-env agent,
+    the first time it sees the job's working_dir, deletes and unpacks it again in the one shared
+    place. A process that is starting on another node at that moment loses its working directory
+    and can crash (seen once: MKL "Cannot load libtorch_cpu.so" in the TrainController, as a new
+    node came up). Separate machines have separate folders, so the rehearsal resubmits such a job
+    once and notes it; any other failure stands."""
+    if _api_status(cluster, job) != "FAILED":
+        return False
+    logs = cluster.cli("job", "logs", job).stdout
+    return "ActorDiedError" in logs and "worker process has died" in logs
+
+
 def _records(run: str, kind: str = "metrics") -> list[dict]:
     try:
         return read_records(run, kind)
@@ -103,27 +117,41 @@ def rehearsal(tmp_path_factory, s3, builtin_cache, tiny_prepared):
     cluster = LocalCluster(tmp, env)
     cluster.start()
     m = {}
-    out = {"cluster": cluster, "run": run, "storage": storage, "measure": m, "tmp": tmp, "log": []}
+    jobs = {"other": "other", "rehearsal": "rehearsal"}  # submission ids (see _crashed_at_start)
+    out = {"cluster": cluster, "run": run, "storage": storage, "measure": m, "tmp": tmp, "log": [], "jobs": jobs}
 
     def note(what, **kw):
         out["log"].append({"t": round(time.time() - t0, 1), "what": what, **kw})
 
     try:
         t0 = time.time()
-        _submit(cluster, "other", "--config", str(config), "--workers", "1", "--name", "other", *elastic)
+        other_args = ("--config", str(config), "--workers", "1", "--name", "other", *elastic)
+        _submit(cluster, jobs["other"], *other_args)
         deadline = time.time() + 240
         while time.time() < deadline and not cluster.train_workers_by_raylet():
+            if jobs["other"] == "other" and _crashed_at_start(cluster, "other"):
+                note("other: a worker crashed at start, resubmitted")
+                jobs["other"] = "other-again"
+                _submit(cluster, jobs["other"], *other_args)
             time.sleep(1)
         other_workers = [p for ps in cluster.train_workers_by_raylet().values() for p in ps]
-        assert other_workers, cluster.cli("job", "logs", "other").stdout[-3000:]
+        assert other_workers, cluster.cli("job", "logs", jobs["other"]).stdout[-3000:]
         m["node_for_other_s"] = time.time() - t0
         note("other: worker on a new node")
 
         t1 = time.time()
-        _submit(cluster, "rehearsal", "--config", str(config), "--workers", "1-3", "--resize-interval", "10", *elastic)
+        run_args = ("--config", str(config), "--workers", "1-3", "--resize-interval", "10", *elastic)
+        _submit(cluster, jobs["rehearsal"], *run_args)
         stopped = killed = None
         deadline = time.time() + 600
-        while time.time() < deadline and _api_status(cluster, "rehearsal") in ("PENDING", "RUNNING", "UNKNOWN"):
+        while time.time() < deadline:
+            if _api_status(cluster, jobs["rehearsal"]) not in ("PENDING", "RUNNING", "UNKNOWN"):
+                if jobs["rehearsal"] == "rehearsal" and not _records(run) and _crashed_at_start(cluster, "rehearsal"):
+                    note("rehearsal: a worker crashed at start, resubmitted")
+                    jobs["rehearsal"] = "rehearsal-again"
+                    _submit(cluster, jobs["rehearsal"], *run_args)
+                    continue
+                break
             on_nodes = cluster.train_workers_by_raylet()
             mine = {r: ps for r, ps in on_nodes.items() if not set(ps) & set(other_workers)}
             if mine and "node_for_run_s" not in m:
@@ -133,9 +161,9 @@ def rehearsal(tmp_path_factory, s3, builtin_cache, tiny_prepared):
             last = metrics[-1] if metrics else {"step": 0, "world_size": 0}
             if stopped is None and last["world_size"] == 2 and last["step"] >= 25:
                 note("stopping other", step=last["step"])
-                stop = cluster.cli("job", "stop", "other")
+                stop = cluster.cli("job", "stop", jobs["other"])
                 stopped = {"step": last["step"], "returncode": stop.returncode, "output": stop.stdout + stop.stderr,
-                           "status": _wait_job(cluster, "other", timeout=60), "other_workers": other_workers}
+                           "status": _wait_job(cluster, jobs["other"], timeout=60), "other_workers": other_workers}
                 note("other stopped", status=stopped["status"])
             if stopped and killed is None and len(mine) == 3 and last["world_size"] == 3 and last["step"] >= KILL_AFTER_STEP:
                 raylet = sorted(mine)[-1]
@@ -149,7 +177,7 @@ def rehearsal(tmp_path_factory, s3, builtin_cache, tiny_prepared):
         note("done", worlds=[(r["step"], r["world_size"]) for r in _records(run)],
              events=[(e["event"], e.get("world_size"), e.get("step")) for e in _records(run, "events")
                      if e["event"] != "switch_on"])
-        out.update(status=_job_status(cluster, "rehearsal"), stopped=stopped, killed=killed)
+        out.update(status=_job_status(cluster, jobs["rehearsal"]), stopped=stopped, killed=killed)
         yield out
     finally:
         print("\n[rehearsal] " + json.dumps(m) + "\n[rehearsal] " + json.dumps(out["log"]))
@@ -158,7 +186,7 @@ def rehearsal(tmp_path_factory, s3, builtin_cache, tiny_prepared):
 
 def test_the_run_grows_when_a_node_frees_and_survives_a_lost_node(rehearsal):
     cluster, run, killed, stopped = rehearsal["cluster"], rehearsal["run"], rehearsal["killed"], rehearsal["stopped"]
-    assert rehearsal["status"] == "SUCCEEDED", cluster.cli("job", "logs", "rehearsal").stdout[-4000:]
+    assert rehearsal["status"] == "SUCCEEDED", cluster.cli("job", "logs", rehearsal["jobs"]["rehearsal"]).stdout[-4000:]
     assert stopped, f"the run never logged step 25 on 2 workers: {rehearsal['log']}"
     assert killed, f"the run never reached step {KILL_AFTER_STEP} on 3 workers: {rehearsal['log']}"
     metrics = read_records(run, "metrics")
@@ -193,18 +221,18 @@ def test_the_run_grows_when_a_node_frees_and_survives_a_lost_node(rehearsal):
 def test_job_logs_status_and_stop(rehearsal):
     from local_cluster import cmdline, descendants
 
-    cluster, stopped = rehearsal["cluster"], rehearsal["stopped"]
-    logs = cluster.cli("job", "logs", "rehearsal").stdout
+    cluster, stopped, jobs = rehearsal["cluster"], rehearsal["stopped"], rehearsal["jobs"]
+    logs = cluster.cli("job", "logs", jobs["rehearsal"]).stdout
     assert "[train] done" in logs and "step    180/180" in logs
-    assert _job_status(cluster, "rehearsal") == "SUCCEEDED"
+    assert _job_status(cluster, jobs["rehearsal"]) == "SUCCEEDED"
     listed = cluster.cli("job", "list").stdout
-    assert "rehearsal" in listed and "other" in listed
+    assert jobs["rehearsal"] in listed and jobs["other"] in listed
     # `ray job stop` ended the other run: STOPPED, and its training worker is gone
     assert stopped and stopped["returncode"] == 0, stopped
-    assert stopped["status"] == "STOPPED" and _job_status(cluster, "other") == "STOPPED"
+    assert stopped["status"] == "STOPPED" and _job_status(cluster, jobs["other"]) == "STOPPED"
     alive = {p for p in descendants(cluster.proc.pid) if cmdline(p).startswith("ray::RayTrainWorker")}
     assert not alive & set(stopped["other_workers"])
-    assert "step " in cluster.cli("job", "logs", "other").stdout  # it had been training
+    assert "step " in cluster.cli("job", "logs", jobs["other"]).stdout  # it had been training
 
 
 def test_serve_deploy_serves_the_run_and_hot_swaps_without_dropping_a_request(rehearsal):
