@@ -8,8 +8,9 @@
      (continuous batching: a newcomer joins the running batch at the next token);
    - /v1/routing requests/s (Serve batches concurrent traces into one forward);
    - where the first token's time goes, from the app's /metrics histograms: the mean at the
-     ingress, and in the model replica the wait before the prefill (for the forward then running)
-     and the prefill forward itself.
+     ingress, in the model replica the wait before the prefill (for the forward then running) and
+     the prefill forward itself, and the trip between the ingress and the replica (Serve's
+     routing, gRPC both ways).
 """
 
 from __future__ import annotations
@@ -125,7 +126,7 @@ def completion_load(url: str, clients: int, seconds: float, headers: dict | None
 
 
 FIRST_TOKEN_PARTS = {"first_token": "hydra_time_to_first_token_seconds", "queue": "hydra_queue_seconds",
-                     "prefill": "hydra_prefill_seconds"}
+                     "prefill": "hydra_prefill_seconds", "transport": "hydra_first_token_transport_seconds"}
 
 
 def _histogram_totals(url: str, headers: dict) -> dict[str, tuple[float, float]]:
@@ -146,8 +147,9 @@ def _histogram_totals(url: str, headers: dict) -> dict[str, tuple[float, float]]
 
 
 def completion_load_with_parts(url: str, clients: int, seconds: float, headers: dict) -> dict:
-    """`completion_load`, plus the mean first-token time at the ingress and its parts in the model
-    replica (waiting to be prefilled, the prefill forward) from the app's own histograms."""
+    """`completion_load`, plus the mean first-token time at the ingress and its parts (waiting to be
+    prefilled and the prefill forward in the model replica, the trip between the ingress and the
+    replica) from the app's own histograms."""
     before = _histogram_totals(url, headers)
     res = completion_load(url, clients, seconds, headers)
     after = _histogram_totals(url, headers)
@@ -161,7 +163,8 @@ def _parts(r: dict) -> str:
     if r.get("queue_mean_ms") is None:
         return "no first-token histograms"
     return (f"mean {r['first_token_mean_ms']:.0f} ms at the ingress: {r['queue_mean_ms']:.0f} waiting "
-            f"+ {r['prefill_mean_ms']:.0f} prefill in the model replica")
+            f"+ {r['prefill_mean_ms']:.0f} prefill in the model replica, "
+            f"{r['transport_mean_ms']:.0f} between the ingress and the replica")
 
 
 def path_ratios(url: str, seconds: float, headers: dict, log, label: str) -> dict:

@@ -244,10 +244,13 @@ def make_ingress(settings: dict) -> type:
             """One event stream per request, each already past its first event: replica errors
             surface here, before any byte is sent. The last event of each carries its finish
             reason; the expert counters and the batch-size metric are kept as they finish."""
+            called = time.perf_counter()
             handle = self.model.options(multiplexed_model_id=model_id, stream=True)
             streams = [handle.generate.remote(model_id, r, use_cache) for r in reqs]
             try:
-                firsts = [await s.__anext__() for s in streams]
+                firsts = [await streams[0].__anext__()]
+                back = time.perf_counter()  # the first stream's first event: exact for it
+                firsts += [await s.__anext__() for s in streams[1:]]
             except Exception as e:
                 err = engine_error_in(e)
                 if err is None:
@@ -255,6 +258,8 @@ def make_ingress(settings: dict) -> type:
                 raise err from None
             self.served[model_id] = self.served.get(model_id, 0) + len(reqs)
             now = time.perf_counter()
+            if firsts[0].get("replica_s") is not None:  # the trip there and back, less the replica's own time
+                self.metrics.transport.labels(model_id).observe(max(0.0, back - called - firsts[0]["replica_s"]))
             for f in firsts:
                 if t0 is not None:  # when the request came in
                     self.metrics.first_token.labels(model_id).observe(now - t0)

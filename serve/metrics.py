@@ -19,8 +19,8 @@ class Metrics:
         self.tokens = Counter("hydra_tokens", "tokens processed", ["model", "kind"], registry=self.registry)
         self.expert = Counter("hydra_expert_tokens", "tokens routed to each expert (all MoE layers)",
                               ["model", "expert"], registry=self.registry)
-        # first token: at this ingress (request in -> first event back), and its two parts in the
-        # model replica (waiting to be prefilled, then the prefill forward)
+        # first token: at this ingress (request in -> first event back), its two parts in the model
+        # replica (waiting to be prefilled, then the prefill forward), and the trip between the two
         seconds = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12)
         self.first_token = Histogram("hydra_time_to_first_token_seconds", "request in to the first token of each choice (the first byte out), at the ingress",
                                      ["model"], buckets=seconds, registry=self.registry)
@@ -28,6 +28,11 @@ class Metrics:
                                ["model"], buckets=seconds, registry=self.registry)
         self.prefill = Histogram("hydra_prefill_seconds", "the prefill step (forward, cache copy, sampling) that gave a sequence its first token",
                                  ["model"], buckets=seconds, registry=self.registry)
+        self.transport = Histogram("hydra_first_token_transport_seconds",
+                                   "the first token's trip between the ingress and the model replica, one per request: from the "
+                                   "ingress's call until the first event is back, less the replica's own time to produce it "
+                                   "(Serve's routing, gRPC both ways, the replica's event loop before the request starts)",
+                                   ["model"], buckets=seconds, registry=self.registry)
         self.batch = Histogram("hydra_batch_size", "requests served by one batched forward", ["kind"],
                                buckets=(1, 2, 4, 8, 16, 32), registry=self.registry)
 

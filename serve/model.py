@@ -23,6 +23,7 @@ Design choices
 
 import asyncio
 import dataclasses
+import time
 from typing import Any
 
 from ray import serve
@@ -78,6 +79,7 @@ class HydraModel:
                 "cancelled": sum(s.cancelled for s in scheds)}
 
     async def generate(self, model_id: str, req: dict, use_cache: bool = True):
+        entered = time.perf_counter()  # the first event carries how long this replica took to produce it
         engine = await self._engine(model_id)
         sched = self._scheduler(engine, use_cache)
         handle, events = sched.submit(GenRequest(**req))
@@ -91,6 +93,8 @@ class HydraModel:
                     raise bad
                 # every GenEvent field travels: a new one needs no change here
                 ev = merge_events([dataclasses.asdict(e) for e in evs])
+                if entered is not None:
+                    ev["replica_s"], entered = time.perf_counter() - entered, None
                 yield {**ev, "batch_size": sched.running}
                 if ev["finish_reason"]:
                     return
