@@ -168,6 +168,10 @@ class Decoder:
         self.waiting: deque[_Row] = deque()
         self.cache = KVCache(max_num_seqs, engine.max_context) if use_cache else None
 
+    def empty(self) -> "Decoder":
+        """A new decoder with this one's settings and nothing in it (a batch that starts over)."""
+        return Decoder(self.engine, len(self.slots), self.cache is not None)
+
     @property
     def busy(self) -> bool:
         return bool(self.waiting) or any(r is not None for r in self.slots)

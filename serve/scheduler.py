@@ -38,7 +38,6 @@ class Scheduler:
     def __init__(self, engine, max_num_seqs: int = 16, use_cache: bool = True, idle_s: float = 30.0,
                  on_exit: Callable[["Scheduler"], None] | None = None):
         self.decoder = Decoder(engine, max_num_seqs, use_cache)
-        self._decoder_args = (engine, max_num_seqs, use_cache)
         self.inbox: queue.Queue = queue.Queue()
         self.idle_s, self.on_exit = idle_s, on_exit
         self.lock = threading.Lock()
@@ -93,7 +92,7 @@ class Scheduler:
                     break
             # the new batch and the emptied sinks first: a caller that hears of the error may submit
             # again at once, and its sink must survive (its submit waits for this lock only after it)
-            self.decoder = Decoder(*self._decoder_args)
+            self.decoder = self.decoder.empty()
             self.thread = None
             sinks = list(self.sinks.values())
             self.sinks.clear()
@@ -120,10 +119,10 @@ class Scheduler:
                     msgs.append(self.inbox.get_nowait())
                 except queue.Empty:
                     break
-            for kind, handle, req in msgs:
+            for kind, handle, item in msgs:  # item: (request, when it arrived) for a submit
                 if kind == "submit":
                     try:
-                        row = dec.submit(*req)
+                        row = dec.submit(*item)
                     except Exception as e:
                         self._send(handle, e)
                         self.sinks.pop(id(handle), None)

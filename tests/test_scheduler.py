@@ -168,7 +168,8 @@ def test_a_fault_in_the_decode_loop_fails_its_callers_and_the_next_request_is_se
         for q in (q1, q2):
             got = await asyncio.wait_for(q.get(), 30)
             assert isinstance(got, RuntimeError) and "a bug in the loop" in str(got)
-        assert not sched.decoder.busy
+        assert not sched.decoder.busy  # the batch started over, with the same settings
+        assert len(sched.decoder.slots) == 2 and sched.decoder.cache is not None
         req = _req(e, "Solve 3 + 4 =", 4, 3)
         h, q = sched.submit(req)
         toks = []
