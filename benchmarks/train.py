@@ -104,17 +104,23 @@ def _loop_config(cfg, prepared, run_dir: str, steps: int, timing: bool, use_gpu:
             "use_gpu": use_gpu}
 
 
+def _process_device(rank: int, threads: int, device_type: str) -> torch.device:
+    """A spawned benchmark process's set-up: its torch threads, and its device (GPU `rank` on CUDA)."""
+    torch.set_num_threads(threads)
+    os.environ["HYDRA_THREADS"] = str(threads)
+    device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
+    if device_type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
 def _worker(rank: int, world: int, port: int, threads: int, loop_config: dict, device_type: str) -> None:
     import torch.distributed as dist
 
     from hydra_ray.train.env import Env
     from hydra_ray.train.loop import train_loop_per_worker
 
-    torch.set_num_threads(threads)
-    os.environ["HYDRA_THREADS"] = str(threads)
-    device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
-    if device_type == "cuda":
-        torch.cuda.set_device(device)
+    device = _process_device(rank, threads, device_type)
     if world > 1:
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
                                 rank=rank, world_size=world)
@@ -175,15 +181,11 @@ def hydra_vs_dense(cfg, phase, device: torch.device, amp, rounds: int) -> dict:
 
 
 def _alone(rank: int, threads: int, loop_configs: list[dict], device_type: str) -> None:
+    """One of the independent processes: its own run, no group."""
     from hydra_ray.train.env import Env
     from hydra_ray.train.loop import train_loop_per_worker
 
-    torch.set_num_threads(threads)
-    os.environ["HYDRA_THREADS"] = str(threads)
-    device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
-    if device_type == "cuda":
-        torch.cuda.set_device(device)
-    train_loop_per_worker(loop_configs[rank], Env(device=device))
+    train_loop_per_worker(loop_configs[rank], Env(device=_process_device(rank, threads, device_type)))
 
 
 def _independent(n: int, threads: int, cfg, prepared, steps: int, device_type: str) -> float:
