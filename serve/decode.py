@@ -6,8 +6,9 @@ Design choices
   together (one right-padded forward into a cache of their own, whose rows are then copied into
   the running cache) and emitting their first tokens, then decodes one token for every running
   sequence in one forward over the rows in use. A long generation never holds a short one back,
-  and a sequence that arrives mid-generation waits for at most the step then running before its
-  prefill (the scheduler sends the first tokens before the decode forward).
+  and a sequence that arrives mid-generation waits for at most one block of the decode forward
+  then running before its prefill (the scheduler admits it between two blocks of that forward, and
+  sends first tokens before the next decode forward).
 - At most `max_num_seqs` sequences run; the rest wait in arrival order. A cancelled sequence (a
   client that left) gives its row back at once.
 - The KV cache has one row per running slot, each with its own positions (`KVCache.rows` views
@@ -167,6 +168,9 @@ class Decoder:
         self.slots: list[_Row | None] = [None] * max_num_seqs
         self.waiting: deque[_Row] = deque()
         self.cache = KVCache(max_num_seqs, engine.max_context) if use_cache else None
+        # newcomers prefilled during a decode forward: (their cache, [(its row, their slot)]), moved
+        # into the running cache once that forward is done with it
+        self._staged: list[tuple[KVCache, list[tuple[int, int]]]] = []
 
     def empty(self) -> "Decoder":
         """A new decoder with this one's settings and nothing in it (a batch that starts over)."""
@@ -209,7 +213,9 @@ class Decoder:
     def admit(self) -> list[tuple["_Row", GenEvent]]:
         """Waiting sequences take free rows; their prompts are prefilled in one forward and each
         emits its first token. Newcomers go first: their first token then waits for the step that
-        was running when they arrived, not for another decode of the whole batch."""
+        was running when they arrived, not for another decode of the whole batch. Called during a
+        decode forward (`decode(between=...)`), it works beside it: the newcomers' rows join the
+        running cache when that forward is done, and their first decode is the next step's."""
         admitted = []
         while self.waiting and None in self.slots:
             row = self.waiting.popleft()
@@ -218,9 +224,15 @@ class Decoder:
             admitted.append(row)
         return self._finish(self._prefill(admitted) if admitted else [])
 
-    def decode(self) -> list[tuple["_Row", GenEvent]]:
-        """A token for every running sequence, in one forward."""
-        return self._finish(self._decode([r for r in self.slots if r is not None]))
+    def decode(self, between=None) -> list[tuple["_Row", GenEvent]]:
+        """A token for every running sequence, in one forward. `between()`, if given, runs before
+        each block application of that forward (Engine.between_blocks): the scheduler admits
+        newcomers there, so a first token waits for one block, not for the whole step."""
+        rows = [r for r in self.slots if r is not None]
+        if between is None:
+            return self._finish(self._decode(rows))
+        with self.engine.between_blocks(between):
+            return self._finish(self._decode(rows))
 
     def _finish(self, events: list[tuple["_Row", GenEvent]]) -> list[tuple["_Row", GenEvent]]:
         for row, ev in events:  # finished sequences leave (their last event carries the finish reason)
@@ -261,7 +273,9 @@ class Decoder:
         out, logits_BV = eng._forward(idx, self._dom(rows, idx.shape[1]), lens - 1, cache=staged)
         if staged is not None:
             staged.keep_prefix(lens)  # the padding's keys must not outlive the prefill
-            self.cache.take_rows(staged, [(b, r.slot) for b, r in enumerate(rows)])
+            self._staged.append((staged, [(b, r.slot) for b, r in enumerate(rows)]))
+            if not self._decoding:
+                self._join_staged()
         valid = torch.arange(idx.shape[1])[None, :] < lens[:, None]
         counts = eng._rows(out.trace, valid)
         events = []
@@ -276,6 +290,15 @@ class Decoder:
             ev.queue_s, ev.prefill_s = max(0.0, t0 - r.arrived), t1 - t0
         return events
 
+    _decoding = False  # a decode forward is running: newcomers' rows wait in _staged
+
+    def _join_staged(self) -> None:
+        """The newcomers' rows replace theirs in the running cache, whole (a row that was free
+        when a decode forward began got its padding token's keys in that forward)."""
+        for staged, pairs in self._staged:
+            self.cache.take_rows(staged, pairs)
+        self._staged.clear()
+
     @torch.inference_mode()
     def _decode(self, rows: list["_Row"]) -> list[tuple["_Row", GenEvent]]:
         if not rows:
@@ -287,10 +310,15 @@ class Decoder:
             live = torch.tensor([r is not None for r in by_slot])
             nxt = torch.tensor([[r.seq[-1] if r is not None else eng.pad_id] for r in by_slot])
             pos = torch.tensor([len(r.seq) - 1 if r is not None else 0 for r in by_slot])
-            out, logits_BV = eng._forward(nxt, self._dom(by_slot, 1), torch.zeros(hi, dtype=torch.long),
-                                          cache=self.cache.rows(0, hi), start_pos=pos)
+            order = [(r, b) for b, r in enumerate(by_slot) if r is not None]  # a row cancelled meanwhile loses its slot
+            self._decoding = True
+            try:
+                out, logits_BV = eng._forward(nxt, self._dom(by_slot, 1), torch.zeros(hi, dtype=torch.long),
+                                              cache=self.cache.rows(0, hi), start_pos=pos)
+            finally:
+                self._decoding = False
+                self._join_staged()
             counts = eng._rows(out.trace, live[:, None])
-            order = [(r, r.slot) for r in by_slot if r is not None]
         else:  # recompute: the running sequences from their first token, right-padded
             idx, lens = self._padded(rows)
             out, logits_BV = eng._forward(idx, self._dom(rows, idx.shape[1]), lens - 1)

@@ -32,7 +32,9 @@ Shape legend: B batch, T sequence, E experts.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -94,6 +96,30 @@ class Engine:
         self.num_experts = cfg.model.moe.num_experts
         self.max_context = max_context or context_of(cfg)
         self.pad_id = self.tokenizer.pad_id
+        # what to run between two block applications of a forward on this thread (between_blocks)
+        self._between = threading.local()
+        for unit in self.model.units:
+            unit.block.register_forward_pre_hook(self._between_blocks)
+
+    @contextlib.contextmanager
+    def between_blocks(self, fn):
+        """While in this block, on this thread, `fn()` runs before each block application of a
+        forward (none inside a forward `fn` itself runs). The continuous batch prefills newcomers
+        there, in the middle of the running decode step."""
+        before, self._between.fn = getattr(self._between, "fn", None), fn
+        try:
+            yield
+        finally:
+            self._between.fn = before
+
+    def _between_blocks(self, module, args) -> None:
+        fn = getattr(self._between, "fn", None)
+        if fn is not None:
+            self._between.fn = None  # a forward that `fn` runs does not call it again
+            try:
+                fn()
+            finally:
+                self._between.fn = fn
 
     # ----------------------------------------------------------------- loading
     @classmethod
