@@ -11,6 +11,8 @@
      ingress, in the model replica the wait before the prefill (for the forward then running) and
      the prefill forward itself, and the trip between the ingress and the replica (Serve's
      routing, gRPC both ways).
+3. The same app with the model in the ingress's own replica (`colocate`), at its direct address:
+   one process per request, no hop.
 """
 
 from __future__ import annotations
@@ -208,12 +210,12 @@ def run(run_dir: str, seconds: float = 10.0, port: int = 8765, log=print) -> dic
     res = {"model": model_id, **engine_ratios(Engine.from_store(store, model_id), log=log)}
     ray_init(log, min_cpus=3)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
+    args = ServeArgs(run=run_dir, max_batch_size=16, batch_wait_timeout_s=0.005, max_num_seqs=16)
+    key = os.environ.get("HYDRA_API_KEY")  # the app picks it up too
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    proxy = f"http://127.0.0.1:{port}"
     try:
-        serve.run(build_app(ServeArgs(run=run_dir, max_batch_size=16, batch_wait_timeout_s=0.005, max_num_seqs=16)),
-                  name="hydra-bench", route_prefix="/")
-        key = os.environ.get("HYDRA_API_KEY")  # the app picks it up too
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        proxy = f"http://127.0.0.1:{port}"
+        serve.run(build_app(args), name="hydra-bench", route_prefix="/")
         direct = ingress_urls("hydra-bench", "127.0.0.1")
         if direct:
             res.update(path="direct ingress", **path_ratios(direct[0], seconds, headers, log, "direct ingress"))
@@ -221,6 +223,12 @@ def run(run_dir: str, seconds: float = 10.0, port: int = 8765, log=print) -> dic
         else:
             log("[serve] no direct ingress address (Serve's high-throughput mode is off): the proxy only")
             res.update(path="Serve proxy", **path_ratios(proxy, seconds, headers, log, "Serve proxy"))
+        serve.delete("hydra-bench")
+        # the same, with the model in the ingress's replica (`colocate`): no hop between two processes
+        serve.run(build_app(args.model_copy(update={"colocate": True})), name="hydra-bench", route_prefix="/")
+        direct = ingress_urls("hydra-bench", "127.0.0.1")
+        res["colocated"] = path_ratios(direct[0] if direct else proxy, seconds, headers, log,
+                                       "colocated, " + ("direct ingress" if direct else "Serve proxy"))
     finally:
         serve.shutdown()
     return res

@@ -33,6 +33,8 @@ class ServeArgs(BaseModel):
     autoscale: tuple[int, int] | None = None
     num_cpus: float = Field(1.0, ge=0, description="CPUs per model replica")
     torch_threads: int | None = Field(None, ge=1)
+    colocate: bool = Field(False, description="run the model in the ingress's own replicas: no hop between "
+                           "two processes per request; replicas and CPUs then apply to the ingress")
 
     @model_validator(mode="after")
     def _one_source(self):

@@ -1,4 +1,5 @@
-"""build_app: the Serve application from ServeArgs, an ingress in front of a model deployment.
+"""build_app: the Serve application from ServeArgs, an ingress in front of a model deployment, or
+(`colocate`) one deployment, the ingress, whose replicas hold the model themselves.
 
 `ingress_urls` lists the ingress replicas' own HTTP addresses (Serve's direct ingress).
 
@@ -33,12 +34,18 @@ def build_app(args: ServeArgs | dict) -> serve.Application:
                                             "target_ongoing_requests": a.max_batch_size}
     else:
         model_opts["num_replicas"] = a.replicas
-    model = serve.deployment(HydraModel, **model_opts).bind(
-        store.spec, a.max_models_per_replica, a.max_batch_size, a.batch_wait_timeout_s, a.torch_threads,
-        a.max_num_seqs)
-    ingress = serve.deployment(make_ingress(a.ingress_settings()), name="HydraIngress",
-                               ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256,
-                               user_config={"default_model": default})
+    model_args = {"store": store.spec, "max_models_per_replica": a.max_models_per_replica,
+                  "max_batch_size": a.max_batch_size, "batch_wait_timeout_s": a.batch_wait_timeout_s,
+                  "torch_threads": a.torch_threads, "max_num_seqs": a.max_num_seqs}
+    ingress_opts: dict[str, Any] = {"name": "HydraIngress", "ray_actor_options": {"num_cpus": 0},
+                                    "max_ongoing_requests": 256, "user_config": {"default_model": default}}
+    if a.colocate:  # one deployment: the ingress's replicas hold the engines, and scale as the model's would
+        ingress_opts["ray_actor_options"] = model_opts["ray_actor_options"]
+        ingress_opts.update({k: v for k, v in model_opts.items() if k in ("autoscaling_config", "num_replicas")})
+        model = model_args
+    else:
+        model = serve.deployment(HydraModel, **model_opts).bind(**model_args)
+    ingress = serve.deployment(make_ingress(a.ingress_settings()), **ingress_opts)
     return ingress.bind(model, store.spec)
 
 

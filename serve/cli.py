@@ -37,6 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     scale.add_argument("--autoscale", default=None, metavar="MIN-MAX", help="autoscale model replicas")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 (or $HYDRA_API_KEY)")
     p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per model replica")
+    p.add_argument("--colocate", action="store_true",
+                   help="run the model inside the HTTP ingress's replicas (one deployment, no hop between "
+                        "processes per request); --replicas, --autoscale and --num-cpus then apply to it")
     p.add_argument("--max-tokens", type=int, default=256, help="largest max_tokens a request may ask for")
     p.add_argument("--max-prompt-tokens", type=int, default=1024)
     p.add_argument("--max-num-seqs", type=int, default=16,
@@ -62,7 +65,7 @@ def serve_args(args: argparse.Namespace):
                       replicas=args.replicas, autoscale=autoscale,
                       api_key=args.api_key or os.environ.get("HYDRA_API_KEY"), num_cpus=args.num_cpus,
                       max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens,
-                      max_num_seqs=args.max_num_seqs)
+                      max_num_seqs=args.max_num_seqs, colocate=args.colocate)
         # before Ray starts: the checkpoint must exist, match its manifest and have its tokenizer
         store, default = a.locate()
         Engine.check(store.resolve(default).path)

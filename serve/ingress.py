@@ -108,7 +108,12 @@ def make_ingress(settings: dict) -> type:
     @serve.ingress(api)
     class HydraIngress:
         def __init__(self, model, store: dict):
-            self.model = model.options(_by_reference=not grpc_between_deployments())
+            if isinstance(model, dict):  # colocated: the model deployment's class, in this replica
+                from hydra_ray.serve.model import Colocated, HydraModel
+
+                self.model = Colocated(HydraModel(**model))
+            else:
+                self.model = model.options(_by_reference=not grpc_between_deployments())
             self.store = CheckpointStore(**store)
             self.s = settings
             self.api_key = settings.get("api_key") or os.environ.get("HYDRA_API_KEY") or None
@@ -117,6 +122,11 @@ def make_ingress(settings: dict) -> type:
             self.counts: dict[str, dict[str, list[int]]] = {}  # model -> layer -> tokens per expert
             self.served: dict[str, int] = {}
             self._configs: dict[str, Any] = {}
+
+        async def sequences(self, model_id: str) -> dict:
+            """A model's sequences (generating, waiting, cancelled before the end) on the model
+            replica a call reaches, or this replica's own when colocated. For operators, by handle."""
+            return await self.model.options(multiplexed_model_id=model_id).sequences.remote(model_id)
 
         async def reconfigure(self, user_config: dict) -> None:
             target = (user_config or {}).get("default_model")

@@ -17,6 +17,8 @@ Design choices
   and 16 clients got batches of 1 (16 client processes: 58 -> 106 requests/s).
 - It trusts its caller: the ingress has validated every request before any work is queued. The
   engine still refuses what it cannot serve (EngineError), which travels back intact.
+- `Colocated` runs this class inside the ingress's replica (`colocate`): the ingress calls it as it
+  calls the handle, and the events never leave the process.
 - Replicas read the checkpoints themselves (local folder or object storage, with the standard
   AWS_* environment they were started with); the weights are streamed into memory.
 """
@@ -116,3 +118,23 @@ class HydraModel:
             for i, r in zip(idxs, res):
                 out[i] = r if isinstance(r, Exception) else {**r, "batch_size": len(idxs)}
         return out
+
+
+class Colocated:
+    """A HydraModel in the ingress's own replica, called the way the ingress calls the model
+    deployment's handle (`options(...).method.remote(...)`), minus the hop between two processes:
+    a request's events reach the ingress as Python objects on its own event loop."""
+
+    def __init__(self, model: HydraModel):
+        self._model = model
+
+    def options(self, **_) -> "Colocated":  # the model id travels as an argument anyway
+        return self
+
+    def __getattr__(self, name: str):
+        return _Local(getattr(self._model, name))
+
+
+class _Local:
+    def __init__(self, method):
+        self.remote = method

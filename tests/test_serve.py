@@ -690,6 +690,72 @@ def test_a_cancelled_stream_frees_its_row_in_the_model_replica(app, engines):
 
 @pytest.mark.integration
 @pytest.mark.slow
+def test_a_colocated_app_serves_the_same_api_from_one_deployment(app, engines):
+    """`colocate`: the engines live in the ingress's own replicas (one deployment, no hop between
+    processes). The same tokens, traces and errors as the two-deployment app; a streaming client
+    that disconnects frees its row; a new default checkpoint swaps in."""
+    import asyncio
+
+    from ray import serve
+    from ray.serve.handle import DeploymentHandle
+
+    from hydra_ray.serve.args import ServeArgs
+    from hydra_ray.serve.builder import build_app
+
+    args = {**app["args"], "colocate": True, "max_tokens": 900}
+    serve.run(build_app(ServeArgs(**args)), name="hydra-colo", route_prefix="/colo")
+    try:
+        assert set(serve.status().applications["hydra-colo"].deployments) == {"HydraIngress"}
+        two, e = app["client"], engines["tiny@180"]
+        with httpx.Client(base_url=app["url"] + "/colo", headers=AUTH, timeout=120) as c:
+            body = {"prompt": "def add(a, b):", "max_tokens": 12, "temperature": 0.8, "seed": 5}
+            r = c.post("/v1/completions", json=body)
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["text"] == two.post("/v1/completions", json=body).json()["choices"][0]["text"]
+            streamed = _sse(c.post("/v1/completions", json={**body, "stream": True}).text)
+            assert "".join(k["choices"][0]["text"] for k in streamed) == r.json()["choices"][0]["text"]
+            text = "Solve 12 * 7 = "
+            _same_routing(c.post("/v1/routing", json={"text": text}).json()["tokens"],
+                          two.post("/v1/routing", json={"text": text}).json()["tokens"])
+            chat = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+            assert chat.status_code == 200 and chat.json()["object"] == "chat.completion"
+            bad = c.post("/v1/completions", json={"prompt": "x", "suffix": "y"})
+            assert bad.status_code == 400 and "suffix" in bad.json()["error"]["message"]
+            assert httpx.post(app["url"] + "/colo/v1/completions", json=body).status_code == 401
+
+        async def a_disconnect_frees_the_row():  # handles live on an event loop in Serve's throughput mode
+            ingress = DeploymentHandle("HydraIngress", app_name="hydra-colo")
+            try:
+                before = await ingress.sequences.remote("tiny@180")
+                # recompute and no EOS: the row runs for seconds unless its client's leaving frees it
+                long = {"prompt": "def add(a, b):", "max_tokens": 880, "stream": True, "use_cache": False,
+                        "logit_bias": {str(e.tokenizer.eos_id): -100}}
+                async with httpx.AsyncClient(base_url=app["url"] + "/colo", headers=AUTH, timeout=120) as ac:
+                    async with ac.stream("POST", "/v1/completions", json=long) as s:
+                        assert s.status_code == 200
+                        async for line in s.aiter_lines():
+                            if line.startswith("data:"):
+                                break
+                        assert (await ingress.sequences.remote("tiny@180"))["running"] == 1
+                for _ in range(300):
+                    now = await ingress.sequences.remote("tiny@180")
+                    if now["cancelled"] > before["cancelled"]:
+                        break
+                    await asyncio.sleep(0.2)
+                assert now == {"running": 0, "waiting": 0, "cancelled": before["cancelled"] + 1}
+            finally:
+                await ingress.shutdown_async()
+
+        asyncio.run(a_disconnect_frees_the_row())
+
+        serve.run(build_app(ServeArgs(**{**args, "default_model": "tiny@160"})), name="hydra-colo", route_prefix="/colo")
+        assert two.get("/colo/healthz").json()["default_model"] == "tiny@160"
+    finally:
+        serve.delete("hydra-colo")
+
+
+@pytest.mark.integration
+@pytest.mark.slow
 def test_bad_requests_are_4xx_json_never_5xx(app):
     url = app["url"]
     c = app["client"]
@@ -867,6 +933,10 @@ def test_builder_takes_replicas_autoscaling_and_the_default_from_serve_args(stor
     model = model_deployment(build_app({"checkpoint": str(store / "tiny" / "checkpoints" / "step_00000160"),
                                         "replicas": 2}))
     assert model.num_replicas == 2
+    # colocated: one deployment, the ingress, with the model's replicas, CPUs and arguments
+    one = build_app(ServeArgs(run=str(store / "tiny"), colocate=True, replicas=2, num_cpus=2, max_num_seqs=4))._bound_deployment
+    assert one.name == "HydraIngress" and one.num_replicas == 2 and one.ray_actor_options["num_cpus"] == 2
+    assert one.init_args[0]["max_num_seqs"] == 4 and one.user_config == {"default_model": "tiny@180"}
 
 
 @pytest.mark.integration
