@@ -171,6 +171,7 @@ class Decoder:
         # newcomers prefilled during a decode forward: (their cache, [(its row, their slot)]), moved
         # into the running cache once that forward is done with it
         self._staged: list[tuple[KVCache, list[tuple[int, int]]]] = []
+        self._decoding = False  # a decode forward is running: newcomers' rows wait in _staged
 
     def empty(self) -> "Decoder":
         """A new decoder with this one's settings and nothing in it (a batch that starts over)."""
@@ -289,8 +290,6 @@ class Decoder:
         for r, ev in events:
             ev.queue_s, ev.prefill_s = max(0.0, t0 - r.arrived), t1 - t0
         return events
-
-    _decoding = False  # a decode forward is running: newcomers' rows wait in _staged
 
     def _join_staged(self) -> None:
         """The newcomers' rows replace theirs in the running cache, whole (a row that was free

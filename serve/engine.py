@@ -103,9 +103,9 @@ class Engine:
 
     @contextlib.contextmanager
     def between_blocks(self, fn):
-        """While in this block, on this thread, `fn()` runs before each block application of a
-        forward (none inside a forward `fn` itself runs). The continuous batch prefills newcomers
-        there, in the middle of the running decode step."""
+        """Inside this `with`, on this thread, `fn()` runs before each application of a model
+        block in a forward (but not in a forward that `fn` itself runs). The continuous batch
+        prefills newcomers there, in the middle of the running decode step."""
         before, self._between.fn = getattr(self._between, "fn", None), fn
         try:
             yield
