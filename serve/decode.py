@@ -229,11 +229,8 @@ class Decoder:
         """A token for every running sequence, in one forward. `between()`, if given, runs before
         each block application of that forward (Engine.between_blocks): the scheduler admits
         newcomers there, so a first token waits for one block, not for the whole step."""
-        rows = [r for r in self.slots if r is not None]
-        if between is None:
-            return self._finish(self._decode(rows))
-        with self.engine.between_blocks(between):
-            return self._finish(self._decode(rows))
+        with self.engine.between_blocks(between):  # None: nothing runs between the blocks
+            return self._finish(self._decode([r for r in self.slots if r is not None]))
 
     def _finish(self, events: list[tuple["_Row", GenEvent]]) -> list[tuple["_Row", GenEvent]]:
         for row, ev in events:  # finished sequences leave (their last event carries the finish reason)

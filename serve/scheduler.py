@@ -50,6 +50,9 @@ class Scheduler:
         self.thread: threading.Thread | None = None
         self.sinks: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self.cancelled = 0  # sequences that left before they finished (their callers went away)
+        # the decode thread's bookkeeping, new with each thread (_loop)
+        self._rows: dict[int, object] = {}  # id(row) -> handle
+        self._by_handle: dict[int, object] = {}  # id(handle) -> row
 
     @property
     def running(self) -> int:
@@ -151,8 +154,7 @@ class Scheduler:
             self._deliver(dec.admit())
 
     def _loop(self) -> None:
-        self._rows: dict[int, object] = {}  # id(row) -> handle
-        self._by_handle: dict[int, object] = {}  # id(handle) -> row
+        self._rows, self._by_handle = {}, {}
         dec = self.decoder
 
         def decode():  # newcomers that arrive during its forward are prefilled between two of its blocks
