@@ -326,6 +326,29 @@ def test_forced_routing_generation_with_domain_is_cached_consistently(small_mode
     assert torch.equal(a, b)
 
 
+def test_a_row_taken_from_a_prefill_keeps_no_previous_keys_where_the_prefill_wrote_none():
+    """A prefill creates a cache layer for every (block, recursion) it reaches, and writes one only
+    if some token runs it. The row a newcomer takes over must lose its previous keys in every layer
+    the newcomer did not write: absent from its cache, or present and empty."""
+    from hydra_ray.models.attention import KVCache
+
+    running = KVCache(2, 6)
+    k_BKGE = torch.randn(2, 4, 1, 3)
+    for key in ((0, 0), (0, 1), (1, 0)):
+        running.layer(key).write(k_BKGE, k_BKGE, torch.arange(4).expand(2, 4), None)
+    new = KVCache(1, 6)
+    k_1KGE = torch.randn(1, 2, 1, 3)
+    new.layer((0, 0)).write(k_1KGE, k_1KGE, torch.arange(2)[None], None)
+    new.layer((0, 1))  # reached, but every token of the prompt skipped it: never written
+    running.take_rows(new, [(0, 1)])
+    assert running.layers[(0, 0)].valid_BL[1].tolist() == [True, True, False, False, False, False]
+    assert torch.equal(running.layers[(0, 0)].k_BLGE[1, :2], k_1KGE[0])
+    assert not running.layers[(0, 1)].valid_BL[1].any()  # empty in the newcomer's cache
+    assert not running.layers[(1, 0)].valid_BL[1].any()  # absent from it
+    for key in ((0, 0), (0, 1), (1, 0)):  # the other row is untouched
+        assert running.layers[key].valid_BL[0].tolist() == [True] * 4 + [False] * 2
+
+
 def test_sampling_is_seeded_and_filters_behave(small_model_cfg):
     cfg = small_model_cfg()
     model = HydraLM(cfg)

@@ -167,6 +167,38 @@ def test_engine_batches_ragged_requests_exactly_and_the_cache_equals_recompute(e
 
 @pytest.mark.integration
 @pytest.mark.slow
+def test_a_row_reused_by_a_newcomer_decodes_as_in_a_fresh_cache(engines):
+    """One-token prompts decoded in the cache row a longer sequence has just left get the tokens
+    and logprobs they get in a fresh cache. (With the trained checkpoint, most such prompts skip
+    some block application entirely; that layer of the row must not keep the previous keys.)"""
+    from hydra_ray.serve.decode import Decoder
+
+    e = engines["tiny@180"]
+
+    def run(dec, req):
+        row, toks, lps = dec.submit(req), [], []
+        while dec.busy:
+            for r, ev in dec.step():
+                if r is row:
+                    toks += ev.token_ids
+                    lps += [entry[0] for entry in ev.logprobs or []]
+        return toks, lps
+
+    long_req = GenRequest(e.encode("def add(a, b):\n    return a + b\n"), max_tokens=24, temperature=0.0)
+    differ = []
+    for t in e.encode("x=7;(Qz!"):
+        req = GenRequest([t], max_tokens=12, temperature=0.0, logprobs=0)
+        fresh = run(Decoder(e, max_num_seqs=1), req)
+        reused = Decoder(e, max_num_seqs=1)
+        run(reused, long_req)  # row 0 now holds its keys
+        toks, lps = run(reused, req)
+        if toks != fresh[0] or max(abs(a - b) for a, b in zip(lps, fresh[1])) > 1e-4:
+            differ.append(chr(t))
+    assert not differ, f"prompts {differ} decode differently in a row another sequence used"
+
+
+@pytest.mark.integration
+@pytest.mark.slow
 def test_engine_stop_strings_end_generation_and_are_never_emitted(engines):
     e = engines["tiny@180"]
     ids = e.encode("The answer is ")

@@ -133,7 +133,7 @@ class KVCache:
         """Row `s` of `src` becomes row `d` of this cache, for each (s, d): sequences prefilled
         together in a cache of their own join the running batch's rows."""
         for key, layer in src.layers.items():
-            if layer.k_BLGE is None:
+            if layer.k_BLGE is None:  # created but never written: nobody ran it (below)
                 continue
             mine = self.layer(key)
             mine.allocate(layer.k_BLGE, layer.v_BLGE)
@@ -144,8 +144,9 @@ class KVCache:
                 mine.valid_BL[d] = False
                 mine.valid_BL[d, :L] = layer.valid_BL[s, :L]
         for key, mine in self.layers.items():  # a layer no newcomer reached: nothing of theirs in it
-            if key not in src.layers and mine.valid_BL is not None:
-                for _, d in pairs:
+            theirs = src.layers.get(key)
+            if (theirs is None or theirs.k_BLGE is None) and mine.valid_BL is not None:
+                for _, d in pairs:  # the row's previous keys (another sequence's, or padding's) go
                     mine.valid_BL[d] = False
 
 
