@@ -25,6 +25,7 @@ Design choices
 
 import asyncio
 import dataclasses
+import inspect
 import time
 from typing import Any
 
@@ -32,7 +33,7 @@ from ray import serve
 
 from hydra_ray.serve.decode import merge_events
 from hydra_ray.serve.engine import Engine, GenRequest
-from hydra_ray.serve.scheduler import Scheduler
+from hydra_ray.serve.scheduler import Schedulers
 from hydra_ray.serve.store import CheckpointStore
 
 
@@ -53,8 +54,7 @@ class HydraModel:
         self._engine = serve.multiplexed(max_num_models_per_replica=max_models_per_replica)(load)
         self._trace_batch.set_max_batch_size(max_batch_size)
         self._trace_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
-        self.max_num_seqs = max_num_seqs
-        self._schedulers: dict[tuple[int, bool], Scheduler] = {}
+        self._schedulers = Schedulers(max_num_seqs)
 
     async def warm(self, model_id: str) -> dict:
         return (await self._engine(model_id)).info
@@ -66,25 +66,18 @@ class HydraModel:
             raise res
         return res
 
-    def _scheduler(self, engine: Engine, use_cache: bool) -> Scheduler:
-        key = (id(engine), use_cache)
-        if key not in self._schedulers:
-            self._schedulers[key] = Scheduler(engine, self.max_num_seqs, use_cache,
-                                              on_exit=lambda s, k=key: self._schedulers.pop(k, None))
-        return self._schedulers[key]
-
     async def sequences(self, model_id: str) -> dict:
         """This model's sequences on this replica: generating, waiting, and cancelled before the end."""
         engine = await self._engine(model_id)
-        scheds = [s for (eid, _), s in self._schedulers.items() if eid == id(engine)]
+        scheds = self._schedulers.of(engine)
         return {"running": sum(s.running for s in scheds), "waiting": sum(len(s.decoder.waiting) for s in scheds),
                 "cancelled": sum(s.cancelled for s in scheds)}
 
     async def generate(self, model_id: str, req: dict, use_cache: bool = True):
         entered = time.perf_counter()  # the first event carries how long this replica took to produce it
         engine = await self._engine(model_id)
-        sched = self._scheduler(engine, use_cache)
-        handle, events = sched.submit(GenRequest(**req))
+        sched = self._schedulers.get(engine, use_cache)
+        handle, events = sched.submit(GenRequest(**req))  # in the same turn of the loop as the lookup
         try:
             while True:
                 evs = [await events.get()]
@@ -137,4 +130,27 @@ class Colocated:
 
 class _Local:
     def __init__(self, method):
-        self.remote = method
+        self._method = method
+
+    def remote(self, *args, **kwargs):
+        out = self._method(*args, **kwargs)
+        return _Started(out) if inspect.isasyncgen(out) else out
+
+
+class _Started:
+    """A streaming call that began when it was made, as a handle's does: the ingress makes all of
+    a request's `n` calls before it waits for the first event of any, so they are queued together
+    and share one prefill (a bare async generator would not start until it is first awaited)."""
+
+    def __init__(self, gen):
+        self._gen = gen
+        self._first: asyncio.Future | None = asyncio.ensure_future(gen.__anext__())
+
+    def __aiter__(self) -> "_Started":
+        return self
+
+    async def __anext__(self):
+        if self._first is not None:
+            first, self._first = self._first, None
+            return await first
+        return await self._gen.__anext__()

@@ -20,7 +20,8 @@ Design choices
   boundary and frees its row for the next waiting one.
 - A forward that fails ends every sequence then running or waiting with that error (they shared
   the batch), and the loop goes on with what arrives next.
-- The thread stops after `idle_s` seconds without work; the next request starts a new one.
+- The thread stops after `idle_s` seconds without work; the next request starts a new one. A
+  replica's `Schedulers` then drops the scheduler on its event loop, unless a request restarted it.
 - A fault outside the forward (a bug in the loop itself) is logged and ends every queued and
   running request with that error, and the batch starts over: no caller waits forever on a
   thread that is gone.
@@ -64,9 +65,9 @@ class Scheduler:
         self.decoder.engine.check_request(req)  # EngineError now, not on the queue
         q: asyncio.Queue = asyncio.Queue()
         handle = object()
-        self.sinks[id(handle)] = (asyncio.get_running_loop(), q)
-        self.inbox.put(("submit", handle, (req, time.perf_counter())))  # when it arrived: the queue time starts
-        with self.lock:
+        with self.lock:  # against _fail_all: a submit is wholly before it (and gets its error) or after
+            self.sinks[id(handle)] = (asyncio.get_running_loop(), q)
+            self.inbox.put(("submit", handle, (req, time.perf_counter())))  # when it arrived: the queue time starts
             if self.thread is None:
                 self.thread = threading.Thread(target=self._run, name="hydra-decode", daemon=True)
                 self.thread.start()
@@ -186,3 +187,37 @@ class Scheduler:
                             self._send(handle, e)
                     break
                 self._deliver(events)
+
+
+class Schedulers:
+    """A replica's schedulers, one per (engine, cache mode), made on first use and dropped once
+    idle, so that an engine the multiplexer evicted is not kept alive by its scheduler. Only the
+    event loop touches the registry: a decode thread that goes idle asks the loop to drop its
+    scheduler, and the loop does so unless a request restarted it meanwhile (a request looks its
+    scheduler up and submits to it in one turn of the loop, so it never submits to a dropped one)."""
+
+    def __init__(self, max_num_seqs: int = 16, idle_s: float = 30.0):
+        self.max_num_seqs, self.idle_s = max_num_seqs, idle_s
+        self._by_key: dict[tuple[int, bool], Scheduler] = {}
+
+    def get(self, engine, use_cache: bool) -> Scheduler:
+        """This engine's scheduler for the cache mode. Call from the event loop."""
+        key = (id(engine), use_cache)
+        if key not in self._by_key:
+            loop = asyncio.get_running_loop()
+
+            def idle(s: Scheduler) -> None:  # on the decode thread, which has just stopped
+                try:
+                    loop.call_soon_threadsafe(self._drop, key, s)
+                except RuntimeError:  # the loop is closed: the replica is going away with it
+                    pass
+
+            self._by_key[key] = Scheduler(engine, self.max_num_seqs, use_cache, self.idle_s, on_exit=idle)
+        return self._by_key[key]
+
+    def of(self, engine) -> list[Scheduler]:
+        return [s for (eid, _), s in self._by_key.items() if eid == id(engine)]
+
+    def _drop(self, key: tuple[int, bool], s: Scheduler) -> None:
+        if self._by_key.get(key) is s and s.thread is None:
+            del self._by_key[key]

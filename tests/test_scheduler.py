@@ -11,7 +11,7 @@ import pytest
 
 from hydra_ray.serve.decode import Decoder, GenEvent, merge_events
 from hydra_ray.serve.engine import GenRequest
-from hydra_ray.serve.scheduler import Scheduler
+from hydra_ray.serve.scheduler import Scheduler, Schedulers
 from conftest import random_engine_for_tests
 
 
@@ -183,6 +183,78 @@ def test_the_scheduler_serves_asyncio_callers_and_a_cancel_frees_the_row(engine)
             await asyncio.sleep(0.05)
         assert sched.thread is None and not sched.decoder.busy
         assert sched.cancelled == 1  # the long one left unfinished; the short one finished
+
+    asyncio.run(main())
+
+
+async def _finish(sched, req) -> list[int]:
+    h, q = sched.submit(req)
+    toks = []
+    while True:
+        ev = await asyncio.wait_for(q.get(), 30)
+        toks += ev.token_ids
+        if ev.finish_reason:
+            sched.cancel(h)
+            return toks
+
+
+def test_an_idle_scheduler_is_dropped_unless_a_request_restarted_it_first(engine):
+    """The replica's registry drops a scheduler whose decode thread went idle (the engine it holds
+    may have been evicted), but not one that a request restarted before the event loop heard of
+    the idle exit: that request, and later ones, must find it there (not a second scheduler
+    decoding beside it on the same engine)."""
+    e = engine
+
+    async def main():
+        reg = Schedulers(max_num_seqs=2, idle_s=0.2)
+        s1 = reg.get(e, True)
+        await _finish(s1, _req(e, "hi", 3, 1))
+        thread = s1.thread
+        thread.join(5)  # idle: it has stopped and asked the loop to drop s1, which has not run yet
+        assert not thread.is_alive() and reg.get(e, True) is s1
+        h, q = s1.submit(_req(e, "def f(x):", 30, 2))  # the same turn of the loop: restarts s1
+        await asyncio.sleep(0.05)  # the loop runs the drop: s1 is busy again and stays
+        assert reg.of(e) == [s1] and reg.get(e, True) is s1
+        while not (await asyncio.wait_for(q.get(), 30)).finish_reason:
+            pass
+        s1.cancel(h)
+        for _ in range(100):  # idle again, nothing restarts it: dropped
+            if not reg.of(e):
+                break
+            await asyncio.sleep(0.05)
+        assert reg.of(e) == []
+        s2 = reg.get(e, True)
+        assert s2 is not s1 and await _finish(s2, _req(e, "hi", 3, 1)) == _alone(e, _req(e, "hi", 3, 1))["token_ids"]
+
+    asyncio.run(main())
+
+
+def test_a_colocated_streaming_call_starts_when_it_is_made():
+    """In one process the model's generator is called the way a deployment handle is: `.remote()`
+    starts it, so the n calls of one request are queued together before the first is awaited."""
+    from hydra_ray.serve.model import Colocated
+
+    started = []
+
+    class Model:
+        async def generate(self, i):
+            started.append(i)
+            yield i
+            yield i + 10
+
+        async def info(self):
+            return "info"
+
+    async def main():
+        m = Colocated(Model())
+        streams = [m.options(stream=True).generate.remote(i) for i in range(3)]
+        await asyncio.sleep(0)
+        assert started == [0, 1, 2]  # all began before anyone asked for an event
+        got = []
+        for s in streams:
+            got.append([x async for x in s])
+        assert got == [[0, 10], [1, 11], [2, 12]]
+        assert await m.info.remote() == "info"
 
     asyncio.run(main())
 
