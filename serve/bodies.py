@@ -38,6 +38,15 @@ def _encodable(s: str) -> str:
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data):
+        """A parameter sent as null means its default, as in OpenAI's API (its Python client sends
+        null for a parameter the caller passed as None). Unknown keys stay, to be refused."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None or k not in cls.model_fields}
+        return data
+
 
 class StreamOptions(_Body):
     include_usage: bool = False
@@ -80,12 +89,20 @@ class _Sampling(_Body):
             raise ValueError("at most 300 entries")
         out = {}
         for k, b in v.items():
-            if not k.isdigit():
-                raise ValueError(f"keys are token ids (digits), got {k!r}")
+            if not (k.isascii() and k.isdigit() and len(k) <= 9):
+                raise ValueError(f"keys are token ids (up to 9 digits), got {k[:20]!r}")
             if not -100 <= b <= 100:
                 raise ValueError(f"token {k}: bias must be within [-100, 100]")
-            out[k] = b
+            if str(int(k)) in out:
+                raise ValueError(f"token {int(k)} is given twice")
+            out[str(int(k))] = b
         return out
+
+    @model_validator(mode="after")
+    def _stream_options(self):
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        return self
 
     @property
     def bias(self) -> dict[int, float] | None:
@@ -157,8 +174,9 @@ class ChatBody(_Sampling):
         return self
 
     @property
-    def limit(self) -> int:
-        return self.max_completion_tokens or self.max_tokens or 16
+    def limit(self) -> int | None:
+        """Tokens to generate at most; None: as many as the context and the server allow."""
+        return self.max_completion_tokens or self.max_tokens
 
 
 class RoutingBody(_Body):

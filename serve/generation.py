@@ -10,7 +10,6 @@ tokenisation are the ingress's helpers; the response shapes are shapes.py's.
 - Usage arrives last and alone when `stream_options.include_usage` asks for it.
 """
 
-import functools
 import json
 import logging
 import time
@@ -22,13 +21,10 @@ from hydra_ray.data import chat
 from hydra_ray.serve import shapes
 from hydra_ray.serve.bodies import ChatBody, CompletionBody
 from hydra_ray.serve.decode import merge_events
+from hydra_ray.serve.engine import context_of
 from hydra_ray.serve.errors import ApiError
 
 log = logging.getLogger(__name__)
-
-
-def _piece(tokenizer, token: int) -> str:
-    return tokenizer.decode([token])
 
 
 def engine_request(body, ids: list[int], index: int, stop: list[str], domain: str | None, limit: int,
@@ -41,8 +37,8 @@ def engine_request(body, ids: list[int], index: int, stop: list[str], domain: st
                 frequency_penalty=body.frequency_penalty, logit_bias=body.bias)
 
 
-def check_sampling(me, body, cfg, limit: int) -> None:
-    if limit > me.s["max_tokens"]:
+def check_sampling(me, body, cfg, limit: int | None) -> None:
+    if limit is not None and limit > me.s["max_tokens"]:
         raise ApiError(400, f"max_tokens {limit} is over the limit of {me.s['max_tokens']}")
     vocab = me._tokenizer(cfg).vocab_size
     bad = [t for t in (body.bias or {}) if t >= vocab]
@@ -79,15 +75,18 @@ async def completions(me, request):
     streams = await me._generate(model_id, reqs, body.use_cache, t0)
     cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     head = {"id": cid, "object": "text_completion", "created": created, "model": model_id}
-    piece = functools.partial(_piece, tok)
+    # where the next token of choice j starts in its text (which begins with the prompt's when echoed)
+    offsets = [shapes.TextOffsets(tok.token_bytes, len(texts[j // n]) if body.echo else 0) for j in range(len(reqs))]
 
-    def logprobs(j: int, ev: dict, offset: int) -> dict | None:
+    def logprobs(j: int, ev: dict) -> dict | None:
         if not want_lp:
             return None
         toks, entries = list(ev["token_ids"]), list(ev["logprobs"] or [])
+        at = offsets[j].of(toks)
         if body.echo and ev.get("prompt_logprobs") is not None:
-            toks, entries = ids[j // n] + toks, list(ev["prompt_logprobs"]) + entries
-        return shapes.completion_logprobs(entries, toks, piece, offset)
+            p = ids[j // n]
+            toks, entries, at = p + toks, list(ev["prompt_logprobs"]) + entries, shapes.TextOffsets(tok.token_bytes).of(p) + at
+        return shapes.completion_logprobs(entries, toks, tok.token_bytes, at)
 
     def prompt_tokens() -> int:
         return sum(len(x) for x in ids)
@@ -101,14 +100,13 @@ async def completions(me, request):
             ev = merge_events(events)
             comp[j] = ev["token_ids"]
             choices[j] = {"text": (texts[j // n] if body.echo else "") + ev["text"], "index": j,
-                          "logprobs": logprobs(j, ev, 0), "finish_reason": ev["finish_reason"],
+                          "logprobs": logprobs(j, ev), "finish_reason": ev["finish_reason"],
                           **(await routing_extra(me, body, model_id, ids[j // n], comp[j], body.domain))}
         finished(me, "completions", model_id, comp, t0)
         return JSONResponse({**head, "choices": choices, "usage": shapes.usage(prompt_tokens(), sum(map(len, comp)))})
 
     async def sse():
         comp = [[] for _ in reqs]
-        offsets = [0] * len(reqs)
         started = [False] * len(reqs)
         async for j, ev in shapes.merged(streams):
             text = ev["text"]
@@ -116,8 +114,7 @@ async def completions(me, request):
                 text = texts[j // n] + text
             started[j] = True
             comp[j] += ev["token_ids"]
-            lp = logprobs(j, ev, offsets[j])
-            offsets[j] += len(text)
+            lp = logprobs(j, ev)
             chunk = {**head, "choices": [{"text": text, "index": j, "logprobs": lp,
                                           "finish_reason": ev["finish_reason"]}]}
             if ev["finish_reason"]:
@@ -136,7 +133,7 @@ async def chat_completions(me, request):
     t0 = time.perf_counter()
     body = await me._json(request, ChatBody)
     model_id, cfg = me._model(body.model)
-    limit = body.limit
+    limit = body.limit  # None: as much as the context and the server allow
     check_sampling(me, body, cfg, limit)
     template = cfg.data.chat_template
     domain = body.domain
@@ -145,19 +142,24 @@ async def chat_completions(me, request):
     me._domain(cfg, domain)
     text = chat.render([(m.role, m.content) for m in body.messages], template, reply=True)
     ids = me._prompt_ids(cfg, text, limit)
+    if limit is None:
+        limit = min(me.s["max_tokens"], context_of(cfg) - len(ids))
+        if limit < 1:
+            raise ApiError(413, f"the conversation ({len(ids)} tokens) fills the model's context of "
+                                f"{context_of(cfg)}: no room for a reply")
     stop = list(body.stop or []) + chat.stop_strings(template)
     top = (body.top_logprobs or 0) if body.logprobs else None
     reqs = [engine_request(body, ids, j, stop, domain, limit, top) for j in range(body.n)]
     streams = await me._generate(model_id, reqs, body.use_cache, t0)
     cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-    piece = functools.partial(_piece, me._tokenizer(cfg))
+    token_bytes = me._tokenizer(cfg).token_bytes
 
     def chunk(j: int, delta: dict, reason: str | None, lp=None) -> dict:
         return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model_id,
                 "choices": [{"index": j, "delta": delta, "logprobs": lp, "finish_reason": reason}]}
 
     def logprobs(ev: dict) -> dict | None:
-        return shapes.chat_logprobs(ev["logprobs"] or [], ev["token_ids"], piece) if body.logprobs else None
+        return shapes.chat_logprobs(ev["logprobs"] or [], ev["token_ids"], token_bytes) if body.logprobs else None
 
     if not body.stream:
         evs: list[list[dict]] = [[] for _ in reqs]

@@ -9,29 +9,61 @@ model gave it, and greedy decoding always picks the top entry.
 from __future__ import annotations
 
 import asyncio
+import codecs
 from typing import AsyncIterator, Callable
 
 
-def completion_logprobs(entries: list, token_ids: list[int], piece: Callable[[int], str], offset: int) -> dict:
+def token_text(b: bytes) -> str:
+    """A token as logprobs show it: its text, or where its bytes are not whole UTF-8 characters
+    (part of a character, with byte-level tokens), "bytes:" and the bytes escaped, as OpenAI's API
+    writes them (so two such tokens never share a name)."""
+    try:
+        return b.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{x:02x}" for x in b)
+
+
+class TextOffsets:
+    """Where each token starts in decoded text, in characters, from `start`: the tokens' bytes are
+    decoded in order, so a token that ends inside a character adds nothing until the token that
+    completes it (both start where the character does). Keep one per text that grows (a stream)."""
+
+    def __init__(self, token_bytes: Callable[[int], bytes], start: int = 0):
+        self._bytes, self._utf8, self.at = token_bytes, codecs.getincrementaldecoder("utf-8")("replace"), start
+
+    def of(self, token_ids: list[int]) -> list[int]:
+        out = []
+        for tok in token_ids:
+            out.append(self.at)
+            self.at += len(self._utf8.decode(self._bytes(tok)))
+        return out
+
+
+def completion_logprobs(entries: list, token_ids: list[int], token_bytes: Callable[[int], bytes],
+                        offsets: list[int]) -> dict:
     """The legacy completions shape: tokens, token_logprobs, top_logprobs, text_offset. `entries`
-    are the engine's ([logprob, [[token, logprob], ...]] or None), one per token of `token_ids`;
-    offsets count characters of the returned text, from `offset`."""
-    tokens, lps, tops, offsets = [], [], [], []
+    are the engine's ([logprob, [[token, logprob], ...]] or None), one per token of `token_ids`,
+    and `offsets` where each token starts in the returned text (TextOffsets). As in OpenAI's API,
+    top_logprobs always holds the chosen token too (up to logprobs + 1 entries)."""
+    tokens, lps, tops = [], [], []
     for tok, entry in zip(token_ids, entries):
-        s = piece(tok)
-        tokens.append(s)
-        offsets.append(offset)
-        offset += len(s)
+        tokens.append(token_text(token_bytes(tok)))
         lps.append(None if entry is None else entry[0])
-        tops.append(None if entry is None else {piece(t): lp for t, lp in entry[1]})
-    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+        if entry is None:
+            tops.append(None)
+            continue
+        top = {token_text(token_bytes(t)): lp for t, lp in entry[1]}
+        top.setdefault(tokens[-1], entry[0])
+        tops.append(top)
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": list(offsets)}
 
 
-def chat_logprobs(entries: list, token_ids: list[int], piece: Callable[[int], str]) -> dict:
-    """The chat shape: {"content": [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}."""
+def chat_logprobs(entries: list, token_ids: list[int], token_bytes: Callable[[int], bytes]) -> dict:
+    """The chat shape: {"content": [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]};
+    `bytes` are the token's own (part of a character, with byte-level tokens)."""
     def one(tok: int, lp: float) -> dict:
-        s = piece(tok)
-        return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8"))}
+        b = token_bytes(tok)
+        return {"token": token_text(b), "logprob": lp, "bytes": list(b)}
 
     return {"content": [{**one(tok, e[0]), "top_logprobs": [one(t, lp) for t, lp in e[1]]}
                         for tok, e in zip(token_ids, entries) if e is not None]}

@@ -127,6 +127,13 @@ def test_byte_tokenizer_round_trips_and_bpe_trains(tmp_path):
     ids = bpe.encode_batch([docs[0][:500]])[0]
     assert bpe.decode(ids) == docs[0][:500] and len(ids) < 500  # merges happened
     assert load_tokenizer(str(tmp_path / "tok" / "tokenizer.json")).vocab_size == 320
+    # each token's own bytes (what logprobs show): they join to the text's, characters split or not
+    multi = "été à la fenêtre — 3 € ≥ 2, 日本語"
+    for t in (tok, bpe):
+        ids = t.encode_batch([multi])[0]
+        assert b"".join(t.token_bytes(i) for i in ids) == multi.encode("utf-8")
+        assert t.token_bytes(t.eos_id) == t.token_bytes(t.pad_id) == b""
+    assert any(len(tok.token_bytes(i)) == 1 and i >= 128 for i in tok.encode_batch([multi])[0])
     with pytest.raises(ValueError, match="expected 'byte' or the path"):
         load_tokenizer(str(tmp_path / "missing.json"))
 

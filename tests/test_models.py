@@ -368,6 +368,9 @@ def test_sampling_is_seeded_and_filters_behave(small_model_cfg):
     g = torch.Generator().manual_seed(0)
     draws = {int(sample(logits, 1.0, 2, None, g)) for _ in range(200)}
     assert draws == {2, 3}
+    # top_p keeps the smallest prefix whose mass reaches it: exactly 0.5 of four equal tokens is two
+    for p, kept in ((0.5, 2), (0.25, 1), (0.51, 3)):
+        assert len({int(sample(torch.zeros(1, 4), 1.0, None, p, g)) for _ in range(300)}) == kept, p
 
 
 def test_generation_stops_at_eos(small_model_cfg):

@@ -65,6 +65,39 @@ def test_request_rules_are_one_function_each_with_the_status_and_message_the_api
     assert (e.value.status, e.value.message) == (413, "7 prompt tokens + max_tokens 4 exceed the model's context of 10")
 
 
+def test_logprob_tokens_and_offsets_follow_the_bytes_of_the_text():
+    from hydra_ray.data.tokenizer import ByteTokenizer
+    from hydra_ray.serve.shapes import TextOffsets, completion_logprobs, token_text
+
+    tok = ByteTokenizer()
+    assert (token_text(b"a"), token_text(b"\xc3"), token_text(b"\xe2\x82")) == ("a", "bytes:\\xc3", "bytes:\\xe2\\x82")
+    ids = tok.encode_batch(["é€ ab"])[0]
+    whole = TextOffsets(tok.token_bytes).of(ids)
+    split = TextOffsets(tok.token_bytes)  # the same text arriving a few tokens at a time
+    assert whole == [0, 0, 1, 1, 1, 2, 3, 4] == split.of(ids[:1]) + split.of(ids[1:4]) + split.of(ids[4:])
+    assert TextOffsets(tok.token_bytes, 5).of([97, 256]) == [5, 6]  # from an echoed prompt's end; EOS adds nothing
+    # the chosen token joins the top entries when it is not among them; byte tokens never share a key
+    lp = completion_logprobs([[-2.0, [[0xC3, -0.5], [0xC2, -0.7]]], None], [0xA9, 97], tok.token_bytes, [0, 1])
+    assert lp["top_logprobs"] == [{"bytes:\\xc3": -0.5, "bytes:\\xc2": -0.7, "bytes:\\xa9": -2.0}, None]
+    assert (lp["tokens"], lp["token_logprobs"], lp["text_offset"]) == (["bytes:\\xa9", "a"], [-2.0, None], [0, 1])
+
+
+def test_request_bodies_take_null_as_the_default_and_refuse_what_they_cannot_honour():
+    from pydantic import ValidationError
+
+    from hydra_ray.serve.bodies import ChatBody, CompletionBody
+
+    b = CompletionBody.model_validate({"prompt": "x", "temperature": None, "n": None, "max_tokens": None, "echo": None})
+    assert (b.temperature, b.n, b.max_tokens, b.echo) == (1.0, 1, 16, False)
+    assert ChatBody.model_validate({"messages": [{"role": "user", "content": "hi"}], "logprobs": None}).limit is None
+    assert CompletionBody.model_validate({"prompt": "x", "logit_bias": {"007": 5}}).bias == {7: 5}
+    for bad, words in (({"frobnicate": None}, "frobnicate"), ({"logit_bias": {"\u00b2": 1}}, "token ids"),
+                       ({"logit_bias": {"9" * 5000: 1}}, "token ids"), ({"logit_bias": {"05": 1, "5": 2}}, "twice"),
+                       ({"stream_options": {"include_usage": True}}, "stream is true")):
+        with pytest.raises(ValidationError, match=words):
+            CompletionBody.model_validate({"prompt": "x", **bad})
+
+
 @pytest.fixture(scope="module")
 def random_engine():
     return random_engine_for_tests()
@@ -468,6 +501,13 @@ def test_the_official_openai_client_chats_plain_and_streaming(app, engines):
     content = lp.choices[0].logprobs.content
     assert len(content) == lp.usage.completion_tokens and all(len(t.top_logprobs) == 3 for t in content)
     assert all(t.logprob == t.top_logprobs[0].logprob for t in content)  # greedy picks the top entry
+    # a token's bytes are its own, also where it holds part of a character (byte-level tokens)
+    half = client.chat.completions.create(model="tiny@180", messages=messages, max_tokens=1, temperature=0,
+                                          logprobs=True, logit_bias={"195": 100})  # the first byte of "é"
+    assert [(t.token, t.bytes) for t in half.choices[0].logprobs.content] == [("bytes:\\xc3", [195])]
+    # without max_tokens, a reply may take what the server and the context allow (OpenAI's default)
+    free = client.chat.completions.create(model="tiny@180", messages=messages, temperature=0)
+    assert free.choices[0].finish_reason == "stop" or free.usage.completion_tokens == 64
     routed = client.chat.completions.create(model="tiny@180", messages=messages, max_tokens=4,
                                             extra_body={"return_routing": True})
     assert routed.choices[0].model_extra["routing"]["summary"]["experts"]
@@ -498,7 +538,7 @@ def test_the_official_openai_client_gets_n_logprobs_echo_token_prompts_and_penal
     lp = c.logprobs
     assert c.text.startswith(prompt) and len(lp.tokens) == len(ids) + 6
     assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
-    assert all(len(t) <= 2 for t in lp.top_logprobs[1:])
+    assert all(len(t) <= 3 for t in lp.top_logprobs[1:])  # 2, and the chosen token when it is not among them
     assert "".join(lp.tokens) == c.text and all(c.text[o:].startswith(t) for o, t in zip(lp.text_offset, lp.tokens))
     full = ids + e.complete([GenRequest(ids, max_tokens=6, temperature=0)])[0]["token_ids"]
     with torch.no_grad():
@@ -507,6 +547,26 @@ def test_the_official_openai_client_gets_n_logprobs_echo_token_prompts_and_penal
     assert lp.token_logprobs[1:] == pytest.approx(want, abs=1e-4)
     for i in range(len(ids), len(full)):
         assert lp.token_logprobs[i] == pytest.approx(max(lp.top_logprobs[i].values()), abs=1e-6)
+
+    # streamed, the same logprobs and offsets, though the stream holds text back (a stop string's
+    # possible start) and sends several tokens in one chunk when they pile up; top_logprobs always
+    # hold the chosen token (up to logprobs + 1 entries, as in OpenAI's API)
+    kw = dict(model="tiny@180", prompt=prompt, max_tokens=12, temperature=0.9, seed=3, logprobs=1, stop=[" =Q"])
+    whole = client.completions.create(**kw).choices[0]
+    parts = [ch.choices[0] for ch in client.completions.create(stream=True, **kw) if ch.choices]
+    streamed = {k: [x for p in parts for x in getattr(p.logprobs, k)] for k in ("tokens", "text_offset", "token_logprobs")}
+    assert streamed == {k: getattr(whole.logprobs, k) for k in streamed}
+    assert "".join(p.text for p in parts) == whole.text
+    assert whole.logprobs.text_offset == list(range(len(whole.text)))  # one byte, one character here
+    assert all(t in top for t, top in zip(whole.logprobs.tokens, whole.logprobs.top_logprobs))
+    # multi-byte characters, one byte token each: a token inside a character is shown by its bytes
+    # and starts where the character does; the offsets index the returned text
+    text = "é€ ab"
+    m = client.completions.create(model="tiny@180", prompt=text, max_tokens=3, temperature=0, logprobs=1, echo=True)
+    mlp = m.choices[0].logprobs
+    assert mlp.tokens[:3] == ["bytes:\\xc3", "bytes:\\xa9", "bytes:\\xe2"]
+    assert mlp.text_offset[:8] == [0, 0, 1, 1, 1, 2, 3, 4] and m.choices[0].text[4] == "b"
+    assert all(len(top) == len(set(top)) >= 1 for top in mlp.top_logprobs[1:])
 
     # penalties are honoured: the engine with the same penalty agrees, and repeats drop
     plain = client.completions.create(model="tiny@180", prompt=prompt, max_tokens=24, temperature=0)
@@ -800,6 +860,11 @@ def test_bad_requests_are_4xx_json_never_5xx(app):
     assert httpx.get(url + "/v1/unknown").status_code == 401  # unknown /v1 paths are guarded too
     r = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 3, "temperature": 1e-38})
     assert r.status_code == 200  # a vanishing temperature is greedy, not an overflow
+    nulls = {"temperature": None, "top_p": None, "n": None, "stream": None, "seed": None}
+    r = c.post("/v1/completions", json={"prompt": "x", "max_tokens": None, "echo": None, **nulls})
+    assert r.status_code == 200 and len(r.json()["choices"]) == 1  # null is the default, as in OpenAI's API
+    r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "logprobs": None, **nulls})
+    assert r.status_code == 200
 
     cases = [
         ("/v1/completions", b'{"prompt": "x", "max_tokens": 65}', 400),          # over the max_tokens limit
@@ -817,6 +882,10 @@ def test_bad_requests_are_4xx_json_never_5xx(app):
         ("/v1/completions", b'{"prompt": "x", "frobnicate": 1}', 400),            # unknown: named
         ("/v1/completions", b'{"prompt": "x", "logprobs": 6}', 400),
         ("/v1/completions", b'{"prompt": "x", "logit_bias": {"a": 1}}', 400),
+        ("/v1/completions", '{"prompt": "x", "logit_bias": {"\u00b2": 1}}'.encode(), 400),  # a digit int() refuses
+        ("/v1/completions", json.dumps({"prompt": "x", "logit_bias": {"9" * 5000: 1}}).encode(), 400),
+        ("/v1/completions", b'{"prompt": "x", "logit_bias": {"05": 1, "5": 2}}', 400),  # one token twice
+        ("/v1/completions", b'{"prompt": "x", "stream_options": {"include_usage": true}}', 400),  # not streaming
         ("/v1/completions", b'{"prompt": "x", "logit_bias": {"99999": 1}}', 400),  # outside the vocabulary
         ("/v1/completions", b'{"prompt": [1, 99999]}', 400),                      # token id outside it
         ("/v1/completions", b'{"prompt": [[]]}', 400),

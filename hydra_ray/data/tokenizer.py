@@ -41,6 +41,10 @@ class ByteTokenizer:
     def decode(self, ids: list[int]) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes the token stands for in decoded text (none for EOS, PAD and unused ids)."""
+        return bytes([token]) if 0 <= token < 256 else b""
+
 
 class HFTokenizer:
     """A Hugging Face `tokenizers` tokenizer.json; EOS/PAD are its <|endoftext|> / <|pad|> tokens
@@ -77,6 +81,33 @@ class HFTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids)
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes the token stands for in decoded text: exact for byte-level BPE (a token may
+        hold part of a character), else the UTF-8 of the token decoded alone."""
+        piece = self.tok.id_to_token(token)
+        if piece is None or token in (self.eos_id, self.pad_id):
+            return b""
+        table = _byte_level_inverse()
+        if all(c in table for c in piece):
+            return bytes(table[c] for c in piece)
+        return self.tok.decode([token]).encode("utf-8")
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_level_inverse() -> dict[str, int]:
+    """Byte-level BPE's printable stand-in for each byte (GPT-2's table), inverted."""
+    from tokenizers import pre_tokenizers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()  # the 256 stand-ins, in no particular order
+    printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " " and b not in range(127, 161) and b != 173]
+    table = {chr(b): b for b in printable}
+    extra = iter(range(256, 256 + 256))
+    for b in range(256):
+        if b not in table.values():
+            table[chr(next(extra))] = b
+    assert set(table) == set(alphabet), "unexpected byte-level alphabet"
+    return table
 
 
 @functools.lru_cache(maxsize=4)

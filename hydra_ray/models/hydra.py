@@ -309,7 +309,7 @@ def sample(logits_BV: torch.Tensor, temperature: float, top_k: int | None, top_p
     if top_p is not None and 0 < top_p < 1:
         sorted_BV, order_BV = logits_BV.sort(dim=-1, descending=True)
         probs = sorted_BV.softmax(-1)
-        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
+        drop = probs.cumsum(-1) - probs >= top_p  # keep the smallest prefix whose mass reaches top_p
         sorted_BV = sorted_BV.masked_fill(drop, -math.inf)
         logits_BV = torch.full_like(logits_BV, -math.inf).scatter(-1, order_BV, sorted_BV)
     probs_BV = logits_BV.softmax(-1)
