@@ -31,6 +31,7 @@ Shape legend: B rows, T tokens, V vocabulary.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -102,18 +103,20 @@ class _Row:
             self.gen.manual_seed(req.seed % 2**63)  # any integer seeds; the same one gives the same text
 
     def pick(self, logits_1V: torch.Tensor) -> tuple[int, list | None]:
-        """Sample the next token from the model's logits (after penalties and bias), and its
-        logprob entry, which reports the model's own distribution (log-softmax of the raw logits)."""
-        req, adjusted = self.req, logits_1V
-        if (self.seen and (req.presence_penalty or req.frequency_penalty)) or req.logit_bias:
-            adjusted = logits_1V.clone()
-            if self.seen and (req.presence_penalty or req.frequency_penalty):
-                ids = torch.tensor(list(self.seen))
-                n = torch.tensor(list(self.seen.values()), dtype=adjusted.dtype)
-                adjusted[0, ids] -= req.presence_penalty + req.frequency_penalty * n
-            for t, b in (req.logit_bias or {}).items():
-                if 0 <= t < adjusted.shape[-1]:
-                    adjusted[0, t] += b
+        """Sample the next token from the model's logits (after penalties and bias, and never an id
+        that is no text: padding, or past the tokenizer's vocabulary), and its logprob entry, which
+        reports the model's own distribution (log-softmax of the raw logits)."""
+        req, adjusted = self.req, logits_1V.clone()
+        adjusted[0, self.tok.vocab_size:] = -math.inf  # ids past the tokenizer's (a padded vocabulary) are no text
+        if self.tok.pad_id != self.tok.eos_id:
+            adjusted[0, self.tok.pad_id] = -math.inf  # nor is padding
+        if self.seen and (req.presence_penalty or req.frequency_penalty):
+            ids = torch.tensor(list(self.seen))
+            n = torch.tensor(list(self.seen.values()), dtype=adjusted.dtype)
+            adjusted[0, ids] -= req.presence_penalty + req.frequency_penalty * n
+        for t, b in (req.logit_bias or {}).items():
+            if 0 <= t < adjusted.shape[-1]:
+                adjusted[0, t] += b
         token = int(sample(adjusted, req.temperature, req.top_k, req.top_p, self.gen))
         self.seen[token] = self.seen.get(token, 0) + 1
         if req.logprobs is None:

@@ -119,6 +119,16 @@ def test_newcomers_are_prefilled_between_the_blocks_of_a_running_decode(engine):
         assert [lp[0] for lp in lps[id(row)]] == pytest.approx([lp[0] for lp in alone], abs=1e-4)
 
 
+def test_ids_that_are_no_text_are_never_sampled(engine):
+    """The model's vocabulary is padded past the tokenizer's (264 against 258 ids here), and PAD is
+    no text either: however the logits favour them, generation never picks them."""
+    e = engine
+    favour = {t: 60.0 for t in range(e.tokenizer.vocab_size, e.cfg.model.vocab_size)} | {e.tokenizer.pad_id: 60.0}
+    for temperature in (0.0, 1.5):
+        out = _alone(e, GenRequest(e.encode("hi"), max_tokens=12, temperature=temperature, seed=1, logit_bias=favour))
+        assert len(out["token_ids"]) == 12 and all(t < 256 for t in out["token_ids"]), out["token_ids"]
+
+
 def test_the_running_batch_is_bounded_and_the_rest_wait_in_order(engine):
     e = engine
     dec = Decoder(e, max_num_seqs=2)

@@ -820,15 +820,20 @@ def test_a_colocated_app_serves_the_same_api_from_one_deployment(app, engines):
             try:
                 before = await ingress.sequences.remote("tiny@180")
                 # recompute and no EOS: the row runs for seconds unless its client's leaving frees it
-                long = {"prompt": "def add(a, b):", "max_tokens": 880, "stream": True, "use_cache": False,
-                        "logit_bias": {str(e.tokenizer.eos_id): -100}}
+                long = {"model": "tiny@180", "prompt": "def add(a, b):", "max_tokens": 880, "stream": True,
+                        "use_cache": False, "logit_bias": {str(e.tokenizer.eos_id): -100}}
                 async with httpx.AsyncClient(base_url=app["url"] + "/colo", headers=AUTH, timeout=120) as ac:
                     async with ac.stream("POST", "/v1/completions", json=long) as s:
                         assert s.status_code == 200
                         async for line in s.aiter_lines():
                             if line.startswith("data:"):
                                 break
-                        assert (await ingress.sequences.remote("tiny@180"))["running"] == 1
+                        for _ in range(50):  # the stream is open, so its row runs (seen at once but once)
+                            live = await ingress.sequences.remote("tiny@180")
+                            if live["running"] == 1:
+                                break
+                            await asyncio.sleep(0.2)
+                        assert live["running"] == 1, (before, live)
                 for _ in range(300):
                     now = await ingress.sequences.remote("tiny@180")
                     if now["cancelled"] > before["cancelled"]:
