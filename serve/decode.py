@@ -108,7 +108,7 @@ class _Row:
         reports the model's own distribution (log-softmax of the raw logits)."""
         req, adjusted = self.req, logits_1V.clone()
         adjusted[0, self.tok.vocab_size:] = -math.inf  # ids past the tokenizer's (a padded vocabulary) are no text
-        if self.tok.pad_id != self.tok.eos_id:
+        if self.tok.pad_id != self.tok.eos_id and 0 <= self.tok.pad_id < adjusted.shape[-1]:
             adjusted[0, self.tok.pad_id] = -math.inf  # nor is padding
         if self.seen and (req.presence_penalty or req.frequency_penalty):
             ids = torch.tensor(list(self.seen))
