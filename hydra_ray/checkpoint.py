@@ -191,16 +191,35 @@ def list_steps(run_dir: str) -> list[tuple[int, str]]:
 
 
 def latest_valid(run_dir: str, before: int | None = None) -> Loaded | None:
-    """The newest checkpoint whose files all match its manifest (optionally older than `before`)."""
+    """The newest checkpoint whose files all match its manifest (optionally older than `before`).
+    A checkpoint that is incomplete or corrupt is skipped with a warning; a store that cannot be
+    read (network, credentials, throttling) raises StorageError instead: falling back to an older
+    checkpoint, or to none, would silently redo or discard training, and every rank decides alone."""
+    from safetensors import SafetensorError
+
     fs, _ = storage.resolve(run_dir)
     for step, path in reversed(list_steps(run_dir)):
         if before is not None and step >= before:
             continue
         try:
             return _read_verified(fs, path)
-        except Exception as e:  # missing manifest, truncated or corrupt file, bad JSON
+        except (FileNotFoundError, ValueError, KeyError, TypeError, SafetensorError) as e:
+            # a missing manifest or file, a file that does not match it, bad JSON or tensors
             log.warning("skipping checkpoint %s: incomplete or corrupt (%s)", path, e)
+        except OSError as e:
+            raise storage.StorageError(f"checkpoint {path}: cannot be read ({e})") from None
     return None
+
+
+def check_resumable(loaded: Loaded, batch_size: int) -> None:
+    """The data a run reads at step s starts at row s x the global batch: resuming a checkpoint
+    with another batch size would skip or repeat data. Raises ConfigError naming both sizes."""
+    from hydra_ray.config import ConfigError
+
+    was = loaded.trainer_state.get("global_batch")
+    if was is not None and was != batch_size:
+        raise ConfigError(f"checkpoint {loaded.path} was trained with train.batch_size {was}: resuming it with "
+                          f"{batch_size} would skip or repeat data (keep {was}, or start a new run)")
 
 
 def save_local(run_dir: str, step: int, keep: int, **parts) -> str:
@@ -220,6 +239,21 @@ def save_local(run_dir: str, step: int, keep: int, **parts) -> str:
             storage.write_bytes(storage.join(final, name), (tmp / name).read_bytes())
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    for old_step, _ in list_steps(run_dir)[:-keep]:
-        storage.delete_dir(storage.join(run_dir, "checkpoints", step_dir_name(old_step)))
+    prune(run_dir, step, keep)
     return final
+
+
+def prune(run_dir: str, step: int, keep: int) -> None:
+    """After checkpoint `step` is written (by the run's only writer): keep it and the newest
+    `keep` - 1 complete ones before it, and drop the incomplete ones before it (writes that never
+    finished). Folders after `step` (a run resumed to an earlier end) are left alone: a half-written
+    folder never pushes a complete checkpoint out."""
+    def folder(s: int) -> str:
+        return storage.join(run_dir, "checkpoints", step_dir_name(s))
+
+    older = [s for s, _ in list_steps(run_dir) if s < step]
+    complete = [s for s in older if storage.is_file(storage.join(folder(s), "manifest.json"))]
+    kept = set(complete[len(complete) - (keep - 1):]) if keep > 1 else set()
+    for s in older:
+        if s not in kept:
+            storage.delete_dir(folder(s))

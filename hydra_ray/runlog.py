@@ -30,6 +30,7 @@ Design choices
 from __future__ import annotations
 
 import json
+import os
 import logging
 import math
 import re
@@ -131,7 +132,9 @@ class TensorBoard:
 
         self.run = run
         self.remote = not storage.is_local(run)
-        self.dir = tempfile.mkdtemp(prefix="hydra-tb-") if self.remote else storage.join(storage.absolute(run), "tensorboard")
+        # a local run, as a path or a file:// URI: tensorboardX writes there itself
+        self.dir = tempfile.mkdtemp(prefix="hydra-tb-") if self.remote else \
+            os.path.join(storage.resolve(storage.absolute(run))[1], "tensorboard")
         self.writer = SummaryWriter(self.dir, purge_step=purge_step, flush_secs=3600)
 
     def add(self, rec: dict) -> None:

@@ -221,6 +221,9 @@ def check_storage(loc: str, what: str = "--storage") -> str:
     import pyarrow.fs as pafs
 
     loc = absolute(loc)
+    if is_uri(loc) and "?" in loc:
+        raise StorageError(f"{what} {loc}: options in the URI's query string are not supported (paths are "
+                           "built by appending to the URI); set AWS_ENDPOINT_URL, AWS_REGION and the like instead")
     try:
         fs, path = resolve(loc)
     except StorageError as e:

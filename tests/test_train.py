@@ -49,6 +49,61 @@ def test_checkpoints_skip_incomplete_and_corrupt_ones(tmp_path, caplog):
     assert [s for s, _ in ckpt.list_steps(str(run))] == [30, 40]  # keeps the last K
 
 
+def _save(run, step, keep, **state):
+    ckpt.save_local(str(run), step, keep=keep, model_state={"w": torch.full((1,), float(step))}, opt_state={},
+                    trainer_state={"step": step, **state}, config_yaml="")
+
+
+def test_pruning_never_lets_a_half_written_or_later_folder_push_out_a_complete_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    _save(run, 100, 1)
+    later = run / "checkpoints" / "step_00000300"  # a run that went further crashed mid-copy there
+    later.mkdir()
+    (later / "model.safetensors").write_bytes(b"half")
+    _save(run, 200, 1)  # ... and was resumed to an earlier end
+    assert [s for s, _ in ckpt.list_steps(str(run))] == [200, 300] and ckpt.latest_valid(str(run)).step == 200
+    half = run / "checkpoints" / "step_00000250"
+    half.mkdir()
+    (half / "model.safetensors").write_bytes(b"half")
+    _save(run, 260, 2)  # the complete 200 stays (keep 2); the half-written 250 before it goes
+    assert [s for s, _ in ckpt.list_steps(str(run))] == [200, 260, 300]
+
+
+def test_an_unreadable_store_is_an_error_not_a_corrupt_checkpoint(tmp_path, monkeypatch):
+    """A network or credentials failure while reading checkpoints must not look like corruption:
+    falling back to an older checkpoint (or none) would redo or discard training."""
+    run = tmp_path / "run"
+    _save(run, 10, 3, global_batch=12)
+    _save(run, 20, 3, global_batch=12)
+
+    def unreachable(fs, path, *files):
+        raise OSError("AWS Error NETWORK_CONNECTION during GetObject operation: curlCode: 7")
+
+    with monkeypatch.context() as m:
+        m.setattr(ckpt, "_read_verified", unreachable)
+        with pytest.raises(storage.StorageError, match="step_00000020: cannot be read .*NETWORK_CONNECTION"):
+            ckpt.latest_valid(str(run))
+    loaded = ckpt.latest_valid(str(run))
+    assert loaded.step == 20
+    ckpt.check_resumable(loaded, 12)
+    with pytest.raises(ValueError, match="train.batch_size 12: resuming it with 24 would skip or repeat data"):
+        ckpt.check_resumable(loaded, 24)
+
+
+def test_a_run_given_as_a_file_uri_writes_tensorboard_into_its_own_folder(tmp_path, monkeypatch):
+    from hydra_ray.runlog import TensorBoard
+
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    tb = TensorBoard(f"file://{tmp_path}/run", None)
+    tb.add({"step": 1, "loss": 2.0})
+    tb.writer.close()
+    assert list((tmp_path / "run" / "tensorboard").iterdir())
+    assert not list((tmp_path / "cwd").rglob("*"))  # no folder named after the scheme
+    with pytest.raises(storage.StorageError, match="query string"):
+        storage.check_storage("s3://bucket/runs?endpoint_override=localhost:9000&scheme=http")
+
+
 # --------------------------------------------------------------------------- in-process loop
 @pytest.fixture(scope="module")
 def tiny_data(tiny_prepared):

@@ -115,6 +115,12 @@ def train(cfg: HydraConfig, config_path: str, workers: str = "2", gpu: bool = Fa
     if resume and not existing:
         raise ConfigError(f"--resume: run {run_dir} has no checkpoints to continue (check --storage and "
                           "--name, or start it without --resume)")
+    latest = ckpt.latest_valid(run_dir) if resume else None
+    if resume and latest is None:
+        raise ConfigError(f"--resume: none of the checkpoints of run {run_dir} is complete and intact "
+                          f"(steps {', '.join(str(s) for s, _ in existing)}); see the warnings above")
+    if latest is not None:
+        ckpt.check_resumable(latest, cfg.train.batch_size)
     end_step = min(cfg.curriculum.total_steps, max_steps or cfg.curriculum.total_steps)
     cfg, tokenizer_json = run_tokenizer(cfg, config_path, run_dir, resume)
     if tokenizer_json is not None:  # every worker reads the run's copy, wherever it runs
@@ -126,7 +132,6 @@ def train(cfg: HydraConfig, config_path: str, workers: str = "2", gpu: bool = Fa
     prepared = prepare_data(cfg, log=log, cache=pack_cache(storage))
     st.write_text(st.join(run_dir, "data_report.txt"), prepared.report() + "\n")
     log(f"[data] {prepared.extra['corpus']} tokenizer {prepared.tokenizer}\n{prepared.report()}")
-    latest = ckpt.latest_valid(run_dir) if resume else None
     start = latest.step if latest else 0
     if start >= end_step:
         log(f"run {run_dir} is already at step {start} (target {end_step}): nothing to do")

@@ -309,15 +309,17 @@ class _Run:
             rec["eval"] = ev
         ckpt_dir = save(self.model, self.opt, env, cfg, self.run_dir, step, p.phase.name, flat(rec) if rec else {},
                         self.tokenizer_json) if save_now else None
-        if rec is not None:
-            if log_now or eval_now:
-                self.metrics.write(rec, flush=save_now or eval_now or step == end_step or stopping is not None)
-            # ray.train.report is a barrier that waits for the controller's poll (seconds), so
-            # Ray Train gets the metrics at checkpoint and eval steps; the run's log has them all
-            if env.report is not None and (save_now or eval_now):
-                env.report(flat(rec), ckpt_dir, step)
-        if ckpt_dir is not None:  # Ray Train has copied it into the run by now
-            shutil.rmtree(ckpt_dir, ignore_errors=True)
+        try:
+            if rec is not None:
+                if log_now or eval_now:
+                    self.metrics.write(rec, flush=save_now or eval_now or step == end_step or stopping is not None)
+                # ray.train.report is a barrier that waits for the controller's poll (seconds), so
+                # Ray Train gets the metrics at checkpoint and eval steps; the run's log has them all
+                if env.report is not None and (save_now or eval_now):
+                    env.report(flat(rec), ckpt_dir, step)
+        finally:
+            if ckpt_dir is not None:  # Ray Train has copied it into the run by now (or failed to)
+                shutil.rmtree(ckpt_dir, ignore_errors=True)
         if save_now:
             self.metrics.end_part()  # what was logged up to this checkpoint is in a closed part
         return rec
@@ -330,6 +332,8 @@ def run_local(cfg: HydraConfig, run_dir: str, prepared, end_step: int | None = N
     logged (the run folder holds only its metrics and events)."""
     end_step = end_step or cfg.curriculum.total_steps
     loaded = None if smoke else ckpt.latest_valid(run_dir)
+    if loaded is not None:
+        ckpt.check_resumable(loaded, cfg.train.batch_size)
     start = loaded.step if loaded else 0
     segs = segments(cfg, start, end_step) if start < end_step else []
     return train_loop_per_worker({"config": cfg.model_dump(mode="python"), "run_dir": run_dir, "end_step": end_step,

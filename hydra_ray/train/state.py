@@ -5,6 +5,7 @@ clipping over expert-parallel ranks, and the checkpoint round trip of model + op
 from __future__ import annotations
 
 import math
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -105,4 +106,9 @@ def save(model: HydraLM, opt, env: Env, cfg: HydraConfig, run_dir: str, step: in
     if not env.ray_checkpoints:
         ckpt.save_local(run_dir, step, cfg.train.keep_checkpoints, **parts)
         return None
-    return ckpt.write(Path(tempfile.mkdtemp(prefix=f"hydra-ckpt-{step}-")), **parts)
+    tmp = Path(tempfile.mkdtemp(prefix=f"hydra-ckpt-{step}-"))
+    try:
+        return ckpt.write(tmp, **parts)
+    except BaseException:  # a failed write leaves no copy of the weights in /tmp
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
