@@ -146,8 +146,9 @@ def run_trial(config: dict, setup: dict, prepared) -> None:
     os.environ["HYDRA_THREADS"] = str(threads)  # read by the training loop (and Train workers)
     torch.set_num_threads(threads)
 
-    latest = ckpt.list_steps(run_dir)
-    if latest and latest[-1][0] >= end_step:  # the run ended before Tune heard of it: report it again
+    finished = [s for s, _ in ckpt.list_steps(run_dir) if s >= end_step and storage.is_file(
+        storage.join(run_dir, "checkpoints", ckpt.step_dir_name(s), "manifest.json"))]  # complete, not cut short
+    if finished:  # the run ended before Tune heard of it: report it again
         flat = _last_eval(run_dir)
         if flat is not None:
             ray.tune.report(tune_metrics(flat, run_dir, window, objective))
