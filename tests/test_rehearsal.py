@@ -67,13 +67,16 @@ def _crashed_at_start(cluster: LocalCluster, job: str) -> bool:
     cluster, Ray's fake_multinode nodes share one session folder, and each node's runtime-env agent,
     the first time it sees the job's working_dir, deletes and unpacks it again in the one shared
     place. A process that is starting on another node at that moment loses its working directory
-    and can crash (seen once: MKL "Cannot load libtorch_cpu.so" in the TrainController, as a new
-    node came up). Separate machines have separate folders, so the rehearsal resubmits such a job
-    once and notes it; any other failure stands."""
+    and can crash (seen: MKL "Cannot load libtorch_cpu.so" in the TrainController as a new node
+    came up, and the job's own entrypoint failing in `import torch` because os.getcwd() no longer
+    exists). Separate machines have separate folders, so the rehearsal resubmits such a job once
+    and notes it; any other failure stands, and so does this one if it happens twice."""
     if _api_status(cluster, job) != "FAILED":
         return False
     logs = cluster.cli("job", "logs", job).stdout
-    return "ActorDiedError" in logs and "worker process has died" in logs
+    died = "ActorDiedError" in logs and "worker process has died" in logs
+    lost_cwd = "in abspath" in logs and "FileNotFoundError: [Errno 2] No such file or directory" in logs
+    return died or lost_cwd
 
 
 def _records(run: str, kind: str = "metrics") -> list[dict]:
