@@ -248,12 +248,15 @@ def prune(run_dir: str, step: int, keep: int) -> None:
     `keep` - 1 complete ones before it, and drop the incomplete ones before it (writes that never
     finished). Folders after `step` (a run resumed to an earlier end) are left alone: a half-written
     folder never pushes a complete checkpoint out."""
-    def folder(s: int) -> str:
-        return storage.join(run_dir, "checkpoints", step_dir_name(s))
-
     older = [s for s, _ in list_steps(run_dir) if s < step]
-    complete = [s for s in older if storage.is_file(storage.join(folder(s), "manifest.json"))]
-    kept = set(complete[len(complete) - (keep - 1):]) if keep > 1 else set()
+    complete = [s for s in older if is_complete(run_dir, s)]
+    kept = set(complete[-(keep - 1):]) if keep > 1 else set()
     for s in older:
         if s not in kept:
-            storage.delete_dir(folder(s))
+            storage.delete_dir(storage.join(run_dir, "checkpoints", step_dir_name(s)))
+
+
+def is_complete(run_dir: str, step: int) -> bool:
+    """Whether checkpoint `step` was written to the end (its manifest, written last, is there);
+    its checksums are verified when it is loaded."""
+    return storage.is_file(storage.join(run_dir, "checkpoints", step_dir_name(step), "manifest.json"))

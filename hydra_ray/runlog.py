@@ -30,9 +30,9 @@ Design choices
 from __future__ import annotations
 
 import json
-import os
 import logging
 import math
+import os
 import re
 import shutil
 import tempfile

@@ -304,14 +304,6 @@ def test_a_fault_in_the_decode_loop_fails_its_callers_and_the_next_request_is_se
         assert not sched.decoder.busy  # the batch started over, with the same settings
         assert len(sched.decoder.slots) == 2 and sched.decoder.cache is not None
         req = _req(e, "Solve 3 + 4 =", 4, 3)
-        h, q = sched.submit(req)
-        toks = []
-        while True:
-            ev = await asyncio.wait_for(q.get(), 30)
-            toks += ev.token_ids
-            if ev.finish_reason:
-                break
-        sched.cancel(h)
-        assert toks == _alone(e, req)["token_ids"]
+        assert await _finish(sched, req) == _alone(e, req)["token_ids"]
 
     asyncio.run(main())

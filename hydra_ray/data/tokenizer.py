@@ -96,17 +96,14 @@ class HFTokenizer:
 
 @functools.lru_cache(maxsize=1)
 def _byte_level_inverse() -> dict[str, int]:
-    """Byte-level BPE's printable stand-in for each byte (GPT-2's table), inverted."""
+    """Byte-level BPE's printable stand-in for each byte (GPT-2's table), inverted: printable
+    bytes stand for themselves, the other bytes in order for chr(256), chr(257), ..."""
     from tokenizers import pre_tokenizers
 
-    alphabet = pre_tokenizers.ByteLevel.alphabet()  # the 256 stand-ins, in no particular order
-    printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " " and b not in range(127, 161) and b != 173]
-    table = {chr(b): b for b in printable}
-    extra = iter(range(256, 256 + 256))
-    for b in range(256):
-        if b not in table.values():
-            table[chr(next(extra))] = b
-    assert set(table) == set(alphabet), "unexpected byte-level alphabet"
+    as_is = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    others = [b for b in range(256) if b not in as_is]
+    table = {chr(b): b for b in as_is} | {chr(256 + i): b for i, b in enumerate(others)}
+    assert set(table) == set(pre_tokenizers.ByteLevel.alphabet()), "unexpected byte-level alphabet"
     return table
 
 

@@ -146,9 +146,7 @@ def run_trial(config: dict, setup: dict, prepared) -> None:
     os.environ["HYDRA_THREADS"] = str(threads)  # read by the training loop (and Train workers)
     torch.set_num_threads(threads)
 
-    finished = [s for s, _ in ckpt.list_steps(run_dir) if s >= end_step and storage.is_file(
-        storage.join(run_dir, "checkpoints", ckpt.step_dir_name(s), "manifest.json"))]  # complete, not cut short
-    if finished:  # the run ended before Tune heard of it: report it again
+    if any(s >= end_step and ckpt.is_complete(run_dir, s) for s, _ in ckpt.list_steps(run_dir)):  # the run ended before Tune heard of it: report it again
         flat = _last_eval(run_dir)
         if flat is not None:
             ray.tune.report(tune_metrics(flat, run_dir, window, objective))
