@@ -4,8 +4,10 @@
    step (256 new tokens), and 8 requests decoded as one batch against the same 8 one after another.
 2. The real Serve app on a local Ray, 1 client against 16 concurrent clients, at the ingress
    replica's own address (direct ingress: the headline) and at Serve's proxy:
-   - streamed completions (32 tokens each): completion tokens/s, and the p50 time to first token
-     (continuous batching: a newcomer joins the running batch at the next token);
+   - streamed completions: completion tokens/s, and the p50 time to first token (continuous
+     batching: a newcomer joins the running batch at the next token), once with 32 tokens per
+     request (the 16 clients then come back in lockstep, a burst) and once with 16-48 (32 on
+     average: they arrive spread out, as independent users do);
    - /v1/routing requests/s (Serve batches concurrent traces into one forward);
    - where the first token's time goes, from the app's /metrics histograms: the mean at the
      ingress, in the model replica the wait before the prefill (for the forward then running) and
@@ -98,13 +100,26 @@ def routing_throughput(url: str, clients: int, seconds: float, headers: dict | N
             "p50_ms": 1000 * statistics.median(lat)}
 
 
-def completion_load(url: str, clients: int, seconds: float, headers: dict | None = None, max_tokens: int = 32) -> dict:
+def request_length(max_tokens: int | tuple[int, int], i: int, n: int) -> int:
+    """max_tokens of call n of client i: `max_tokens` itself, or for (lo, hi) a stride of 13
+    through lo..hi, which visits every length once in each hi - lo + 1 calls when 13 does not
+    divide that count (clients start at different points)."""
+    if isinstance(max_tokens, int):
+        return max_tokens
+    lo, hi = max_tokens
+    return lo + (7 * i + 13 * n) % (hi - lo + 1)
+
+
+def completion_load(url: str, clients: int, seconds: float, headers: dict | None = None,
+                    max_tokens: int | tuple[int, int] = 32) -> dict:
     """`clients` threads streaming completions back to back: completion tokens/s over the run and
-    the median time from sending a request to its first token."""
+    the median time from sending a request to its first token. `max_tokens`: every request's, or
+    (lo, hi): each request's own, spread evenly over lo..hi (`request_length`), the same spread
+    for 1 client as for 16."""
     import json
 
     def one(c, i: int, n: int) -> tuple[float, int] | None:
-        body = {"prompt": f"def f{i}_{n}(x):", "max_tokens": max_tokens, "temperature": 0.8, "seed": n,
+        body = {"prompt": f"def f{i}_{n}(x):", "max_tokens": request_length(max_tokens, i, n), "temperature": 0.8, "seed": n,
                 "stream": True, "stream_options": {"include_usage": True}}
         t0, first, used = time.perf_counter(), None, 0
         with c.stream("POST", "/v1/completions", json=body) as r:
@@ -148,12 +163,13 @@ def _histogram_totals(url: str, headers: dict) -> dict[str, tuple[float, float]]
     return {k: (v[0], v[1]) for k, v in out.items()}
 
 
-def completion_load_with_parts(url: str, clients: int, seconds: float, headers: dict) -> dict:
+def completion_load_with_parts(url: str, clients: int, seconds: float, headers: dict,
+                               max_tokens: int | tuple[int, int] = 32) -> dict:
     """`completion_load`, plus the mean first-token time at the ingress and its parts (waiting to be
     prefilled and the prefill forward in the model replica, the trip between the ingress and the
     replica) from the app's own histograms."""
     before = _histogram_totals(url, headers)
-    res = completion_load(url, clients, seconds, headers)
+    res = completion_load(url, clients, seconds, headers, max_tokens)
     after = _histogram_totals(url, headers)
     for k in FIRST_TOKEN_PARTS:
         n = after[k][1] - before[k][1]
@@ -169,24 +185,34 @@ def _parts(r: dict) -> str:
             f"{r['transport_mean_ms']:.0f} between the ingress and the replica")
 
 
+SPREAD = (16, 48)  # requests of 16-48 tokens, 32 on average: clients that do not finish together
+
+
 def path_ratios(url: str, seconds: float, headers: dict, log, label: str) -> dict:
-    """1 client against 16 on one address: routing requests/s, streamed completion tokens/s and the
-    p50 time to first token."""
+    """1 client against 16 on one address: routing requests/s, and streamed completions (tokens/s,
+    p50 time to first token) twice: 32 tokens each, and 16-48 tokens each (32 on average).
+
+    With 32 each, every client that started in one prefill finishes in the same decode step and
+    sends its next request at the same moment: the 16 clients come back in lockstep, a burst that
+    the ingress parses one request after another and the model prefills as one cohort. With
+    lengths spread, they finish at different steps and arrive spread out, as independent users'
+    requests do."""
     routing_throughput(url, 4, 2.0, headers)  # warm-up: model loaded, batch queue running
     one = routing_throughput(url, 1, seconds, headers)
     many = routing_throughput(url, 16, seconds, headers)
     completion_load(url, 4, 2.0, headers)  # warm-up: the decode thread running
-    gen1 = completion_load_with_parts(url, 1, seconds, headers)
-    gen16 = completion_load_with_parts(url, 16, seconds, headers)
-    res = dict(url=url, completions_1_client=gen1, completions_16_clients=gen16,
-               completions_16_vs_1=gen16["tokens_per_s"] / gen1["tokens_per_s"],
-               ttft_16_vs_1=gen16["ttft_p50_ms"] / gen1["ttft_p50_ms"],
-               routing_1_client=one, routing_16_clients=many, routing_16_vs_1=many["req_per_s"] / one["req_per_s"])
-    log(f"[completions, {label}] 32 tokens streamed: 1 client {gen1['tokens_per_s']:.0f} tok/s (p50 first token "
-        f"{gen1['ttft_p50_ms']:.0f} ms), 16 clients {gen16['tokens_per_s']:.0f} tok/s (p50 first token "
-        f"{gen16['ttft_p50_ms']:.0f} ms) = {res['completions_16_vs_1']:.2f}x tokens/s, "
-        f"{res['ttft_16_vs_1']:.2f}x time to first token; errors {gen1['errors'] + gen16['errors']}")
-    log(f"[first token, {label}] 1 client: {_parts(gen1)}; 16 clients: {_parts(gen16)}")
+    res = dict(url=url, routing_1_client=one, routing_16_clients=many, routing_16_vs_1=many["req_per_s"] / one["req_per_s"])
+    for key, lengths, what in (("", 32, "32 tokens each"), ("_spread", SPREAD, f"{SPREAD[0]}-{SPREAD[1]} tokens each")):
+        gen1 = completion_load_with_parts(url, 1, seconds, headers, lengths)
+        gen16 = completion_load_with_parts(url, 16, seconds, headers, lengths)
+        res.update({f"completions_1_client{key}": gen1, f"completions_16_clients{key}": gen16,
+                    f"completions_16_vs_1{key}": gen16["tokens_per_s"] / gen1["tokens_per_s"],
+                    f"ttft_16_vs_1{key}": gen16["ttft_p50_ms"] / gen1["ttft_p50_ms"]})
+        log(f"[completions, {label}] {what}, streamed: 1 client {gen1['tokens_per_s']:.0f} tok/s (p50 first token "
+            f"{gen1['ttft_p50_ms']:.0f} ms), 16 clients {gen16['tokens_per_s']:.0f} tok/s (p50 first token "
+            f"{gen16['ttft_p50_ms']:.0f} ms) = {res[f'completions_16_vs_1{key}']:.2f}x tokens/s, "
+            f"{res[f'ttft_16_vs_1{key}']:.2f}x time to first token; errors {gen1['errors'] + gen16['errors']}")
+        log(f"[first token, {label}] {what}: 1 client: {_parts(gen1)}; 16 clients: {_parts(gen16)}")
     log(f"[routing, {label}] /v1/routing: 1 client {one['req_per_s']:.1f} req/s (p50 {one['p50_ms']:.0f} ms), "
         f"16 clients {many['req_per_s']:.1f} req/s (p50 {many['p50_ms']:.0f} ms) = {res['routing_16_vs_1']:.2f}x; "
         f"errors {one['errors'] + many['errors']}")

@@ -36,3 +36,15 @@ def test_train_benchmark_reports_every_figure():
     assert ceiling["tokens_per_s_n"] > 0 and ceiling["speedup"] == pytest.approx(ceiling["tokens_per_s_n"] / sc["tokens_per_s_1"])
     for p in (sharded, replicated):
         assert p["of_ceiling"] == pytest.approx(p["tokens_per_s_n"] / ceiling["tokens_per_s_n"])
+
+
+def test_serve_benchmark_spreads_request_lengths_evenly():
+    """`bench serve`'s second completions load: lengths 16-48, every one of them once in 33 calls
+    of a client, from a different point for each client; 32 on average, as the fixed load."""
+    from hydra_ray.benchmarks.serve import SPREAD, request_length
+
+    assert request_length(32, 3, 5) == 32
+    for i in range(16):
+        lengths = [request_length(SPREAD, i, n) for n in range(33)]
+        assert sorted(lengths) == list(range(16, 49))
+    assert len({request_length(SPREAD, i, 0) for i in range(16)}) == 16

@@ -589,7 +589,8 @@ def test_bench_serve_measures_completions_and_decode_side_by_side(app, engines):
 
     one = completion_load(app["url"], 1, 1.0, AUTH, max_tokens=8)
     many = completion_load_with_parts(app["url"], 3, 1.0, AUTH)
-    for r in (one, many):
+    spread = completion_load(app["url"], 2, 1.0, AUTH, max_tokens=(2, 6))
+    for r in (one, many, spread):
         assert r["errors"] == 0 and r["completions"] >= 1 and r["tokens_per_s"] > 0 and r["ttft_p50_ms"] > 0
     # the first token's parts, from the app's histograms over the same requests: they fit inside it
     assert 0 <= many["queue_mean_ms"] and 0 < many["prefill_mean_ms"] and 0 <= many["transport_mean_ms"]
