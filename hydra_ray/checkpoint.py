@@ -211,6 +211,36 @@ def latest_valid(run_dir: str, before: int | None = None) -> Loaded | None:
     return None
 
 
+def read_step(run_dir: str, step: int) -> Loaded:
+    """Checkpoint `step` of the run, verified against its manifest: the one another rank chose
+    (`agreed_latest`). Raises ValueError if it is missing, incomplete or corrupt, and
+    StorageError if the store cannot be read."""
+    from safetensors import SafetensorError
+
+    fs, base = storage.resolve(run_dir)
+    path = f"{base}/checkpoints/{step_dir_name(step)}"  # by name: this rank's listing may lag
+    try:
+        return _read_verified(fs, path)
+    except (FileNotFoundError, ValueError, KeyError, TypeError, SafetensorError) as e:
+        raise ValueError(f"checkpoint {path} is incomplete or corrupt ({e})") from None
+    except OSError as e:
+        raise storage.StorageError(f"checkpoint {path}: cannot be read ({e})") from None
+
+
+def agreed_latest(run_dir: str, env) -> Loaded | None:
+    """`latest_valid` as rank 0 sees it, loaded by every rank. Ranks that each chose alone could
+    restore different steps (a listing that lags on object storage, a checkpoint still arriving)
+    and train on out of step, with collectives that no longer match. A rank that cannot read
+    rank 0's choice raises instead of falling back to another."""
+    if not env.distributed:
+        return latest_valid(run_dir)
+    loaded = latest_valid(run_dir) if env.rank == 0 else None
+    step = env.from_rank0(loaded.step if loaded is not None else -1)
+    if env.rank == 0 or step < 0:
+        return loaded
+    return read_step(run_dir, step)
+
+
 def check_resumable(loaded: Loaded, batch_size: int) -> None:
     """The data a run reads at step s starts at row s x the global batch: resuming a checkpoint
     with another batch size would skip or repeat data. Raises ConfigError naming both sizes."""

@@ -69,6 +69,55 @@ def test_pruning_never_lets_a_half_written_or_later_folder_push_out_a_complete_c
     assert [s for s, _ in ckpt.list_steps(str(run))] == [200, 260, 300]
 
 
+def _agree_on_a_checkpoint(rank: int, port: int, run: str, out: str) -> None:
+    """A rank of a 2-rank gloo group: rank 1's listing lags (it sees step 10 only), rank 0 sees
+    10 and 20. Both must restore 20; then rank 1 cannot read 20 and must raise, not fall back."""
+    import json
+
+    import torch.distributed as dist
+
+    from hydra_ray.train.env import Env
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        env = Env(rank=rank, world=2)
+        if rank == 1:
+            full = ckpt.list_steps
+            ckpt.list_steps = lambda run_dir: [p for p in full(run_dir) if p[0] == 10] if lagging else full(run_dir)
+        lagging = True
+        alone = ckpt.latest_valid(run).step
+        agreed = ckpt.agreed_latest(run, env)
+        lagging = False
+        if rank == 1:
+            ckpt._read_verified = lambda fs, path: (_ for _ in ()).throw(ValueError("model.safetensors does not match"))
+        try:
+            ckpt.agreed_latest(run, env)
+            second = "loaded"
+        except ValueError as e:
+            second = str(e)
+        Path(out, f"rank{rank}.json").write_text(json.dumps({"alone": alone, "agreed": agreed.step,
+                                                            "w": float(agreed.model["w"][0]), "second": second}))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_restores_the_checkpoint_rank_0_chose(tmp_path):
+    import json
+
+    import torch.multiprocessing as mp
+
+    from test_dispatch_parallel import _free_port
+
+    run = tmp_path / "run"
+    _save(run, 10, 5)
+    _save(run, 20, 5)
+    mp.spawn(_agree_on_a_checkpoint, args=(_free_port(), str(run), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert (r0["alone"], r1["alone"]) == (20, 10)  # alone, they would restore different steps
+    assert r0["agreed"] == r1["agreed"] == 20 and r0["w"] == r1["w"] == 20.0
+    assert r0["second"] == "loaded" and "step_00000020 is incomplete or corrupt" in r1["second"]
+
+
 def test_an_unreadable_store_is_an_error_not_a_corrupt_checkpoint(tmp_path, monkeypatch):
     """A network or credentials failure while reading checkpoints must not look like corruption:
     falling back to an older checkpoint (or none) would redo or discard training."""

@@ -49,6 +49,13 @@ class Env:
     def all_max(self, t: torch.Tensor) -> torch.Tensor:
         return self._reduce(t, dist.ReduceOp.MAX)
 
+    def from_rank0(self, value: int) -> int:
+        """Rank 0's `value` on every rank."""
+        if not self.distributed:
+            return value
+        t = torch.tensor([value if self.rank == 0 else -(1 << 62)], dtype=torch.int64)
+        return int(self.all_max(t).item())
+
     def all_finite(self, *values: torch.Tensor) -> bool:
         """Whether every value is finite on every rank (one agreed decision)."""
         bad = torch.tensor([0.0 if all(bool(torch.isfinite(v).all()) for v in values) else 1.0])

@@ -120,7 +120,7 @@ class _Run:
         if self.tokenizer_json is None and cfg.data.tokenizer != "byte" and storage.is_file(cfg.data.tokenizer):
             self.tokenizer_json = storage.read_bytes(cfg.data.tokenizer)
         self.model = model = HydraLM(cfg.model)
-        loaded = ckpt.latest_valid(self.run_dir) if self.checkpoints else None
+        loaded = ckpt.agreed_latest(self.run_dir, env) if self.checkpoints else None
         if loaded is not None:
             model.load_state_dict(loaded.model)
         model.to(env.device)
@@ -259,7 +259,7 @@ class _Run:
     def _after_nan(self) -> str | None:
         """After max_nan_skips NaN steps in a row: roll back to the last checkpoint ("rolled_back"),
         or the reason the run cannot make progress."""
-        back = ckpt.latest_valid(self.run_dir) if self.checkpoints else None
+        back = ckpt.agreed_latest(self.run_dir, self.env) if self.checkpoints else None
         if back is None:  # nothing to roll back to: more steps would only skip again
             return (f"{self.nan_run} NaN/Inf steps in a row (train.max_nan_skips) at step {self.step} and no "
                     "checkpoint to roll back to")
