@@ -98,6 +98,22 @@ def test_two_runs_packing_the_same_corpus_at_once_leave_one_good_pack(tmp_path, 
         assert np.array_equal(reused.windows("train", 64, d), results[0].windows("train", 64, d))
 
 
+def test_a_pack_that_fails_halfway_leaves_nothing_in_the_cache(tmp_path, monkeypatch):
+    from hydra_ray.data import pack
+
+    corpus, cache = _corpus(tmp_path / "corpus", docs=4), str(tmp_path / "cache")
+
+    def fails(out, *a, **k):  # a few shards written, then the corpus turns out bad (or Ctrl-C)
+        Path(out, "math").mkdir(parents=True)
+        Path(out, "math", "train-L64.bin").write_bytes(b"x" * 1000)
+        raise CorpusError("a file went missing while packing")
+
+    monkeypatch.setattr(pack, "run_pack", fails)
+    with pytest.raises(CorpusError, match="went missing"):
+        prepare_data(_config(cache, corpus), log=lambda *_: None)
+    assert list((tmp_path / "cache" / "packed").iterdir()) == []
+
+
 @pytest.mark.integration
 def test_a_shard_changed_or_lost_since_packing_is_a_one_line_error(tmp_path, ray_session):
     corpus, cache = _corpus(tmp_path / "corpus"), str(tmp_path / "cache")

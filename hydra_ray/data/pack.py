@@ -247,8 +247,12 @@ def ensure_packed(cfg, seq_lens: list[int], corpus: str, cache_root: str, log=pr
                             cfg.data.tokenizer_sha256, header, cfg.data.text_field)
     elif st.is_local(root):
         tmp = f"{root}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        manifest = run_pack(tmp, files, domains, seq_lens, cfg.data.eval_fraction, cfg.data.tokenizer,
-                            cfg.data.tokenizer_sha256, header, cfg.data.text_field)
+        try:
+            manifest = run_pack(tmp, files, domains, seq_lens, cfg.data.eval_fraction, cfg.data.tokenizer,
+                                cfg.data.tokenizer_sha256, header, cfg.data.text_field)
+        except BaseException:  # a failed or interrupted pack leaves no copy of the corpus in the cache
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         if os.path.isdir(root) and sh.read_manifest(root) is None:  # a stale, incomplete folder
             shutil.rmtree(root, ignore_errors=True)
         try:
