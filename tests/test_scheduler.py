@@ -280,6 +280,19 @@ def test_events_that_piled_up_travel_as_one():
     assert merge_events([b]) is b
 
 
+def test_an_error_queued_after_a_sequence_finished_is_not_its_own():
+    """The replica forwards a sequence's queued events up to its last one. A decode-loop fault
+    ends every request the scheduler still holds a sink for, a finished one too (its caller has not
+    yet freed the row): that error comes after its final event and must not fail it."""
+    from hydra_ray.serve.model import until_finished
+
+    tok, last, err = GenEvent("a", [1], None), GenEvent("b", [2], "stop"), RuntimeError("a bug in the loop")
+    assert until_finished([tok, last, err]) == [tok, last]
+    assert until_finished([tok]) == [tok]
+    with pytest.raises(RuntimeError, match="a bug"):
+        until_finished([tok, err, last])
+
+
 def test_a_fault_in_the_decode_loop_fails_its_callers_and_the_next_request_is_served(engine):
     """A bug outside the forward must not leave callers waiting on a thread that died: they get
     the error, and the scheduler serves what comes next."""
