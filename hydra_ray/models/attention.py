@@ -38,15 +38,23 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
-def rope(x_BKHE: torch.Tensor, pos_BK: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotary embedding by explicit positions (tokens of a subset keep their original positions)."""
-    e = x_BKHE.shape[-1]
-    inv = 1.0 / (theta ** (torch.arange(0, e, 2, device=x_BKHE.device, dtype=torch.float32) / e))
-    ang = pos_BK.to(upcast(x_BKHE).dtype)[..., None] * inv.to(upcast(x_BKHE).dtype)  # B K E/2
-    cos, sin = ang.cos()[:, :, None, :], ang.sin()[:, :, None, :]
+def rope_angles(pos_BK: torch.Tensor, e: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [B, K, 1, E/2] of the rotary angles at explicit positions, in `dtype` (at
+    least float32): one table for a block's queries and keys."""
+    inv = 1.0 / (theta ** (torch.arange(0, e, 2, device=pos_BK.device, dtype=torch.float32) / e))
+    ang = pos_BK.to(dtype)[..., None] * inv.to(dtype)  # B K E/2
+    return ang.cos()[:, :, None, :], ang.sin()[:, :, None, :]
+
+
+def rotate(x_BKHE: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     x1, x2 = upcast(x_BKHE).chunk(2, dim=-1)
     out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
     return out.to(x_BKHE.dtype)
+
+
+def rope(x_BKHE: torch.Tensor, pos_BK: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotary embedding by explicit positions (tokens of a subset keep their original positions)."""
+    return rotate(x_BKHE, *rope_angles(pos_BK, x_BKHE.shape[-1], theta, upcast(x_BKHE).dtype))
 
 
 class LayerKV:
@@ -178,8 +186,10 @@ class Attention(nn.Module):
         cache: LayerKV | None = None,
     ) -> torch.Tensor:
         B, K, _ = x_BKD.shape
-        q = rope(self.q_norm(self.wq(x_BKD).view(B, K, self.h, self.e)), pos_BK, self.theta)
-        k = rope(self.k_norm(self.wk(x_BKD).view(B, K, self.g, self.e)), pos_BK, self.theta)
+        q = self.q_norm(self.wq(x_BKD).view(B, K, self.h, self.e))
+        k = self.k_norm(self.wk(x_BKD).view(B, K, self.g, self.e))
+        cos, sin = rope_angles(pos_BK, self.e, self.theta, upcast(q).dtype)  # one table for both
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         v = self.wv(x_BKD).view(B, K, self.g, self.e)
         q_BHKE = q.transpose(1, 2)
         if cache is not None:
