@@ -190,35 +190,12 @@ def list_steps(run_dir: str) -> list[tuple[int, str]]:
     return sorted(out)
 
 
-def latest_valid(run_dir: str, before: int | None = None) -> Loaded | None:
-    """The newest checkpoint whose files all match its manifest (optionally older than `before`).
-    A checkpoint that is incomplete or corrupt is skipped with a warning; a store that cannot be
-    read (network, credentials, throttling) raises StorageError instead: falling back to an older
-    checkpoint, or to none, would silently redo or discard training, and every rank decides alone."""
+def _read_checked(fs, path: str) -> Loaded:
+    """One checkpoint, verified. ValueError: incomplete or corrupt (a missing manifest or file, a
+    file that does not match it, bad JSON or tensors); StorageError: the store cannot be read
+    (network, credentials, throttling)."""
     from safetensors import SafetensorError
 
-    fs, _ = storage.resolve(run_dir)
-    for step, path in reversed(list_steps(run_dir)):
-        if before is not None and step >= before:
-            continue
-        try:
-            return _read_verified(fs, path)
-        except (FileNotFoundError, ValueError, KeyError, TypeError, SafetensorError) as e:
-            # a missing manifest or file, a file that does not match it, bad JSON or tensors
-            log.warning("skipping checkpoint %s: incomplete or corrupt (%s)", path, e)
-        except OSError as e:
-            raise storage.StorageError(f"checkpoint {path}: cannot be read ({e})") from None
-    return None
-
-
-def read_step(run_dir: str, step: int) -> Loaded:
-    """Checkpoint `step` of the run, verified against its manifest: the one another rank chose
-    (`agreed_latest`). Raises ValueError if it is missing, incomplete or corrupt, and
-    StorageError if the store cannot be read."""
-    from safetensors import SafetensorError
-
-    fs, base = storage.resolve(run_dir)
-    path = f"{base}/checkpoints/{step_dir_name(step)}"  # by name: this rank's listing may lag
     try:
         return _read_verified(fs, path)
     except (FileNotFoundError, ValueError, KeyError, TypeError, SafetensorError) as e:
@@ -227,18 +204,70 @@ def read_step(run_dir: str, step: int) -> Loaded:
         raise storage.StorageError(f"checkpoint {path}: cannot be read ({e})") from None
 
 
+def latest_valid(run_dir: str, before: int | None = None) -> Loaded | None:
+    """The newest checkpoint whose files all match its manifest (optionally older than `before`).
+    A checkpoint that is incomplete or corrupt is skipped with a warning; a store that cannot be
+    read raises StorageError instead: falling back to an older checkpoint, or to none, would
+    silently redo or discard training."""
+    fs, _ = storage.resolve(run_dir)
+    for step, path in reversed(list_steps(run_dir)):
+        if before is not None and step >= before:
+            continue
+        try:
+            return _read_checked(fs, path)
+        except storage.StorageError:
+            raise
+        except ValueError as e:
+            log.warning("skipping %s", e)
+    return None
+
+
+def read_step(run_dir: str, step: int) -> Loaded:
+    """Checkpoint `step` of the run, verified against its manifest: the one rank 0 chose
+    (`agreed_latest`). ValueError if it is missing, incomplete or corrupt; StorageError if the
+    store cannot be read."""
+    fs, base = storage.resolve(run_dir)
+    path = f"{base}/checkpoints/{step_dir_name(step)}"  # by name: this rank's listing may lag
+    loaded = _read_checked(fs, path)
+    if loaded.step != step:
+        raise ValueError(f"checkpoint {path} holds step {loaded.step}, not {step}")
+    return loaded
+
+
+_FAILED = -2  # what rank 0 sends when it could not choose (its own error is raised on rank 0)
+
+
 def agreed_latest(run_dir: str, env) -> Loaded | None:
-    """`latest_valid` as rank 0 sees it, loaded by every rank. Ranks that each chose alone could
-    restore different steps (a listing that lags on object storage, a checkpoint still arriving)
-    and train on out of step, with collectives that no longer match. A rank that cannot read
-    rank 0's choice raises instead of falling back to another."""
+    """`latest_valid` as rank 0 sees it, on every rank. Ranks that each chose alone could restore
+    different steps (a listing that lags on object storage, a checkpoint still arriving) and train
+    on out of step, with collectives that no longer match. Every rank reads its own newest at once,
+    as before; a rank whose choice differs from rank 0's reads rank 0's instead, and never falls
+    back to another. If any rank fails, every rank raises (none is left waiting in a collective):
+    the failing one its own error, the others one that says so."""
+    import torch
+
     if not env.distributed:
         return latest_valid(run_dir)
-    loaded = latest_valid(run_dir) if env.rank == 0 else None
-    step = env.from_rank0(loaded.step if loaded is not None else -1)
-    if env.rank == 0 or step < 0:
-        return loaded
-    return read_step(run_dir, step)
+    loaded, error = None, None
+    try:
+        loaded = latest_valid(run_dir)
+    except Exception as e:  # noqa: BLE001  (raised below, after the others have heard of it)
+        error = e
+    mine = _FAILED if error is not None else loaded.step if loaded is not None else -1
+    step = env.from_rank0(mine)
+    if env.rank != 0 and error is None and step != mine and step != _FAILED:
+        try:
+            loaded = read_step(run_dir, step) if step >= 0 else None  # rank 0 found none: start afresh too
+        except Exception as e:  # noqa: BLE001
+            error = e
+    failed = env.all_max(torch.tensor([1 if error is not None else 0], dtype=torch.int64)).item()
+    if error is not None:
+        raise error
+    if failed:
+        which = "rank 0 could not choose one" if step == _FAILED else f"step {step}"
+        raise RuntimeError(f"another rank could not read the checkpoint to restore ({which}); its error is "
+                           "in that worker's log")
+    return loaded
 
 
 def check_resumable(loaded: Loaded, batch_size: int) -> None:

@@ -141,9 +141,10 @@ class Scheduler:
             if handle is None:
                 continue
             self._send(handle, ev)
-            if ev.finish_reason:
+            if ev.finish_reason:  # its last event: nothing more goes to it, not even a later fault
                 self._rows.pop(id(row), None)
                 self._by_handle.pop(id(handle), None)
+                self.sinks.pop(id(handle), None)
 
     def _between(self, dec: Decoder) -> None:
         """Between two blocks of a decode forward: newcomers that arrived since it began are

@@ -280,11 +280,27 @@ def test_events_that_piled_up_travel_as_one():
     assert merge_events([b]) is b
 
 
-def test_an_error_queued_after_a_sequence_finished_is_not_its_own():
-    """The replica forwards a sequence's queued events up to its last one. A decode-loop fault
-    ends every request the scheduler still holds a sink for, a finished one too (its caller has not
-    yet freed the row): that error comes after its final event and must not fail it."""
+def test_an_error_queued_after_a_sequence_finished_is_not_its_own(engine):
+    """A finished sequence's sink is dropped with its last event, so a later decode-loop fault
+    (which ends every request the scheduler holds a sink for) does not reach it; and the replica
+    forwards a sequence's queued events only up to its last one."""
     from hydra_ray.serve.model import until_finished
+
+    async def main():
+        sched = Scheduler(engine, max_num_seqs=2, idle_s=0.5)
+        h, q = sched.submit(_req(engine, "hi", 3, 1))
+        while not (await asyncio.wait_for(q.get(), 30)).finish_reason:
+            pass
+        for _ in range(100):  # the decode thread drops it right after sending (this loop may run first)
+            if id(h) not in sched.sinks:
+                break
+            await asyncio.sleep(0.01)
+        assert id(h) not in sched.sinks  # before its caller has cancelled it
+        sched._fail_all(RuntimeError("a bug in the loop"))
+        await asyncio.sleep(0)
+        assert q.empty()
+
+    asyncio.run(main())
 
     tok, last, err = GenEvent("a", [1], None), GenEvent("b", [2], "stop"), RuntimeError("a bug in the loop")
     assert until_finished([tok, last, err]) == [tok, last]

@@ -71,7 +71,8 @@ def test_pruning_never_lets_a_half_written_or_later_folder_push_out_a_complete_c
 
 def _agree_on_a_checkpoint(rank: int, port: int, run: str, out: str) -> None:
     """A rank of a 2-rank gloo group: rank 1's listing lags (it sees step 10 only), rank 0 sees
-    10 and 20. Both must restore 20; then rank 1 cannot read 20 and must raise, not fall back."""
+    10 and 20. Both must restore 20. Then rank 1 cannot read 20: it must raise, not fall back,
+    and rank 0 must raise too rather than go on alone."""
     import json
 
     import torch.distributed as dist
@@ -93,10 +94,21 @@ def _agree_on_a_checkpoint(rank: int, port: int, run: str, out: str) -> None:
         try:
             ckpt.agreed_latest(run, env)
             second = "loaded"
-        except ValueError as e:
-            second = str(e)
+        except (ValueError, RuntimeError) as e:
+            second = f"{type(e).__name__}: {e}"
+        if rank == 0:  # rank 0's store cannot be read: rank 1 must not wait for it, nor go on alone
+            def unreadable(run_dir, before=None):
+                raise storage.StorageError("checkpoint step_00000020: cannot be read (timeout)")
+
+            ckpt.latest_valid = unreadable
+        try:
+            ckpt.agreed_latest(run, env)
+            third = "loaded"
+        except (ValueError, RuntimeError) as e:
+            third = f"{type(e).__name__}: {e}"
         Path(out, f"rank{rank}.json").write_text(json.dumps({"alone": alone, "agreed": agreed.step,
-                                                            "w": float(agreed.model["w"][0]), "second": second}))
+                                                            "w": float(agreed.model["w"][0]), "second": second,
+                                                            "third": third}))
     finally:
         dist.destroy_process_group()
 
@@ -115,7 +127,11 @@ def test_every_rank_restores_the_checkpoint_rank_0_chose(tmp_path):
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert (r0["alone"], r1["alone"]) == (20, 10)  # alone, they would restore different steps
     assert r0["agreed"] == r1["agreed"] == 20 and r0["w"] == r1["w"] == 20.0
-    assert r0["second"] == "loaded" and "step_00000020 is incomplete or corrupt" in r1["second"]
+    assert r1["second"].startswith("ValueError") and "step_00000020 is incomplete or corrupt" in r1["second"]
+    assert r0["second"].startswith("RuntimeError: another rank could not read the checkpoint to restore (step 20)")
+    assert r0["third"].startswith("StorageError: checkpoint step_00000020: cannot be read")
+    assert r1["third"].startswith("RuntimeError: another rank could not read the checkpoint to restore "
+                                  "(rank 0 could not choose one)")
 
 
 def test_an_unreadable_store_is_an_error_not_a_corrupt_checkpoint(tmp_path, monkeypatch):

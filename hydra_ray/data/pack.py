@@ -182,7 +182,15 @@ def run_pack(out: str, files: dict[str, list[CorpusFile]], domains: list[str], s
         stems = [st.join(work, f"{d}/{f.index:07d}-{c:07d}") for f in files.get(d, [])
                  for c in range(per_file.get((d, f.index), {}).get("chunks", 0))]
         refs.append(task(d, stems, out, seq_lens, eval_fraction, tok.eos_id, tok.pad_id))
-    packed = {r["domain"]: r for r in (ray.get(refs) if on_ray else refs)}
+    if on_ray:
+        try:
+            refs = ray.get(refs)
+        except BaseException:  # one domain failed (or Ctrl-C): stop the others writing into `out`
+            for ref in refs:
+                ray.cancel(ref, force=True)
+            ray.wait(refs, num_returns=len(refs), timeout=60)
+            raise
+    packed = {r["domain"]: r for r in refs}
     stats = {}
     for d in domains:
         rows = sorted((r for r in counts if r["domain"] == d), key=lambda r: r["file"])
