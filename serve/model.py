@@ -37,21 +37,6 @@ from hydra_ray.serve.scheduler import Schedulers
 from hydra_ray.serve.store import CheckpointStore
 
 
-def until_finished(evs: list) -> list:
-    """A sequence's queued events, in order, up to its last one (the one with a finish reason).
-    An error queued before that is raised; one queued after it is not this sequence's any more (a
-    decode-loop fault that ended every request the scheduler still held a sink for, a finished one
-    included)."""
-    out = []
-    for e in evs:
-        if isinstance(e, Exception):
-            raise e
-        out.append(e)
-        if e.finish_reason:
-            break
-    return out
-
-
 class HydraModel:
     """Engines by model id (LRU via serve.multiplexed); batched traces and generation."""
 
@@ -98,8 +83,11 @@ class HydraModel:
                 evs = [await events.get()]
                 while not events.empty():  # a caller that lags gets what piled up in one message
                     evs.append(events.get_nowait())
+                bad = next((e for e in evs if isinstance(e, Exception)), None)
+                if bad is not None:
+                    raise bad
                 # every GenEvent field travels: a new one needs no change here
-                ev = merge_events([dataclasses.asdict(e) for e in until_finished(evs)])
+                ev = merge_events([dataclasses.asdict(e) for e in evs])
                 if entered is not None:
                     ev["replica_s"], entered = time.perf_counter() - entered, None
                 yield {**ev, "batch_size": sched.running}

@@ -826,7 +826,10 @@ def test_a_colocated_app_serves_the_same_api_from_one_deployment(app, engines):
                 async with httpx.AsyncClient(base_url=app["url"] + "/colo", headers=AUTH, timeout=120) as ac:
                     async with ac.stream("POST", "/v1/completions", json=long) as s:
                         assert s.status_code == 200
-                        async for line in s.aiter_lines():
+                        # held, not left to the loop: an async generator dropped after `break` is closed at
+                        # once, and httpx then closes the connection (a disconnect before the test's own)
+                        lines = s.aiter_lines()
+                        async for line in lines:
                             if line.startswith("data:"):
                                 break
                         for _ in range(50):  # the stream is open, so its row runs (seen at once but once)

@@ -39,8 +39,9 @@ class RMSNorm(nn.Module):
 
 
 def rope_angles(pos_BK: torch.Tensor, e: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin [B, K, 1, E/2] of the rotary angles at explicit positions, in `dtype` (at
-    least float32): one table for a block's queries and keys."""
+    """Rotary embedding by explicit positions (tokens of a subset keep their original positions):
+    cos and sin [B, K, 1, E/2] of the angles, in `dtype` (at least float32), one table for a
+    block's queries and keys (`rotate`)."""
     inv = 1.0 / (theta ** (torch.arange(0, e, 2, device=pos_BK.device, dtype=torch.float32) / e))
     ang = pos_BK.to(dtype)[..., None] * inv.to(dtype)  # B K E/2
     return ang.cos()[:, :, None, :], ang.sin()[:, :, None, :]
@@ -50,11 +51,6 @@ def rotate(x_BKHE: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
     x1, x2 = upcast(x_BKHE).chunk(2, dim=-1)
     out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
     return out.to(x_BKHE.dtype)
-
-
-def rope(x_BKHE: torch.Tensor, pos_BK: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotary embedding by explicit positions (tokens of a subset keep their original positions)."""
-    return rotate(x_BKHE, *rope_angles(pos_BK, x_BKHE.shape[-1], theta, upcast(x_BKHE).dtype))
 
 
 class LayerKV:

@@ -146,7 +146,8 @@ def run_trial(config: dict, setup: dict, prepared) -> None:
     os.environ["HYDRA_THREADS"] = str(threads)  # read by the training loop (and Train workers)
     torch.set_num_threads(threads)
 
-    if any(s >= end_step and ckpt.is_complete(run_dir, s) for s, _ in ckpt.list_steps(run_dir)):  # the run ended before Tune heard of it: report it again
+    # the run ended (its final checkpoint complete) before Tune heard of it: report it again
+    if any(s >= end_step and ckpt.is_complete(run_dir, s) for s, _ in ckpt.list_steps(run_dir)):
         flat = _last_eval(run_dir)
         if flat is not None:
             ray.tune.report(tune_metrics(flat, run_dir, window, objective))
