@@ -2,26 +2,26 @@
 
 Design choices
 - Iteration-level scheduling (Orca, vLLM): sequences join and leave the running batch at token
-  boundaries. Each `step()` first admits waiting sequences into free rows, prefilling them
-  together (one right-padded forward into a cache of their own, whose rows are then copied into
-  the running cache) and emitting their first tokens, then decodes one token for every running
-  sequence in one forward over the rows in use. A long generation never holds a short one back,
-  and a sequence that arrives mid-generation waits for at most one block of the decode forward
-  then running before its prefill (the scheduler admits it between two blocks of that forward, and
-  sends first tokens before the next decode forward).
+  boundaries. Each `step()` admits waiting sequences into free rows and runs one forward that
+  gives every running sequence its next token. That forward is packed (vLLM's mixed batch,
+  attention.KVCache.packed): the decoding sequences' newest tokens and the newcomers' whole
+  prompts in one batch row, so a newcomer's prefill costs no forward of its own. (Before, each
+  admission prefilled in a forward of its own: with 16 clients whose requests end at different
+  steps, nearly one in three forwards was a lone prefill, and a forward costs much the same for
+  one prompt as for sixteen decoding rows on this CPU.) A long generation never holds a short one
+  back; a sequence that arrives during a forward joins the next one.
 - At most `max_num_seqs` sequences run; the rest wait in arrival order. A cancelled sequence (a
   client that left) gives its row back at once.
-- The KV cache has one row per running slot, each with its own positions (`KVCache.rows` views
-  of the rows in use); a newcomer's row is replaced whole by its prefill. Every routing decision
-  at generation is causal and per token, so a sequence does not depend on its batch-mates: the
-  continuous batch gives the tokens decoding one request at a time gives (up to the float noise of
-  differently shaped matmuls, which can flip a near-tie).
+- The KV cache has one row per slot, each with its own positions; a newcomer's row loses its
+  previous occupant's keys when it is admitted (`clear_rows`). Every routing decision at
+  generation is causal and per token, so a sequence does not depend on its batch-mates: the
+  continuous batch gives the tokens decoding one request at a time gives (up to the float noise
+  of differently shaped matmuls, which can flip a near-tie).
 - Without the cache (`use_cache=False`, the reference the benchmarks compare against) each step
   recomputes the running sequences from their first token, right-padded into one batch.
 - Forwards run in `torch.inference_mode`: the decode thread would otherwise record autograd
   graphs (a 16-row decode step took about a quarter longer). The KV cache is then made of
-  inference tensors, so what edits it (the prefill, with `keep_prefix` and `take_rows`, and the
-  decode) runs in that mode.
+  inference tensors, so what edits it (`clear_rows`, the forwards) runs in that mode.
 - Sampling is per sequence on the host with its own seeded generator: the same seed gives the
   same text. Penalties and logit bias adjust the logits before sampling; logprobs report the
   model's own log-softmax.
@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from hydra_ray.models.attention import KVCache
+from hydra_ray.models.attention import KVCache, pack_positions
 from hydra_ray.models.hydra import sample
 
 if TYPE_CHECKING:
@@ -163,6 +163,10 @@ def logprob_entry(lp_V: torch.Tensor, token: int, top: int) -> list:
     return [float(lp_V[token]), [[int(i), float(v)] for i, v in zip(ids.tolist(), vals.tolist())]]
 
 
+class _Restart(Exception):
+    """A newcomer arrived early in a forward: the forward stops and starts over with it."""
+
+
 class Decoder:
     """Continuous batching over one engine: `submit`, then `step` until `busy` is False."""
 
@@ -171,10 +175,6 @@ class Decoder:
         self.slots: list[_Row | None] = [None] * max_num_seqs
         self.waiting: deque[_Row] = deque()
         self.cache = KVCache(max_num_seqs, engine.max_context) if use_cache else None
-        # newcomers prefilled during a decode forward: (their cache, [(its row, their slot)]), moved
-        # into the running cache once that forward is done with it
-        self._staged: list[tuple[KVCache, list[tuple[int, int]]]] = []
-        self._decoding = False  # a decode forward is running: newcomers' rows wait in _staged
 
     def empty(self) -> "Decoder":
         """A new decoder with this one's settings and nothing in it (a batch that starts over)."""
@@ -209,42 +209,63 @@ class Decoder:
             self.slots[row.slot] = None
         row.slot = None
 
-    def step(self) -> list[tuple["_Row", GenEvent]]:
-        """One iteration: `admit` (the first token of each newly admitted sequence), then `decode`
-        (a token for every running sequence)."""
-        return self.admit() + self.decode()
-
-    def admit(self) -> list[tuple["_Row", GenEvent]]:
-        """Waiting sequences take free rows; their prompts are prefilled in one forward and each
-        emits its first token. Newcomers go first: their first token then waits for the step that
-        was running when they arrived, not for another decode of the whole batch. Called during a
-        decode forward (`decode(between=...)`), it works beside it: the newcomers' rows join the
-        running cache when that forward is done, and their first decode is the next step's."""
-        admitted = []
+    def _admit(self) -> list["_Row"]:
+        """Waiting sequences take free rows, in arrival order; their rows lose the previous keys."""
+        new = []
         while self.waiting and None in self.slots:
             row = self.waiting.popleft()
             row.slot = self.slots.index(None)
             self.slots[row.slot] = row
-            admitted.append(row)
-        return self._finish(self._prefill(admitted) if admitted else [])
+            new.append(row)
+        if new and self.cache is not None:  # the rows' previous occupants' keys go
+            self.cache.clear_rows([r.slot for r in new])
+        return new
 
-    def decode(self, between=None) -> list[tuple["_Row", GenEvent]]:
-        """A token for every running sequence, in one forward. `between()`, if given, runs before
-        each block application of that forward (Engine.between_blocks): the scheduler admits
-        newcomers there, so a first token waits for one block, not for the whole step."""
-        with self.engine.between_blocks(between):  # None: nothing runs between the blocks
-            return self._finish(self._decode([r for r in self.slots if r is not None]))
+    @torch.inference_mode()
+    def step(self, arrivals=None) -> list[tuple["_Row", GenEvent]]:
+        """One iteration, one forward: waiting sequences take free rows, then every running sequence
+        gets its next token. A newcomer's prompt is prefilled in that same forward (its first
+        token), beside the single new tokens of the sequences already decoding.
 
-    def _finish(self, events: list[tuple["_Row", GenEvent]]) -> list[tuple["_Row", GenEvent]]:
-        for row, ev in events:  # finished sequences leave (their last event carries the finish reason)
-            if ev.finish_reason:
+        `arrivals()`, if given, runs before each block application of the forward and submits what
+        has arrived since (it returns whether anything did). When a newcomer could take a free row
+        and the forward is not yet halfway through its blocks, the forward stops and starts over
+        with the newcomer packed in (at most once a step): what is thrown away is less than half a
+        forward, where waiting would cost the newcomer the rest of this forward, and a forward of
+        its own would cost about as much as the whole batch's (on this CPU a forward costs much
+        the same for one prompt as for sixteen decoding rows)."""
+        fresh: set[int] = set()
+        watch = arrivals
+        while True:
+            fresh |= {id(r) for r in self._admit()}
+            rows = [r for r in self.slots if r is not None]
+            if not rows:
+                return []
+            t0 = time.perf_counter()
+            try:
+                with self.engine.between_blocks(self._watcher(watch) if watch else None):
+                    events = self._packed(rows, fresh) if self.cache is not None else self._recompute(rows, fresh)
+            except _Restart:
+                watch = None
+                continue
+            break
+        t1 = time.perf_counter()
+        for row, ev in events:
+            if id(row) in fresh:  # the first token: how long it waited, and the forward that prefilled it
+                ev.queue_s, ev.prefill_s = max(0.0, t0 - row.arrived), t1 - t0
+            if ev.finish_reason:  # finished sequences leave (their last event carries the finish reason)
                 self._free(row)
         return events
 
-    def _dom(self, rows: list["_Row"], T: int) -> torch.Tensor | None:
-        if all(r is None or r.dom is None for r in rows):
-            return None
-        return torch.tensor([-1 if r is None or r.dom is None else r.dom for r in rows])[:, None].expand(len(rows), T)
+    def _watcher(self, arrivals):
+        calls, limit = 0, max(1, self.engine.block_applications // 2)
+
+        def watch() -> None:
+            nonlocal calls
+            calls += 1
+            if arrivals() and calls <= limit and self.waiting and None in self.slots:
+                raise _Restart
+        return watch
 
     def _emit(self, row: "_Row", logits_1V: torch.Tensor) -> GenEvent:
         tok, entry = row.pick(logits_1V)
@@ -255,6 +276,49 @@ class Decoder:
             ev.expert_counts = row.counts
         return ev
 
+    def _events(self, rows, fresh, logits_RV, counts, prompt_logits) -> list[tuple["_Row", GenEvent]]:
+        """Each row's counts added and its token sampled; a newcomer's echo gets its prompt's
+        logprobs from `prompt_logits(i)`, the logits over row i's prompt."""
+        eng, events = self.engine, []
+        for i, r in enumerate(rows):
+            if r.slot is None:  # cancelled during the forward: its client is gone
+                continue
+            add_counts(r.counts, counts[i])
+            prompt_lp = None
+            if id(r) in fresh and r.req.prompt_logprobs:
+                prompt_lp = eng._prompt_logprobs(prompt_logits(i), r.seq, r.req.logprobs or 0)
+            ev = self._emit(r, logits_RV[i:i + 1])
+            ev.prompt_logprobs = prompt_lp
+            events.append((r, ev))
+        return events
+
+    def _packed(self, rows: list["_Row"], fresh: set[int]) -> list[tuple["_Row", GenEvent]]:
+        """One packed forward (KVCache.packed): each running sequence's newest token, each
+        newcomer's whole prompt, together in one batch row; the next token of every sequence."""
+        eng = self.engine
+        ids: list[int] = []
+        slot_N: list[int] = []
+        pos_N: list[int] = []
+        seq_N: list[int] = []
+        span: list[tuple[int, int]] = []  # each row's tokens in the packed row
+        for i, r in enumerate(rows):
+            start = 0 if id(r) in fresh else len(r.seq) - 1
+            lo = len(ids)
+            ids += r.seq[start:]
+            pos_N += range(start, len(r.seq))
+            slot_N += [r.slot] * (len(r.seq) - start)
+            seq_N += [i] * (len(r.seq) - start)
+            span.append((lo, len(ids)))
+        idx = torch.tensor([ids])
+        pos = pack_positions(torch.tensor(slot_N), torch.tensor(pos_N))[None]
+        dom = None
+        if any(r.dom is not None for r in rows):
+            dom = torch.tensor([[-1 if rows[i].dom is None else rows[i].dom for i in seq_N]])
+        last = torch.tensor([hi - 1 for _, hi in span])
+        out, logits_RV = eng._forward(idx, dom, (torch.zeros_like(last), last), cache=self.cache.packed(), start_pos=pos)
+        counts = eng._groups(out.trace, torch.tensor(seq_N), len(rows))
+        return self._events(rows, fresh, logits_RV, counts, lambda i: out.logits[0, span[i][0]:span[i][1]])
+
     def _padded(self, rows: list["_Row"]) -> tuple[torch.Tensor, torch.Tensor]:
         """The rows' sequences right-padded into one [B, T] batch, and their lengths."""
         lens = torch.tensor([len(r.seq) for r in rows])
@@ -263,73 +327,20 @@ class Decoder:
             idx[b, :len(r.seq)] = torch.tensor(r.seq)
         return idx, lens
 
-    @torch.inference_mode()
-    def _prefill(self, rows: list["_Row"]) -> list[tuple["_Row", GenEvent]]:
-        """The newcomers' prompts in one right-padded forward, into a cache of their own whose
-        rows then become theirs in the running cache; each emits its first token."""
+    def _recompute(self, rows: list["_Row"], fresh: set[int]) -> list[tuple["_Row", GenEvent]]:
+        """Without the cache: every running sequence from its first token, right-padded into one
+        forward; a newcomer's counts cover its prompt, the others' their newest token only."""
         eng = self.engine
-        t0 = time.perf_counter()
         idx, lens = self._padded(rows)
-        staged = KVCache(len(rows), int(lens.max())) if self.cache is not None else None
-        out, logits_BV = eng._forward(idx, self._dom(rows, idx.shape[1]), lens - 1, cache=staged)
-        if staged is not None:
-            staged.keep_prefix(lens)  # the padding's keys must not outlive the prefill
-            self._staged.append((staged, [(b, r.slot) for b, r in enumerate(rows)]))
-            if not self._decoding:
-                self._join_staged()
-        valid = torch.arange(idx.shape[1])[None, :] < lens[:, None]
-        counts = eng._rows(out.trace, valid)
-        events = []
-        for b, r in enumerate(rows):
-            add_counts(r.counts, counts[b])
-            prompt_lp = eng._prompt_logprobs(out.logits[b], r.seq, r.req.logprobs or 0) if r.req.prompt_logprobs else None
-            ev = self._emit(r, logits_BV[b:b + 1])
-            ev.prompt_logprobs = prompt_lp
-            events.append((r, ev))
-        t1 = time.perf_counter()
-        for r, ev in events:
-            ev.queue_s, ev.prefill_s = max(0.0, t0 - r.arrived), t1 - t0
-        return events
-
-    def _join_staged(self) -> None:
-        """The newcomers' rows replace theirs in the running cache, whole (a row that was free
-        when a decode forward began got its padding token's keys in that forward)."""
-        for staged, pairs in self._staged:
-            self.cache.take_rows(staged, pairs)
-        self._staged.clear()
-
-    @torch.inference_mode()
-    def _decode(self, rows: list["_Row"]) -> list[tuple["_Row", GenEvent]]:
-        if not rows:
-            return []
-        eng = self.engine
-        if self.cache is not None:  # one new token per running row, the rows [0, hi) in one forward
-            hi = max(r.slot for r in rows) + 1
-            by_slot: list[_Row | None] = self.slots[:hi]
-            live = torch.tensor([r is not None for r in by_slot])
-            nxt = torch.tensor([[r.seq[-1] if r is not None else eng.pad_id] for r in by_slot])
-            pos = torch.tensor([len(r.seq) - 1 if r is not None else 0 for r in by_slot])
-            order = [(r, b) for b, r in enumerate(by_slot) if r is not None]  # a row cancelled meanwhile loses its slot
-            self._decoding = True
-            try:
-                out, logits_BV = eng._forward(nxt, self._dom(by_slot, 1), torch.zeros(hi, dtype=torch.long),
-                                              cache=self.cache.rows(0, hi), start_pos=pos)
-            finally:
-                self._decoding = False
-                self._join_staged()
-            counts = eng._rows(out.trace, live[:, None])
-        else:  # recompute: the running sequences from their first token, right-padded
-            idx, lens = self._padded(rows)
-            out, logits_BV = eng._forward(idx, self._dom(rows, idx.shape[1]), lens - 1)
-            last = torch.zeros(idx.shape, dtype=torch.bool)
-            last[torch.arange(len(rows)), lens - 1] = True  # count each new token once
-            counts = eng._rows(out.trace, last)
-            order = [(r, b) for b, r in enumerate(rows)]
-        events = []
-        for r, b in order:
-            add_counts(r.counts, counts[b])
-            events.append((r, self._emit(r, logits_BV[b:b + 1])))
-        return events
+        T = idx.shape[1]
+        dom = None
+        if any(r.dom is not None for r in rows):
+            dom = torch.tensor([-1 if r.dom is None else r.dom for r in rows])[:, None].expand(len(rows), T)
+        out, logits_RV = eng._forward(idx, dom, (torch.arange(len(rows)), lens - 1))
+        col_T = torch.arange(T)[None, :]
+        new_B = torch.tensor([id(r) in fresh for r in rows])[:, None]
+        counted = (col_T < lens[:, None]) & (new_B | (col_T == lens[:, None] - 1))  # each token once
+        return self._events(rows, fresh, logits_RV, eng._rows(out.trace, counted), lambda i: out.logits[i])
 
 
 def merge_events(evs: list[dict]) -> dict:

@@ -10,12 +10,12 @@ Design choices
 - The request rules that depend on the model (a known domain, prompt + completion within the
   context) are one function each (`check_domain`, `check_context`): the ingress calls them
   before queueing any work, the engine again for callers that skip the ingress.
-- Generation is batched across requests of different lengths and sampling settings: prompts are
-  right-padded and prefilled in one forward, each row decodes at its own position (a per-row
-  `start_pos`), and the padding's cache slots are forgotten after the prefill. Every routing
-  decision at generation is causal and per token, so a row's tokens do not depend on the other
-  rows; each row samples from its own seeded generator, so the same seed gives the same text.
-  This is the one decoder: the model itself has none.
+- Generation is batched across requests of different lengths and sampling settings (decode.py's
+  Decoder): every forward is packed, prompts and single new tokens of several sequences in one
+  batch row, each token at its own position in its own cache row. Every routing decision at
+  generation is causal and per token, so a sequence's tokens do not depend on the others'; each
+  samples from its own seeded generator, so the same seed gives the same text. This is the one
+  decoder: the model itself has none.
 - Generation is a generator of per-step events, so streaming and non-streaming requests share
   one path. Stop strings are matched on the decoded text; text that could still become a stop
   string is held back from the stream until it cannot.
@@ -45,7 +45,6 @@ from hydra_ray import storage
 from hydra_ray.config import HydraConfig
 from hydra_ray.data.tokenizer import load_tokenizer
 from hydra_ray.models import HydraLM
-from hydra_ray.models.attention import KVCache
 from hydra_ray.serve.decode import Decoder, GenEvent, GenRequest, logprob_entry
 from hydra_ray.serve.errors import EngineError
 from hydra_ray.serve.store import CheckpointStore
@@ -96,16 +95,20 @@ class Engine:
         self.num_experts = cfg.model.moe.num_experts
         self.max_context = max_context or context_of(cfg)
         self.pad_id = self.tokenizer.pad_id
-        # what to run between two block applications of a forward on this thread (between_blocks)
+        # what to run before each block application of a forward on this thread (between_blocks)
         self._between = threading.local()
         for unit in self.model.units:
             unit.block.register_forward_pre_hook(self._between_blocks)
 
+    @property
+    def block_applications(self) -> int:
+        """Block applications of a forward in which every token runs every block and recursion."""
+        return sum(1 + len(u.mor_routers) if u.mor_on else 1 for u in self.model.units)
+
     @contextlib.contextmanager
     def between_blocks(self, fn):
-        """Inside this `with`, on this thread, `fn()` runs before each application of a model
-        block in a forward (but not in a forward that `fn` itself runs). The continuous batch
-        prefills newcomers there, in the middle of the running decode step."""
+        """Inside this `with`, on this thread, `fn()` runs before each application of a model block
+        in a forward. The continuous batch looks there for newcomers that could join the forward."""
         before, self._between.fn = getattr(self._between, "fn", None), fn
         try:
             yield
@@ -115,11 +118,7 @@ class Engine:
     def _between_blocks(self, module, args) -> None:
         fn = getattr(self._between, "fn", None)
         if fn is not None:
-            self._between.fn = None  # a forward that `fn` runs does not call it again
-            try:
-                fn()
-            finally:
-                self._between.fn = fn
+            fn()
 
     # ----------------------------------------------------------------- loading
     @classmethod
@@ -262,16 +261,21 @@ class Engine:
         check_context(len(req.prompt_ids), self.max_context, req.max_tokens)
         self.domain_id(req.domain)
 
-    def _forward(self, idx_BT: torch.Tensor, dom_BT: torch.Tensor | None, last_B: torch.Tensor,
-                 cache: KVCache | None = None, start_pos: torch.Tensor | int = 0):
-        """One causal forward on the engine's device -> (its output, the logits at each row's
-        position `last_B`, on the CPU in float32: sampling and stop handling are per row, on the host)."""
+    def _forward(self, idx_BT: torch.Tensor, dom_BT: torch.Tensor | None, at: tuple[torch.Tensor, torch.Tensor],
+                 cache=None, start_pos: torch.Tensor | int = 0):
+        """One causal forward on the engine's device -> (its output, the logits at the positions
+        `at` (batch rows, columns), on the CPU in float32: sampling and stop handling are per
+        sequence, on the host)."""
         dev = self.device
         out = self.model(idx_BT.to(dev), domain_BT=None if dom_BT is None else dom_BT.to(dev), causal=True,
-                         cache=cache, start_pos=start_pos,
-                         return_trace=True)
-        B = idx_BT.shape[0]
-        return out, out.logits[torch.arange(B, device=dev), last_B.to(dev)].float().cpu()
+                         cache=cache, start_pos=start_pos, return_trace=True)
+        return out, out.logits[at[0].to(dev), at[1].to(dev)].float().cpu()
+
+    def _groups(self, trace, seq_T: torch.Tensor, n: int) -> list[dict[str, list[int]]]:
+        """A packed forward's counts per sequence: tokens per expert and MoE layer of the
+        positions `seq_T` assigns to each of the `n` sequences (its one batch row)."""
+        by_layer = trace.expert_counts_by_group(seq_T[None, :] == torch.arange(n)[:, None])
+        return [{k: c_nE[i].tolist() for k, c_nE in by_layer.items()} for i in range(n)]
 
     @staticmethod
     def _prompt_logprobs(logits_TV: torch.Tensor, ids: list[int], top: int) -> list[list | None]:
@@ -280,7 +284,6 @@ class Engine:
         lp_TV = logits_TV[: n - 1].float().log_softmax(-1).cpu()
         return [None] + [logprob_entry(lp_TV[i], ids[i + 1], top) for i in range(n - 1)]
 
-    @torch.inference_mode()
     def generate(self, reqs: list[GenRequest], use_cache: bool = True) -> Iterator[list[GenEvent | None]]:
         """Decode a batch of requests together (decode.Decoder, all admitted at once); yields, per
         forward (the prefill, then each decode step), one event per request (None for those that
@@ -289,13 +292,12 @@ class Engine:
         rows = [dec.submit(r) for r in reqs]
         index = {id(r): i for i, r in enumerate(rows)}
         while dec.busy:
-            for phase in (dec.admit, dec.decode):
-                events = phase()
-                if events:
-                    out: list[GenEvent | None] = [None] * len(rows)
-                    for row, ev in events:
-                        out[index[id(row)]] = ev
-                    yield out
+            events = dec.step()
+            if events:
+                out: list[GenEvent | None] = [None] * len(rows)
+                for row, ev in events:
+                    out[index[id(row)]] = ev
+                yield out
 
     def complete(self, reqs: list[GenRequest], use_cache: bool = True) -> list[dict]:
         """Run `generate` to the end: per request its text, token ids and finish reason."""

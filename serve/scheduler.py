@@ -8,13 +8,12 @@ Design choices
   forward, and the p50 time to first token with 16 streaming clients doubled.) Requests and
   cancellations reach the thread through a thread-safe inbox, applied at the next token
   boundary; events go back to each request's asyncio queue with `call_soon_threadsafe`.
-- Each iteration prefills the newcomers and sends their first tokens, then decodes the batch.
-  Requests that arrive during the decode forward do not wait for it to end: before each block
-  application of that forward (Engine.between_blocks) the thread looks at its inbox, admits what
-  came and prefills it there, and sends those first tokens; their rows join the running cache when
-  the forward is done (Decoder.admit). With 16 streaming clients the wait before a prefill fell
-  from 10-16 ms to 8-11 ms (most of what is left is for arrivals during another prefill, which is
-  not interrupted: a prefill costs about twice a decode step here).
+- Each iteration takes what arrived (submits join the queue, cancels free their rows) and runs
+  one `Decoder.step`: one packed forward in which newcomers are prefilled beside the running
+  sequences' decode, so a newcomer's first token comes at the end of the first forward that
+  begins after it arrived. (Before, newcomers were prefilled in forwards of their own, one of
+  them between two blocks of a decode forward then running to save the wait; with 16 clients
+  whose requests end at different steps, the lone prefills took about a third of the time.)
 - `submit` validates against the engine at once (an EngineError is raised to the caller, before
   anything is queued). A request that is cancelled (its client left) leaves the batch at the next
   boundary and frees its row for the next waiting one.
@@ -146,22 +145,17 @@ class Scheduler:
                 self._by_handle.pop(id(handle), None)
                 self.sinks.pop(id(handle), None)
 
-    def _between(self, dec: Decoder) -> None:
-        """Between two blocks of a decode forward: newcomers that arrived since it began are
-        admitted and prefilled now, and their first tokens sent, if rows are free."""
+    def _arrivals(self, dec: Decoder) -> bool:
+        """Between two blocks of a forward: take what arrived since it began (Decoder.step may
+        start the forward over with a newcomer packed in)."""
         if self.inbox.empty():
-            return
+            return False
         self._take(dec, self._drain([]))
-        if dec.waiting and None in dec.slots:
-            self._deliver(dec.admit())
+        return True
 
     def _loop(self) -> None:
         self._rows, self._by_handle = {}, {}
         dec = self.decoder
-
-        def decode():  # newcomers that arrive during its forward are prefilled between two of its blocks
-            return dec.decode(lambda: self._between(dec))
-
         while True:
             try:  # block for work only when the batch is idle
                 msgs = [self.inbox.get(timeout=self.idle_s)] if not dec.busy else []
@@ -176,18 +170,17 @@ class Scheduler:
             self._take(dec, self._drain(msgs))
             if not dec.busy:
                 continue
-            for phase in (dec.admit, decode):  # newcomers' first tokens go out before the decode
-                try:
-                    events = phase()
-                except Exception as e:  # the batch's forward failed: every sequence in it ends with the error
-                    for row in [r for r in dec.slots if r is not None] + list(dec.waiting):
-                        handle = self._rows.pop(id(row), None)
-                        dec.cancel(row)
-                        if handle is not None:
-                            self._by_handle.pop(id(handle), None)
-                            self._send(handle, e)
-                    break
-                self._deliver(events)
+            try:
+                events = dec.step(lambda: self._arrivals(dec))
+            except Exception as e:  # the batch's forward failed: every sequence in it ends with the error
+                for row in [r for r in dec.slots if r is not None] + list(dec.waiting):
+                    handle = self._rows.pop(id(row), None)
+                    dec.cancel(row)
+                    if handle is not None:
+                        self._by_handle.pop(id(handle), None)
+                        self._send(handle, e)
+                continue
+            self._deliver(events)
 
 
 class Schedulers:

@@ -326,27 +326,42 @@ def test_forced_routing_generation_with_domain_is_cached_consistently(small_mode
     assert torch.equal(a, b)
 
 
-def test_a_row_taken_from_a_prefill_keeps_no_previous_keys_where_the_prefill_wrote_none():
-    """A prefill creates a cache layer for every (block, recursion) it reaches, and writes one only
-    if some token runs it. The row a newcomer takes over must lose its previous keys in every layer
-    the newcomer did not write: absent from its cache, or present and empty."""
-    from hydra_ray.models.attention import KVCache
+def test_a_packed_forward_gives_every_sequence_the_logits_it_gets_alone(small_model_cfg):
+    """One packed forward holds a decoding sequence's next token, a newcomer's prompt in the row
+    another sequence has just left, and a second prompt: each gets the logits of its own forward
+    in a fresh cache, with MoD and MoR skipping blocks per token (a slot a token leaves unwritten
+    must not show the row's previous occupant)."""
+    from hydra_ray.models.attention import KVCache, pack_positions
 
-    running = KVCache(2, 6)
-    k_BKGE = torch.randn(2, 4, 1, 3)
-    for key in ((0, 0), (0, 1), (1, 0)):
-        running.layer(key).write(k_BKGE, k_BKGE, torch.arange(4).expand(2, 4), None)
-    new = KVCache(1, 6)
-    k_1KGE = torch.randn(1, 2, 1, 3)
-    new.layer((0, 0)).write(k_1KGE, k_1KGE, torch.arange(2)[None], None)
-    new.layer((0, 1))  # reached, but every token of the prompt skipped it: never written
-    running.take_rows(new, [(0, 1)])
-    assert running.layers[(0, 0)].valid_BL[1].tolist() == [True, True, False, False, False, False]
-    assert torch.equal(running.layers[(0, 0)].k_BLGE[1, :2], k_1KGE[0])
-    assert not running.layers[(0, 1)].valid_BL[1].any()  # empty in the newcomer's cache
-    assert not running.layers[(1, 0)].valid_BL[1].any()  # absent from it
-    for key in ((0, 0), (0, 1), (1, 0)):  # the other row is untouched
-        assert running.layers[key].valid_BL[0].tolist() == [True] * 4 + [False] * 2
+    cfg = small_model_cfg(mod=dict(blocks="all"))
+    model = HydraLM(cfg).eval()
+    model.set_features(mor=True, mod=True, moe=True, mod_capacity=0.5)
+    _randomize_routers(model)
+    prompt, _, _ = _batch(cfg, B=4, T=9)
+    a, old, b, c = (row.tolist() for row in prompt)
+    b, c = b[:6], c[:3]
+
+    def packed(cache, seqs):  # [(cache row, first position, tokens)]
+        ids = [t for _, _, toks in seqs for t in toks]
+        rows = torch.tensor([r for r, _, toks in seqs for _ in toks])
+        pos = torch.tensor([p + i for _, p, toks in seqs for i in range(len(toks))])
+        return model(torch.tensor([ids]), causal=True, cache=cache.packed(), start_pos=pack_positions(rows, pos)[None])
+
+    def alone(toks):
+        return model(torch.tensor([toks]), causal=True, cache=KVCache(1, 16)).logits[0]
+
+    with torch.inference_mode():
+        cache = KVCache(3, 16)
+        packed(cache, [(0, 0, a[:-1]), (1, 0, old)])  # row 1: a sequence that then leaves
+        cache.clear_rows([1])
+        logits = packed(cache, [(0, len(a) - 1, a[-1:]), (1, 0, b), (2, 0, c)]).logits[0]
+        assert torch.allclose(logits[0], alone(a)[-1], atol=1e-5)
+        assert torch.allclose(logits[1:7], alone(b), atol=1e-5)
+        assert torch.allclose(logits[7:], alone(c), atol=1e-5)
+        # without clearing, the newcomer would see the previous occupant's keys
+        stale = KVCache(3, 16)
+        packed(stale, [(1, 0, old)])
+        assert not torch.allclose(packed(stale, [(1, 0, b)]).logits[0], alone(b), atol=1e-5)
 
 
 def test_sampling_is_seeded_and_filters_behave(small_model_cfg):

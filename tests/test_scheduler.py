@@ -64,55 +64,45 @@ def test_sequences_join_mid_generation_and_get_the_tokens_they_get_alone(engine)
     assert len(short_first_times) == 2 and short_first_times[0] >= 0 and short_first_times[1] > 0
     # the forwards recorded no autograd graph: the cache is made of inference tensors
     assert all(layer.k_BLGE.is_inference() for layer in dec.cache.layers.values() if layer.k_BLGE is not None)
-    # joined at once (first token from its prefill, the second from that step's decode), left after 3 tokens
-    assert finished_at[id(short_row)] == 5 + 1 < finished_at[id(long_row)]
+    # joined at once (its first token from the step it arrived before), left after 3 tokens
+    assert finished_at[id(short_row)] == 5 + 2 < finished_at[id(long_row)]
 
 
-def test_newcomers_are_prefilled_between_the_blocks_of_a_running_decode(engine):
-    """A sequence that arrives during a decode forward is prefilled between two of its blocks and
-    has its first token before that forward ends; its rows join the running cache afterwards.
-    One newcomer takes a row that was free inside the decoded range when the forward began (its
-    padding token wrote keys there), another the row of a sequence cancelled during the forward.
-    Every sequence still gets the tokens it gets alone."""
+def test_a_newcomer_is_prefilled_in_the_same_forward_as_the_running_decode(engine):
+    """Each step is one forward: the newcomers' prompts are packed beside the running sequences'
+    newest tokens. One newcomer takes the row of a sequence cancelled just before; every sequence
+    gets the tokens (and logprobs) it gets alone."""
     e = engine
     dec = Decoder(e, max_num_seqs=3)
     reqs = [_req(e, "def add(a, b):", 24, 1), _req(e, "hello there", 24, 2), _req(e, "Solve 3 + 4 =", 24, 3, domain="math")]
     rows = [dec.submit(r) for r in reqs]
     out: dict[int, list[int]] = {id(r): [] for r in rows}
+    lps: dict[int, list] = {}
     for _ in range(3):
         for row, ev in dec.step():
             out[id(row)] += ev.token_ids
-    dec.cancel(rows[1])  # row 1 free, rows 0 and 2 decode: the forward covers rows [0, 3)
+    dec.cancel(rows[1])  # its row (1) is free for a newcomer
     late = [_req(e, "A newcomer", 8, 4, logprobs=1), _req(e, "and another one", 6, 5, domain="code", logprobs=1)]
-    lps: dict[int, list] = {}
-    late_rows: list = []
-    calls = 0
-
-    def between():
-        nonlocal calls
-        calls += 1
-        if calls == 1:  # before the first block: into the free row inside the decoded range
-            late_rows.append(dec.submit(late[0]))
-        elif calls == 3:  # mid-forward: row 2's client leaves, a newcomer takes its row
-            dec.cancel(rows[2])
-            late_rows.append(dec.submit(late[1]))
-        else:
-            return
-        for row, ev in dec.admit():
-            out.setdefault(id(row), []).extend(ev.token_ids)
-            lps.setdefault(id(row), []).extend(ev.logprobs)
-
-    events = dec.decode(between)
-    assert calls >= 3 and [r.slot for r in late_rows] == [1, 2]
-    assert all(len(out[id(r)]) == 1 for r in late_rows)  # first tokens came during the forward
-    assert {id(r) for r, _ in events} == {id(rows[0]), id(rows[2])}  # the forward decoded what it began with
+    late_rows = [dec.submit(r) for r in late]
+    forwards = []
+    hook = e.model.register_forward_hook(lambda m, args, kw_out: forwards.append(args[0].shape))
+    try:
+        events = dec.step()
+    finally:
+        hook.remove()
+    assert len(forwards) == 1  # one forward: two decoding rows' newest tokens and the newcomer's prompt
+    assert forwards[0] == (1, 2 + len(late[0].prompt_ids))
+    assert [r.slot for r in late_rows] == [1, None]  # the second waits: the batch holds three
+    assert {id(r) for r, _ in events} == {id(rows[0]), id(rows[2]), id(late_rows[0])}
     for row, ev in events:
-        out[id(row)] += ev.token_ids
+        out.setdefault(id(row), []).extend(ev.token_ids)
+        lps.setdefault(id(row), []).extend(ev.logprobs or [])
     while dec.busy:
         for row, ev in dec.step():
-            out[id(row)] += ev.token_ids
+            out.setdefault(id(row), []).extend(ev.token_ids)
             lps.setdefault(id(row), []).extend(ev.logprobs or [])
-    assert out[id(rows[0])] == _alone(e, reqs[0])["token_ids"]
+    for row, req in zip([rows[0], rows[2]], [reqs[0], reqs[2]]):
+        assert out[id(row)] == _alone(e, req)["token_ids"]
     for row, req in zip(late_rows, late):  # the same tokens, from the same distributions
         assert out[id(row)] == _alone(e, req)["token_ids"]
         alone = [lp for (ev,) in e.generate([req]) for lp in ev.logprobs]

@@ -9,6 +9,12 @@ Design choices
 - The KV cache stores K/V at absolute positions with a `valid` flag per slot, one cache layer per
   (block, recursion). A token that skips a block (MoD) or stops recursing (MoR) leaves its slot
   invalid, so a later token attends to exactly the keys it would see if the prefix were recomputed.
+- A packed forward (`KVCache.packed()`) runs sequences at different stages together, vLLM's
+  mixed batch: one batch row of their tokens, a decoding sequence's one new token beside a
+  newcomer's whole prompt, so joining the batch costs no forward of its own. Each position
+  carries its sequence's cache row (`pack_positions`), which MoD/MoR's gathers keep with the
+  token; attention regroups the queries by row. Every decision at generation is per token, so
+  packing changes nothing else.
 - Full, uniform rows (the training top-k path, dense blocks) take `is_causal=True`; masks are only
   built when rows are ragged or a cache is read.
 
@@ -75,25 +81,6 @@ class LayerKV:
         _write(self, k_BKGE, v_BKGE, pos_BK, valid_BK)
 
 
-class LayerRows:
-    """Rows [lo, hi) of a LayerKV, as a LayerKV of their own: views, so writes land in the whole."""
-
-    def __init__(self, whole: LayerKV, lo: int, hi: int):
-        self.whole, self.lo, self.hi = whole, lo, hi
-        self.max_len = whole.max_len
-
-    def _view(self, t: torch.Tensor | None) -> torch.Tensor | None:
-        return None if t is None else t[self.lo:self.hi]
-
-    k_BLGE = property(lambda self: self._view(self.whole.k_BLGE))
-    v_BLGE = property(lambda self: self._view(self.whole.v_BLGE))
-    valid_BL = property(lambda self: self._view(self.whole.valid_BL))
-
-    def write(self, k_BKGE, v_BKGE, pos_BK, valid_BK):
-        self.whole.allocate(k_BKGE, v_BKGE)
-        _write(self, k_BKGE, v_BKGE, pos_BK, valid_BK)
-
-
 def _write(layer, k_BKGE, v_BKGE, pos_BK, valid_BK) -> None:
     k_BLGE, v_BLGE, valid_BL = layer.k_BLGE, layer.v_BLGE, layer.valid_BL
     if valid_BK is None:
@@ -109,8 +96,8 @@ def _write(layer, k_BKGE, v_BKGE, pos_BK, valid_BK) -> None:
 
 class KVCache:
     """Per-(block, recursion) caches of `batch` rows (sequences); layers are created on first use.
-    `rows(lo, hi)` is a cache of rows [lo, hi) only (views), so a decode step runs on the rows in
-    use; `take_rows` moves sequences prefilled elsewhere into rows of this one."""
+    `packed()` is the cache of a packed forward (KVPacked), where sequences at different
+    stages (a prompt, one new token) share one forward."""
 
     def __init__(self, batch: int, max_len: int):
         self.batch, self.max_len = batch, max_len
@@ -121,45 +108,88 @@ class KVCache:
             self.layers[key] = LayerKV(self.batch, self.max_len)
         return self.layers[key]
 
-    def rows(self, lo: int, hi: int) -> "KVRows":
-        return KVRows(self, lo, hi)
-
-    def keep_prefix(self, length_B: torch.Tensor) -> None:
-        """Forget every slot at or after row b's `length_B[b]`: after a right-padded prefill of
-        ragged prompts, the padding's keys must not outlive it (a later real token that skips a
-        block would otherwise leave a padding key visible in that slot)."""
+    def clear_rows(self, rows: list[int]) -> None:
+        """Forget every key of these rows, in every layer: a sequence that takes a row over must not
+        see its previous occupant's keys in a slot it leaves unwritten (a block or recursion it skips)."""
         for layer in self.layers.values():
             if layer.valid_BL is not None:
-                slot_L = torch.arange(layer.max_len, device=layer.valid_BL.device)
-                layer.valid_BL &= slot_L[None, :] < length_B.to(layer.valid_BL.device)[:, None]
+                layer.valid_BL[rows] = False
 
-    def take_rows(self, src: "KVCache", pairs: list[tuple[int, int]]) -> None:
-        """Row `s` of `src` becomes row `d` of this cache, for each (s, d): sequences prefilled
-        together in a cache of their own join the running batch's rows."""
-        for key, layer in src.layers.items():
-            if layer.k_BLGE is None:  # created but never written: nobody ran it (below)
+    def packed(self) -> "KVPacked":
+        return KVPacked(self)
+
+
+PACKED = 1 << 32  # packed positions: cache row * PACKED + position (`pack_positions`)
+
+
+def pack_positions(row_N: torch.Tensor, pos_N: torch.Tensor) -> torch.Tensor:
+    """Each token's cache row and position as one integer, the position a packed forward runs with.
+    MoD and MoR gather positions with the tokens they select, so the row travels along unchanged."""
+    return row_N * PACKED + pos_N
+
+
+class KVPacked:
+    """The cache as a packed forward reads and writes it: one batch row (B = 1) holding tokens of
+    several sequences, each sequence's tokens together and in order, each token's position carrying
+    its sequence's cache row (`pack_positions`). A decoding sequence brings one token, a newcomer
+    its whole prompt: the prefill of one joins the decode step of the others."""
+
+    def __init__(self, whole: KVCache):
+        self.whole = whole
+
+    def layer(self, key: tuple[int, int]) -> "PackedLayer":
+        return PackedLayer(self.whole.layer(key))
+
+
+class PackedLayer:
+    def __init__(self, whole: LayerKV):
+        self.whole = whole
+
+    def attend(self, q_KHE, k_KGE, v_KGE, row_K, pos_K, valid_K, gqa: bool) -> torch.Tensor:
+        """Write the tokens' keys into their rows, then each token attends to its own row's slots up
+        to its position: [K, H, E]. Sequences bringing one token (decoding) attend as one batch of
+        single queries, sequences bringing several (prompts) as another, right-padded; a decode
+        step pads nothing, and the prompts' padding never multiplies the decoding rows."""
+        layer = self.whole
+        layer.allocate(k_KGE[None], v_KGE[None])
+        w = slice(None) if valid_K is None else valid_K
+        r_W, p_W = row_K[w], pos_K[w]
+        if p_W.numel() and int(p_W.max()) >= layer.max_len:
+            raise ValueError(f"position {int(p_W.max())} is beyond the cache length {layer.max_len}")
+        layer.k_BLGE[r_W, p_W] = k_KGE[w]
+        layer.v_BLGE[r_W, p_W] = v_KGE[w]
+        layer.valid_BL[r_W, p_W] = True
+        seq_R, inv_K, n_R = torch.unique_consecutive(row_K, return_inverse=True, return_counts=True)
+        if int(n_R.max()) == 1:  # a decode step: one query per sequence, nothing to regroup
+            return self._attend(q_KHE[:, None], seq_R, pos_K[:, None], gqa)[:, 0]
+        out = torch.empty_like(q_KHE)
+        col_K = torch.arange(row_K.shape[0], device=row_K.device) - (n_R.cumsum(0) - n_R)[inv_K]
+        for group_R in (n_R == 1, n_R > 1):
+            if not bool(group_R.any()):
                 continue
-            mine = self.layer(key)
-            mine.allocate(layer.k_BLGE, layer.v_BLGE)
-            L = min(layer.max_len, mine.max_len)
-            for s, d in pairs:
-                mine.k_BLGE[d, :L] = layer.k_BLGE[s, :L]
-                mine.v_BLGE[d, :L] = layer.v_BLGE[s, :L]
-                mine.valid_BL[d] = False
-                mine.valid_BL[d, :L] = layer.valid_BL[s, :L]
-        for key, mine in self.layers.items():  # a layer no newcomer reached: nothing of theirs in it
-            theirs = src.layers.get(key)
-            if (theirs is None or theirs.k_BLGE is None) and mine.valid_BL is not None:
-                for _, d in pairs:  # the row's previous keys (another sequence's, or padding's) go
-                    mine.valid_BL[d] = False
+            at_R = group_R.cumsum(0) - 1  # the sequence's place in its group
+            tok = group_R[inv_K].nonzero().squeeze(1)
+            g, c = at_R[inv_K[tok]], col_K[tok]
+            R, Q = int(group_R.sum()), int(n_R[group_R].max())
+            q_RQHE = q_KHE.new_zeros(R, Q, *q_KHE.shape[1:])
+            q_RQHE[g, c] = q_KHE[tok]
+            pos_RQ = torch.full((R, Q), -1, dtype=pos_K.dtype, device=pos_K.device)
+            pos_RQ[g, c] = pos_K[tok]
+            out[tok] = self._attend(q_RQHE, seq_R[group_R], pos_RQ, gqa)[g, c]
+        return out
 
-
-class KVRows:
-    def __init__(self, whole: KVCache, lo: int, hi: int):
-        self.whole, self.lo, self.hi = whole, lo, hi
-
-    def layer(self, key: tuple[int, int]) -> LayerRows:
-        return LayerRows(self.whole.layer(key), self.lo, self.hi)
+    def _attend(self, q_RQHE, rows_R, pos_RQ, gqa: bool) -> torch.Tensor:
+        """Queries [R, Q, H, E] at positions `pos_RQ` (-1: padding) against cache rows `rows_R`."""
+        layer = self.whole
+        L = int(pos_RQ.max()) + 1
+        k_RGLE = layer.k_BLGE[rows_R, :L].transpose(1, 2)
+        v_RGLE = layer.v_BLGE[rows_R, :L].transpose(1, 2)
+        slot_L = torch.arange(L, device=pos_RQ.device)
+        mask_RQL = (slot_L <= pos_RQ[..., None]) & layer.valid_BL[rows_R, :L][:, None, :]
+        mask_RQL[:, :, 0] |= pos_RQ < 0  # padding queries see slot 0 so no row is empty (no NaN)
+        out = F.scaled_dot_product_attention(q_RQHE.transpose(1, 2), k_RGLE, v_RGLE,
+                                             attn_mask=mask_RQL[:, None], enable_gqa=gqa)
+        return out.transpose(1, 2)
 
 
 class Attention(nn.Module):
@@ -182,11 +212,20 @@ class Attention(nn.Module):
         cache: LayerKV | None = None,
     ) -> torch.Tensor:
         B, K, _ = x_BKD.shape
+        packed = isinstance(cache, PackedLayer)
+        if packed:  # positions carry each token's cache row (pack_positions)
+            row_BK, pos_BK = pos_BK // PACKED, pos_BK % PACKED
         q = self.q_norm(self.wq(x_BKD).view(B, K, self.h, self.e))
         k = self.k_norm(self.wk(x_BKD).view(B, K, self.g, self.e))
         cos, sin = rope_angles(pos_BK, self.e, self.theta, upcast(q).dtype)  # one table for both
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         v = self.wv(x_BKD).view(B, K, self.g, self.e)
+        if packed:
+            if B != 1:
+                raise ValueError(f"a packed forward has one batch row, got {B}")
+            out_KHE = cache.attend(q[0], k[0], v[0], row_BK[0], pos_BK[0],
+                                   None if valid_BK is None else valid_BK[0], self.g != self.h)
+            return self.wo(out_KHE.reshape(1, K, self.h * self.e))
         q_BHKE = q.transpose(1, 2)
         if cache is not None:
             cache.write(k, v, pos_BK, valid_BK)

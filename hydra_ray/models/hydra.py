@@ -199,7 +199,8 @@ class HydraLM(nn.Module):
     ) -> HydraOutput:
         """`targets_BT` uses -100 for positions that must not reach the loss (padding, boundaries).
         `domain_BT` holds per-token domain ids (index into cfg.domains, -1 unknown).
-        `start_pos`: position of column 0, one int for the batch or a [B] tensor per row."""
+        `start_pos`: position of column 0, one int for the batch or a [B] tensor per row; or a
+        [B, T] tensor, every token's position (with `cache.packed()`: attention.pack_positions)."""
         B, T = idx_BT.shape
         if cache is not None and not causal:
             raise ValueError("a KV cache needs causal routing (causal=True)")
@@ -211,9 +212,11 @@ class HydraLM(nn.Module):
             cache=cache,
             trace=RoutingTrace(self.cfg.moe.num_experts) if return_trace else None,
         )
-        # a tensor start_pos gives every row its own offset (batched decoding of ragged prompts)
-        offset = start_pos.to(idx_BT.device)[:, None] if torch.is_tensor(start_pos) else start_pos
-        pos_BT = (offset + torch.arange(T, device=idx_BT.device)).expand(B, T)
+        if torch.is_tensor(start_pos) and start_pos.dim() == 2:  # every token's own (a packed batch)
+            pos_BT = start_pos.to(idx_BT.device)
+        else:  # a [B] tensor gives every row its own offset (batched decoding of ragged prompts)
+            offset = start_pos.to(idx_BT.device)[:, None] if torch.is_tensor(start_pos) else start_pos
+            pos_BT = (offset + torch.arange(T, device=idx_BT.device)).expand(B, T)
         x_BTD = self.embed(idx_BT)
         for unit in self.units:
             x_BTD = unit(x_BTD, pos_BT, ctx)

@@ -62,6 +62,17 @@ class RoutingTrace:
                 out[f"b{b}r{r}"] = torch.bincount(e, minlength=self.num_experts).cpu()
         return out
 
+    def expert_counts_by_group(self, groups_GT: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Tokens per expert in each MoE layer of a one-row forward, [G, E] per layer: row g counts
+        the positions `groups_GT[g]` marks (a packed forward: each sequence's own tokens)."""
+        out = {}
+        for (b, r), (exp_BTK, _) in sorted(self.moe.items()):
+            e_TK = exp_BTK[0].cpu()  # on the host: integer matmuls are a CPU thing
+            oh_TE = torch.zeros(e_TK.shape[0], self.num_experts + 1, dtype=torch.long)
+            oh_TE.scatter_add_(1, e_TK + 1, torch.ones_like(e_TK))  # expert -1 to column 0, dropped
+            out[f"b{b}r{r}"] = groups_GT.cpu().long() @ oh_TE[:, 1:]
+        return out
+
     def expert_counts(self, valid_BT: torch.Tensor | None = None) -> torch.Tensor | None:
         by = self.expert_counts_by_layer(valid_BT)
         return torch.stack(list(by.values())).sum(0) if by else None
