@@ -130,7 +130,8 @@ def pack_positions(row_N: torch.Tensor, pos_N: torch.Tensor) -> torch.Tensor:
 
 class KVPacked:
     """The cache as a packed forward reads and writes it: one batch row (B = 1) holding tokens of
-    several sequences, each sequence's tokens together and in order, each token's position carrying
+    several sequences, each sequence's tokens together and in order, the sequences in ascending
+    cache-row order, each token's position carrying
     its sequence's cache row (`pack_positions`). A decoding sequence brings one token, a newcomer
     its whole prompt: the prefill of one joins the decode step of the others."""
 
@@ -149,45 +150,59 @@ class PackedLayer:
         """Write the tokens' keys into their rows, then each token attends to its own row's slots up
         to its position: [K, H, E]. Sequences bringing one token (decoding) attend as one batch of
         single queries, sequences bringing several (prompts) as another, right-padded; a decode
-        step pads nothing, and the prompts' padding never multiplies the decoding rows."""
+        step pads nothing, and the prompts' padding never multiplies the decoding rows. Writes and
+        reads go by flat slot index (one `index_copy_` each), and rows in use that are consecutive
+        are read as views: advanced indexing cost several times more per call here."""
         layer = self.whole
         layer.allocate(k_KGE[None], v_KGE[None])
-        w = slice(None) if valid_K is None else valid_K
-        r_W, p_W = row_K[w], pos_K[w]
+        if valid_K is not None:
+            keep = valid_K.nonzero().squeeze(1)
+            r_W, p_W, k_W, v_W = row_K[keep], pos_K[keep], k_KGE[keep], v_KGE[keep]
+        else:
+            r_W, p_W, k_W, v_W = row_K, pos_K, k_KGE, v_KGE
         if p_W.numel() and int(p_W.max()) >= layer.max_len:
             raise ValueError(f"position {int(p_W.max())} is beyond the cache length {layer.max_len}")
-        layer.k_BLGE[r_W, p_W] = k_KGE[w]
-        layer.v_BLGE[r_W, p_W] = v_KGE[w]
-        layer.valid_BL[r_W, p_W] = True
+        slot_W = r_W * layer.max_len + p_W
+        layer.k_BLGE.view(-1, *k_W.shape[1:]).index_copy_(0, slot_W, k_W)
+        layer.v_BLGE.view(-1, *v_W.shape[1:]).index_copy_(0, slot_W, v_W)
+        layer.valid_BL.view(-1).index_fill_(0, slot_W, True)
         seq_R, inv_K, n_R = torch.unique_consecutive(row_K, return_inverse=True, return_counts=True)
-        if int(n_R.max()) == 1:  # a decode step: one query per sequence, nothing to regroup
+        K = row_K.shape[0]
+        if seq_R.shape[0] == K:  # a decode step: one query per sequence, nothing to regroup
             return self._attend(q_KHE[:, None], seq_R, pos_K[:, None], gqa)[:, 0]
         out = torch.empty_like(q_KHE)
-        col_K = torch.arange(row_K.shape[0], device=row_K.device) - (n_R.cumsum(0) - n_R)[inv_K]
+        col_K = torch.arange(K, device=row_K.device) - (n_R.cumsum(0) - n_R)[inv_K]
         for group_R in (n_R == 1, n_R > 1):
-            if not bool(group_R.any()):
+            tok = group_R[inv_K].nonzero().squeeze(1)  # this group's tokens
+            if tok.numel() == 0:
                 continue
-            at_R = group_R.cumsum(0) - 1  # the sequence's place in its group
-            tok = group_R[inv_K].nonzero().squeeze(1)
-            g, c = at_R[inv_K[tok]], col_K[tok]
-            R, Q = int(group_R.sum()), int(n_R[group_R].max())
-            q_RQHE = q_KHE.new_zeros(R, Q, *q_KHE.shape[1:])
-            q_RQHE[g, c] = q_KHE[tok]
-            pos_RQ = torch.full((R, Q), -1, dtype=pos_K.dtype, device=pos_K.device)
-            pos_RQ[g, c] = pos_K[tok]
-            out[tok] = self._attend(q_RQHE, seq_R[group_R], pos_RQ, gqa)[g, c]
+            rows_G = seq_R[group_R]
+            G, Q = rows_G.shape[0], int(n_R[group_R].max())
+            at_K = (group_R.cumsum(0) - 1)[inv_K[tok]] * Q + col_K[tok]  # (its sequence, its column)
+            q_XHE = q_KHE.new_zeros(G * Q, *q_KHE.shape[1:]).index_copy_(0, at_K, q_KHE[tok])
+            pos_X = torch.full((G * Q,), -1, dtype=pos_K.dtype, device=pos_K.device).index_copy_(0, at_K, pos_K[tok])
+            res = self._attend(q_XHE.view(G, Q, *q_KHE.shape[1:]), rows_G, pos_X.view(G, Q), gqa)
+            out.index_copy_(0, tok, res.reshape(G * Q, *q_KHE.shape[1:]).index_select(0, at_K))
         return out
 
     def _attend(self, q_RQHE, rows_R, pos_RQ, gqa: bool) -> torch.Tensor:
-        """Queries [R, Q, H, E] at positions `pos_RQ` (-1: padding) against cache rows `rows_R`."""
+        """Queries [R, Q, H, E] at positions `pos_RQ` (-1: padding) against cache rows `rows_R`
+        (ascending: a packed batch holds its sequences in cache-row order)."""
         layer = self.whole
         L = int(pos_RQ.max()) + 1
-        k_RGLE = layer.k_BLGE[rows_R, :L].transpose(1, 2)
-        v_RGLE = layer.v_BLGE[rows_R, :L].transpose(1, 2)
+        R, lo = rows_R.shape[0], int(rows_R[0])
+        if int(rows_R[-1]) - lo + 1 == R:  # consecutive rows: views
+            k_RLGE, v_RLGE = layer.k_BLGE[lo:lo + R, :L], layer.v_BLGE[lo:lo + R, :L]
+            valid_RL = layer.valid_BL[lo:lo + R, :L]
+        else:
+            k_RLGE = layer.k_BLGE[:, :L].index_select(0, rows_R)
+            v_RLGE = layer.v_BLGE[:, :L].index_select(0, rows_R)
+            valid_RL = layer.valid_BL[:, :L].index_select(0, rows_R)
         slot_L = torch.arange(L, device=pos_RQ.device)
-        mask_RQL = (slot_L <= pos_RQ[..., None]) & layer.valid_BL[rows_R, :L][:, None, :]
-        mask_RQL[:, :, 0] |= pos_RQ < 0  # padding queries see slot 0 so no row is empty (no NaN)
-        out = F.scaled_dot_product_attention(q_RQHE.transpose(1, 2), k_RGLE, v_RGLE,
+        mask_RQL = (slot_L <= pos_RQ[..., None]) & valid_RL[:, None, :]
+        if bool((pos_RQ < 0).any()):  # padding queries see slot 0 so no row is empty (no NaN)
+            mask_RQL[:, :, 0] |= pos_RQ < 0
+        out = F.scaled_dot_product_attention(q_RQHE.transpose(1, 2), k_RLGE.transpose(1, 2), v_RLGE.transpose(1, 2),
                                              attn_mask=mask_RQL[:, None], enable_gqa=gqa)
         return out.transpose(1, 2)
 
