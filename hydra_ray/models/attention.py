@@ -160,8 +160,9 @@ class PackedLayer:
             r_W, p_W, k_W, v_W = row_K[keep], pos_K[keep], k_KGE[keep], v_KGE[keep]
         else:
             r_W, p_W, k_W, v_W = row_K, pos_K, k_KGE, v_KGE
-        if p_W.numel() and int(p_W.max()) >= layer.max_len:
-            raise ValueError(f"position {int(p_W.max())} is beyond the cache length {layer.max_len}")
+        top = int(pos_K.max())  # the furthest slot any token reads (or writes)
+        if top >= layer.max_len:
+            raise ValueError(f"position {top} is beyond the cache length {layer.max_len}")
         slot_W = r_W * layer.max_len + p_W
         layer.k_BLGE.view(-1, *k_W.shape[1:]).index_copy_(0, slot_W, k_W)
         layer.v_BLGE.view(-1, *v_W.shape[1:]).index_copy_(0, slot_W, v_W)
@@ -169,7 +170,7 @@ class PackedLayer:
         seq_R, inv_K, n_R = torch.unique_consecutive(row_K, return_inverse=True, return_counts=True)
         K = row_K.shape[0]
         if seq_R.shape[0] == K:  # a decode step: one query per sequence, nothing to regroup
-            return self._attend(q_KHE[:, None], seq_R, pos_K[:, None], gqa)[:, 0]
+            return self._attend(q_KHE[:, None], seq_R, pos_K[:, None], top + 1, False, gqa)[:, 0]
         out = torch.empty_like(q_KHE)
         col_K = torch.arange(K, device=row_K.device) - (n_R.cumsum(0) - n_R)[inv_K]
         for group_R in (n_R == 1, n_R > 1):
@@ -181,17 +182,19 @@ class PackedLayer:
             at_K = (group_R.cumsum(0) - 1)[inv_K[tok]] * Q + col_K[tok]  # (its sequence, its column)
             q_XHE = q_KHE.new_zeros(G * Q, *q_KHE.shape[1:]).index_copy_(0, at_K, q_KHE[tok])
             pos_X = torch.full((G * Q,), -1, dtype=pos_K.dtype, device=pos_K.device).index_copy_(0, at_K, pos_K[tok])
-            res = self._attend(q_XHE.view(G, Q, *q_KHE.shape[1:]), rows_G, pos_X.view(G, Q), gqa)
+            res = self._attend(q_XHE.view(G, Q, *q_KHE.shape[1:]), rows_G, pos_X.view(G, Q), top + 1,
+                               tok.numel() < G * Q, gqa)
             out.index_copy_(0, tok, res.reshape(G * Q, *q_KHE.shape[1:]).index_select(0, at_K))
         return out
 
-    def _attend(self, q_RQHE, rows_R, pos_RQ, gqa: bool) -> torch.Tensor:
-        """Queries [R, Q, H, E] at positions `pos_RQ` (-1: padding) against cache rows `rows_R`
-        (ascending: a packed batch holds its sequences in cache-row order)."""
+    def _attend(self, q_RQHE, rows_R, pos_RQ, L: int, padded: bool, gqa: bool) -> torch.Tensor:
+        """Queries [R, Q, H, E] at positions `pos_RQ` (-1: padding, if `padded`) against the first
+        `L` slots of cache rows `rows_R` (ascending: a packed batch holds its sequences in cache-row
+        order)."""
         layer = self.whole
-        L = int(pos_RQ.max()) + 1
-        R, lo = rows_R.shape[0], int(rows_R[0])
-        if int(rows_R[-1]) - lo + 1 == R:  # consecutive rows: views
+        R = rows_R.shape[0]
+        lo, hi = rows_R[[0, -1]].tolist()
+        if hi - lo + 1 == R:  # consecutive rows: views
             k_RLGE, v_RLGE = layer.k_BLGE[lo:lo + R, :L], layer.v_BLGE[lo:lo + R, :L]
             valid_RL = layer.valid_BL[lo:lo + R, :L]
         else:
@@ -200,7 +203,7 @@ class PackedLayer:
             valid_RL = layer.valid_BL[:, :L].index_select(0, rows_R)
         slot_L = torch.arange(L, device=pos_RQ.device)
         mask_RQL = (slot_L <= pos_RQ[..., None]) & valid_RL[:, None, :]
-        if bool((pos_RQ < 0).any()):  # padding queries see slot 0 so no row is empty (no NaN)
+        if padded:  # padding queries see slot 0 so no row is empty (no NaN)
             mask_RQL[:, :, 0] |= pos_RQ < 0
         out = F.scaled_dot_product_attention(q_RQHE.transpose(1, 2), k_RLGE.transpose(1, 2), v_RLGE.transpose(1, 2),
                                              attn_mask=mask_RQL[:, None], enable_gqa=gqa)
