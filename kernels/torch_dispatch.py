@@ -7,7 +7,8 @@ Two flavours with the signatures of kernels/triton_dispatch.py:
 
 Speed on the CPU: with top-k > 1, combine is one fused pass through `F.embedding_bag` with
 per-sample weights (gather, scale and sum per token) where the data and the weights share a dtype;
-with top-1 it is a row gather scaled in place, which is faster than bags of one. The row -> slot
+with top-1 it is a row gather scaled in place, which is faster than bags of one. When no slot
+was dropped (as many rows as slots) no keep-mask is built or applied. The row -> slot
 map that permute needs comes from route's own sort (`route(..., with_slots=True)`) instead of
 being rebuilt at every permute.
 
@@ -64,14 +65,20 @@ def gather_sum(y_AD, dest_TK, weight_TK=None):
     T, K = dest_TK.shape
     if y_AD.shape[0] == 0:  # every slot dropped
         return y_AD.new_zeros(T, y_AD.shape[1])
-    kept_TK = dest_TK >= 0
-    w_TK = _acc(kept_TK if weight_TK is None else weight_TK * kept_TK)
-    idx_TK = dest_TK.clamp(min=0)
-    if K > 1 and w_TK.dtype == y_AD.dtype:  # each token's K rows gathered, weighted and summed in one pass
+    if y_AD.shape[0] == T * K:  # a row for every slot, so none dropped: no mask to apply
+        idx_TK, w_TK = dest_TK, None if weight_TK is None else _acc(weight_TK)
+    else:
+        kept_TK = dest_TK >= 0
+        w_TK = _acc(kept_TK if weight_TK is None else weight_TK * kept_TK)
+        idx_TK = dest_TK.clamp(min=0)
+    if K > 1 and (w_TK is None or w_TK.dtype == y_AD.dtype):  # each token's K rows gathered, weighted, summed in one pass
         return F.embedding_bag(idx_TK, y_AD, mode="sum", per_sample_weights=w_TK)
-    out = _acc(y_AD.index_select(0, idx_TK[:, 0])).mul_(w_TK[:, :1])  # fresh: scaled in place
+    out = _acc(y_AD.index_select(0, idx_TK[:, 0]))  # fresh: scaled in place
+    if w_TK is not None:
+        out.mul_(w_TK[:, :1])
     for k in range(1, K):  # one row gather per slot: no [T, K, D] temporary
-        out.addcmul_(_acc(y_AD.index_select(0, idx_TK[:, k])), w_TK[:, k:k + 1])
+        row = _acc(y_AD.index_select(0, idx_TK[:, k]))
+        out.add_(row) if w_TK is None else out.addcmul_(row, w_TK[:, k:k + 1])
     return out.to(y_AD.dtype)
 
 
