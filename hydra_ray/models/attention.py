@@ -24,6 +24,8 @@ G kv heads, E head dim, D d_model.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -44,11 +46,19 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
+@functools.lru_cache(maxsize=32)
+def _inverse_frequencies(e: int, theta: float, device: torch.device) -> torch.Tensor:
+    """RoPE's E/2 inverse frequencies in float32, made once per (head size, theta, device): a
+    forward applies attention a dozen times, and each rebuilt them in four operators."""
+    with torch.inference_mode(False):  # a normal tensor, usable by training's forwards too
+        return 1.0 / (theta ** (torch.arange(0, e, 2, device=device, dtype=torch.float32) / e))
+
+
 def rope_angles(pos_BK: torch.Tensor, e: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary embedding by explicit positions (tokens of a subset keep their original positions):
     cos and sin [B, K, 1, E/2] of the angles, in `dtype` (at least float32), one table for a
     block's queries and keys (`rotate`)."""
-    inv = 1.0 / (theta ** (torch.arange(0, e, 2, device=pos_BK.device, dtype=torch.float32) / e))
+    inv = _inverse_frequencies(e, float(theta), pos_BK.device)
     ang = pos_BK.to(dtype)[..., None] * inv.to(dtype)  # B K E/2
     return ang.cos()[:, :, None, :], ang.sin()[:, :, None, :]
 
@@ -236,7 +246,7 @@ class Attention(nn.Module):
         q = self.q_norm(self.wq(x_BKD).view(B, K, self.h, self.e))
         k = self.k_norm(self.wk(x_BKD).view(B, K, self.g, self.e))
         cos, sin = rope_angles(pos_BK, self.e, self.theta, upcast(q).dtype)  # one table for both
-        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        q, k = rotate(torch.cat([q, k], dim=2), cos, sin).split([self.h, self.g], dim=2)  # one pass for both
         v = self.wv(x_BKD).view(B, K, self.g, self.e)
         if packed:
             if B != 1:
