@@ -109,6 +109,55 @@ def test_a_newcomer_is_prefilled_in_the_same_forward_as_the_running_decode(engin
         assert [lp[0] for lp in lps[id(row)]] == pytest.approx([lp[0] for lp in alone], abs=1e-4)
 
 
+def test_a_newcomer_early_in_a_forward_restarts_it_and_a_late_one_waits(engine):
+    """Decoder.step(arrivals): a newcomer that arrives before the first block application stops
+    that forward, which starts over with its prompt packed in (its first token comes from this
+    step); one that arrives past half the block applications waits for the next step. Every
+    sequence still gets the tokens it gets alone."""
+    e = engine
+    dec = Decoder(e, max_num_seqs=4)
+    reqs = [_req(e, "def add(a, b):", 12, 1), _req(e, "hello there", 12, 2)]
+    rows = [dec.submit(r) for r in reqs]
+    out: dict[int, list[int]] = {id(r): [] for r in rows}
+    for row, ev in dec.step():
+        out[id(row)] += ev.token_ids
+    early, late = _req(e, "An early one", 6, 3, domain="math"), _req(e, "a late one", 6, 4)
+    forwards, calls, mine = [], [0], {}
+    hook = e.model.register_forward_pre_hook(lambda m, args: forwards.append(args[0].shape[1]))
+
+    def arrivals(req, at):
+        def fn() -> bool:
+            calls[0] += 1
+            if calls[0] == at:
+                mine[id(req)] = dec.submit(req)
+                return True
+            return False
+        return fn
+
+    apps = e.block_applications
+    try:
+        events = dec.step(arrivals(early, 1))  # before the first block application
+        assert len(forwards) == 2 and forwards[1] == forwards[0] + len(early.prompt_ids)  # restarted with it
+        assert {id(r) for r, _ in events} == {id(rows[0]), id(rows[1]), id(mine[id(early)])}
+        for row, ev in events:
+            out.setdefault(id(row), []).extend(ev.token_ids)
+        forwards.clear()
+        calls[0] = 0
+        events = dec.step(arrivals(late, apps // 2 + 1))  # past half: no restart, it waits
+        assert len(forwards) == 1 and id(mine[id(late)]) not in {id(r) for r, _ in events}
+        assert mine[id(late)] in dec.waiting
+    finally:
+        hook.remove()
+    for row, ev in events:
+        out[id(row)] += ev.token_ids
+    while dec.busy:
+        for row, ev in dec.step():
+            out.setdefault(id(row), []).extend(ev.token_ids)
+    for req in reqs + [early, late]:
+        row = mine.get(id(req)) or rows[reqs.index(req)]
+        assert out[id(row)] == _alone(e, req)["token_ids"]
+
+
 def test_ids_that_are_no_text_are_never_sampled(engine):
     """The model's vocabulary is padded past the tokenizer's (264 against 258 ids here), and PAD is
     no text either: however the logits favour them, generation never picks them."""
