@@ -78,7 +78,10 @@ def gather_sum(y_AD, dest_TK, weight_TK=None):
         out.mul_(w_TK[:, :1])
     for k in range(1, K):  # one row gather per slot: no [T, K, D] temporary
         row = _acc(y_AD.index_select(0, idx_TK[:, k]))
-        out.add_(row) if w_TK is None else out.addcmul_(row, w_TK[:, k:k + 1])
+        if w_TK is None:
+            out.add_(row)
+        else:
+            out.addcmul_(row, w_TK[:, k:k + 1])
     return out.to(y_AD.dtype)
 
 

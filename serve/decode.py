@@ -13,7 +13,7 @@ Design choices
 - At most `max_num_seqs` sequences run; the rest wait in arrival order. A cancelled sequence (a
   client that left) gives its row back at once.
 - The KV cache has one row per slot, each with its own positions; a newcomer's row loses its
-  previous occupant's keys when it is admitted (`clear_rows`). Every routing decision at
+  previous occupant's keys when it is admitted (`KVCache.forget`). Every routing decision at
   generation is causal and per token, so a sequence does not depend on its batch-mates: the
   continuous batch gives the tokens decoding one request at a time gives (up to the float noise
   of differently shaped matmuls, which can flip a near-tie).
@@ -21,7 +21,7 @@ Design choices
   recomputes the running sequences from their first token, right-padded into one batch.
 - Forwards run in `torch.inference_mode`: the decode thread would otherwise record autograd
   graphs (a 16-row decode step took about a quarter longer). The KV cache is then made of
-  inference tensors, so what edits it (`clear_rows`, the forwards) runs in that mode.
+  inference tensors, so what edits it (`forget`, the forwards) runs in that mode.
 - Sampling is per sequence on the host with its own seeded generator: the same seed gives the
   same text. Penalties and logit bias adjust the logits before sampling; logprobs report the
   model's own log-softmax.
@@ -218,7 +218,7 @@ class Decoder:
             self.slots[row.slot] = row
             new.append(row)
         if new and self.cache is not None:  # the rows' previous occupants' keys go
-            self.cache.clear_rows([r.slot for r in new])
+            self.cache.forget([r.slot for r in new])
         return new
 
     @torch.inference_mode()
@@ -245,8 +245,10 @@ class Decoder:
             try:
                 with self.engine.between_blocks(self._watcher(watch) if watch else None):
                     events = self._packed(rows, fresh) if self.cache is not None else self._recompute(rows, fresh)
-            except _Restart:
+            except _Restart:  # what the stopped forward wrote goes: its rerun may skip a slot it wrote
                 watch = None
+                if self.cache is not None:
+                    self.cache.forget([r.slot for r in rows], [0 if id(r) in fresh else len(r.seq) - 1 for r in rows])
                 continue
             break
         t1 = time.perf_counter()
@@ -292,6 +294,13 @@ class Decoder:
             events.append((r, ev))
         return events
 
+    @staticmethod
+    def _domains(rows: list["_Row"]) -> torch.Tensor | None:
+        """Each row's domain id (-1: none), or None when no row names one."""
+        if all(r.dom is None for r in rows):
+            return None
+        return torch.tensor([-1 if r.dom is None else r.dom for r in rows])
+
     def _packed(self, rows: list["_Row"], fresh: set[int]) -> list[tuple["_Row", GenEvent]]:
         """One packed forward (KVCache.packed): each running sequence's newest token, each
         newcomer's whole prompt, together in one batch row; the next token of every sequence."""
@@ -311,9 +320,8 @@ class Decoder:
             span.append((lo, len(ids)))
         idx = torch.tensor([ids])
         pos = pack_positions(torch.tensor(slot_N), torch.tensor(pos_N))[None]
-        dom = None
-        if any(r.dom is not None for r in rows):
-            dom = torch.tensor([[-1 if rows[i].dom is None else rows[i].dom for i in seq_N]])
+        dom = self._domains(rows)
+        dom = None if dom is None else dom[torch.tensor(seq_N)][None]
         last = torch.tensor([hi - 1 for _, hi in span])
         out, logits_RV = eng._forward(idx, dom, (torch.zeros_like(last), last), cache=self.cache.packed(), start_pos=pos)
         counts = eng._groups(out.trace, torch.tensor(seq_N), len(rows))
@@ -333,9 +341,8 @@ class Decoder:
         eng = self.engine
         idx, lens = self._padded(rows)
         T = idx.shape[1]
-        dom = None
-        if any(r.dom is not None for r in rows):
-            dom = torch.tensor([-1 if r.dom is None else r.dom for r in rows])[:, None].expand(len(rows), T)
+        dom = self._domains(rows)
+        dom = None if dom is None else dom[:, None].expand(len(rows), T)
         out, logits_RV = eng._forward(idx, dom, (torch.arange(len(rows)), lens - 1))
         col_T = torch.arange(T)[None, :]
         new_B = torch.tensor([id(r) in fresh for r in rows])[:, None]

@@ -353,11 +353,21 @@ def test_a_packed_forward_gives_every_sequence_the_logits_it_gets_alone(small_mo
     with torch.inference_mode():
         cache = KVCache(3, 16)
         packed(cache, [(0, 0, a[:-1]), (1, 0, old)])  # row 1: a sequence that then leaves
-        cache.clear_rows([1])
+        cache.forget([1])
         logits = packed(cache, [(0, len(a) - 1, a[-1:]), (1, 0, b), (2, 0, c)]).logits[0]
         assert torch.allclose(logits[0], alone(a)[-1], atol=1e-5)
         assert torch.allclose(logits[1:7], alone(b), atol=1e-5)
         assert torch.allclose(logits[7:], alone(c), atol=1e-5)
+        # a stopped forward's writes forgotten from each row's first new slot on (Decoder.step's
+        # restart): the rows keep their older keys, and the rerun gives the same logits
+        before = {key: layer.valid_BL.clone() for key, layer in cache.layers.items()}
+        cache.forget([0, 1], [len(a) - 1, 0])
+        for key, layer in cache.layers.items():
+            assert torch.equal(layer.valid_BL[0, :len(a) - 1], before[key][0, :len(a) - 1])
+            assert not layer.valid_BL[0, len(a) - 1:].any() and not layer.valid_BL[1].any()
+            assert torch.equal(layer.valid_BL[2], before[key][2])
+        rerun = packed(cache, [(0, len(a) - 1, a[-1:]), (1, 0, b)]).logits[0]
+        assert torch.allclose(rerun[0], alone(a)[-1], atol=1e-5) and torch.allclose(rerun[1:], alone(b), atol=1e-5)
         # without clearing, the newcomer would see the previous occupant's keys
         stale = KVCache(3, 16)
         packed(stale, [(1, 0, old)])

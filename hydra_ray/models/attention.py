@@ -88,20 +88,16 @@ class LayerKV:
 
     def write(self, k_BKGE, v_BKGE, pos_BK, valid_BK):
         self.allocate(k_BKGE, v_BKGE)
-        _write(self, k_BKGE, v_BKGE, pos_BK, valid_BK)
-
-
-def _write(layer, k_BKGE, v_BKGE, pos_BK, valid_BK) -> None:
-    k_BLGE, v_BLGE, valid_BL = layer.k_BLGE, layer.v_BLGE, layer.valid_BL
-    if valid_BK is None:
-        valid_BK = torch.ones(pos_BK.shape, dtype=torch.bool, device=pos_BK.device)
-    b, j = valid_BK.nonzero(as_tuple=True)
-    p = pos_BK[b, j]
-    if p.numel() and int(p.max()) >= k_BLGE.shape[1]:
-        raise ValueError(f"position {int(p.max())} is beyond the cache length {k_BLGE.shape[1]}")
-    k_BLGE[b, p] = k_BKGE[b, j]
-    v_BLGE[b, p] = v_BKGE[b, j]
-    valid_BL[b, p] = True
+        k_BLGE, v_BLGE, valid_BL = self.k_BLGE, self.v_BLGE, self.valid_BL
+        if valid_BK is None:
+            valid_BK = torch.ones(pos_BK.shape, dtype=torch.bool, device=pos_BK.device)
+        b, j = valid_BK.nonzero(as_tuple=True)
+        p = pos_BK[b, j]
+        if p.numel() and int(p.max()) >= k_BLGE.shape[1]:
+            raise ValueError(f"position {int(p.max())} is beyond the cache length {k_BLGE.shape[1]}")
+        k_BLGE[b, p] = k_BKGE[b, j]
+        v_BLGE[b, p] = v_BKGE[b, j]
+        valid_BL[b, p] = True
 
 
 class KVCache:
@@ -118,12 +114,17 @@ class KVCache:
             self.layers[key] = LayerKV(self.batch, self.max_len)
         return self.layers[key]
 
-    def clear_rows(self, rows: list[int]) -> None:
-        """Forget every key of these rows, in every layer: a sequence that takes a row over must not
-        see its previous occupant's keys in a slot it leaves unwritten (a block or recursion it skips)."""
+    def forget(self, rows: list[int], start: list[int] | None = None) -> None:
+        """Forget the keys of these rows from slot `start[i]` on (every slot when None), in every
+        layer. A sequence that takes a row over must not see its previous occupant's keys in a slot
+        it leaves unwritten (a block or recursion it skips); nor may a forward that was stopped
+        leave keys where its rerun writes none."""
+        start_R = torch.zeros(len(rows), dtype=torch.long) if start is None else torch.tensor(start)
         for layer in self.layers.values():
             if layer.valid_BL is not None:
-                layer.valid_BL[rows] = False
+                slot_L = torch.arange(layer.max_len, device=layer.valid_BL.device)
+                keep_RL = slot_L[None, :] < start_R.to(slot_L.device)[:, None]
+                layer.valid_BL[rows] = layer.valid_BL[rows] & keep_RL
 
     def packed(self) -> "KVPacked":
         return KVPacked(self)
