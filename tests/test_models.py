@@ -326,12 +326,16 @@ def test_forced_routing_generation_with_domain_is_cached_consistently(small_mode
     assert torch.equal(a, b)
 
 
-def test_a_packed_forward_gives_every_sequence_the_logits_it_gets_alone(small_model_cfg):
+@pytest.mark.parametrize("per_token", [1 << 13, 0], ids=["per-token", "regrouped"])
+def test_a_packed_forward_gives_every_sequence_the_logits_it_gets_alone(small_model_cfg, monkeypatch, per_token):
     """One packed forward holds a decoding sequence's next token, a newcomer's prompt in the row
     another sequence has just left, and a second prompt: each gets the logits of its own forward
     in a fresh cache, with MoD and MoR skipping blocks per token (a slot a token leaves unwritten
-    must not show the row's previous occupant)."""
-    from hydra_ray.models.attention import KVCache, pack_positions
+    must not show the row's previous occupant). Both ways a packed forward attends: each token
+    against its own copy of its row (few slots in all), and regrouped by sequence (many)."""
+    from hydra_ray.models.attention import KVCache, PackedLayer, pack_positions
+
+    monkeypatch.setattr(PackedLayer, "PER_TOKEN", per_token)
 
     cfg = small_model_cfg(mod=dict(blocks="all"))
     model = HydraLM(cfg).eval()
