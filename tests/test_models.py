@@ -402,6 +402,33 @@ def test_sampling_is_seeded_and_filters_behave(small_model_cfg):
         assert len({int(sample(torch.zeros(1, 4), 1.0, None, p, g)) for _ in range(300)}) == kept, p
 
 
+def test_a_token_no_block_took_asks_no_deeper_router(small_model_cfg):
+    """Causal routing: when MoD skips every token of a forward in a block, that block's MoR routers
+    are not run (nobody may go deeper), and the logits equal those of a model that runs them; in
+    training (top-k) they still run."""
+    cfg = small_model_cfg(mod=dict(blocks="all"))
+    model = HydraLM(cfg).eval()
+    model.set_features(mor=True, mod=True, moe=True, mod_capacity=0.5)
+    _randomize_routers(model)
+    unit = model.units[0]
+    with torch.no_grad():
+        unit.mod_router.predictor[2].bias.fill_(-100.0)  # MoD takes no token into block 0
+    calls = []
+    hooks = [r.register_forward_hook(lambda *_: calls.append(1)) for r in unit.mor_routers]
+    idx, _, _ = _batch(cfg, B=1, T=1)
+    with torch.no_grad():
+        out = model(idx, causal=True, return_trace=True)
+        assert calls == [] and out.trace.mor[0].eq(0).all()
+        for h in hooks:
+            h.remove()
+        unit.mor_on = False  # no MoR in block 0 at all: the same logits
+        assert torch.equal(model(idx, causal=True).logits, out.logits)
+        unit.mor_on = True
+        hooks = [r.register_forward_hook(lambda *_: calls.append(1)) for r in unit.mor_routers]
+        model(*_batch(cfg, B=2, T=8)[:1], causal=False)
+        assert len(calls) == len(unit.mor_routers)
+
+
 def test_the_exponential_race_draws_each_row_from_its_own_distribution():
     """`race`, the draw behind every sampled token: frequencies within 4 sigma of the
     probabilities, never a zero-probability id, and a row's draws the same beside other rows."""

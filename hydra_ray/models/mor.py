@@ -113,6 +113,8 @@ class RecursiveBlock(nn.Module):
             elif not self.mor_on:  # full depth: the block again, on every token, ungated
                 s = Selection(None, None, None)
             else:
+                if ctx.causal and active_BT is not None and not bool(active_BT.any()):
+                    break  # nobody ran the last application, so nobody may run a deeper one
                 eligible = active_BT if active_BT is not None else torch.ones_like(depth_BT, dtype=torch.bool)
                 s = self.mor_routers[r - 1](x_BTD, self.schedule[r], ctx.causal, eligible, base=entered)
                 self._log(ctx, "mor", s, self.mor_weight)
