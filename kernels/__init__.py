@@ -122,13 +122,19 @@ class _Combine(torch.autograd.Function):
 def permute(x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
     """Token rows -> expert-contiguous rows (each token once per kept top-k slot). Differentiable."""
     with TIMERS.section("dispatch"):
-        return _Permute.apply(x_TD, routing.dest_TK, routing.num_rows, _impl(x_TD), routing)
+        impl = _impl(x_TD)
+        if not torch.is_grad_enabled():  # generation: no autograd node to build
+            return impl.permute(x_TD.contiguous(), routing.dest_TK, routing.num_rows, **_slots(impl, routing))
+        return _Permute.apply(x_TD, routing.dest_TK, routing.num_rows, impl, routing)
 
 
 def combine(y_AD: torch.Tensor, w_TK: torch.Tensor, routing: Routing) -> torch.Tensor:
     """Expert rows -> token rows, weighted by the gates. Differentiable in both inputs."""
     with TIMERS.section("dispatch"):
-        return _Combine.apply(y_AD, w_TK, routing.dest_TK, _impl(y_AD), routing)
+        impl = _impl(y_AD)
+        if not torch.is_grad_enabled():
+            return impl.gather_sum(y_AD.contiguous(), routing.dest_TK, w_TK.contiguous())
+        return _Combine.apply(y_AD, w_TK, routing.dest_TK, impl, routing)
 
 
 __all__ = ["Routing", "backend_for", "combine", "permute", "route"]
