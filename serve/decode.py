@@ -102,6 +102,11 @@ class _Row:
         else:
             self.gen.manual_seed(req.seed % 2**63)  # any integer seeds; the same one gives the same text
 
+    @property
+    def adjusts(self) -> bool:
+        req = self.req
+        return bool(req.logit_bias) or bool(self.seen and (req.presence_penalty or req.frequency_penalty))
+
     def adjust(self, logits_V: torch.Tensor) -> None:
         """This sequence's penalties and logit bias, in place."""
         req = self.req
@@ -160,7 +165,8 @@ def pick(rows: list[_Row], logits_RV: torch.Tensor) -> list[tuple[int, list | No
     if tok.pad_id != tok.eos_id and 0 <= tok.pad_id < V:
         adjusted[:, tok.pad_id] = -math.inf  # nor is padding
     for i, r in enumerate(rows):
-        r.adjust(adjusted[i])
+        if r.adjusts:
+            r.adjust(adjusted[i])
     tokens: list[int] = [0] * len(rows)
     greedy, plain = [], []
     for i, r in enumerate(rows):

@@ -180,7 +180,7 @@ class Engine:
         """Each row's tokens per expert and MoE layer, over its valid positions (the serving
         layer keeps the running totals, across replicas' answers)."""
         by_layer = trace.expert_counts_by_layer(valid_BT, by_row=True)  # layer -> [B, E]
-        return [{k: c_BE[b].tolist() for k, c_BE in by_layer.items()} for b in range(valid_BT.shape[0])]
+        return _per_row({k: c_BE.tolist() for k, c_BE in by_layer.items()}, valid_BT.shape[0])
 
     @torch.inference_mode()
     def trace_ids(self, batch: list[list[int]], domains: list[str | None] | None = None) -> list[dict]:
@@ -275,7 +275,7 @@ class Engine:
         """A packed forward's counts per sequence: tokens per expert and MoE layer of the
         positions `seq_T` assigns to each of the `n` sequences (its one batch row)."""
         by_layer = trace.expert_counts_by_group(seq_T[None, :] == torch.arange(n)[:, None])
-        return [{k: c_nE[i].tolist() for k, c_nE in by_layer.items()} for i in range(n)]
+        return _per_row({k: c_nE.tolist() for k, c_nE in by_layer.items()}, n)
 
     @staticmethod
     def _prompt_logprobs(logits_TV: torch.Tensor, ids: list[int], top: int) -> list[list | None]:
@@ -309,6 +309,11 @@ class Engine:
                     r["token_ids"] += ev.token_ids
                     r["finish_reason"] = ev.finish_reason or r["finish_reason"]
         return res
+
+
+def _per_row(by_layer: dict[str, list[list[int]]], n: int) -> list[dict[str, list[int]]]:
+    """layer -> [n][E] counts (one `tolist` per layer) as each row's layer -> [E]."""
+    return [{k: c[i] for k, c in by_layer.items()} for i in range(n)]
 
 
 __all__ = ["Engine", "GenEvent", "GenRequest", "check_context", "check_domain", "context_of"]
