@@ -24,7 +24,6 @@ Design choices
 """
 
 import asyncio
-import dataclasses
 import inspect
 import time
 from typing import Any
@@ -86,8 +85,9 @@ class HydraModel:
                 bad = next((e for e in evs if isinstance(e, Exception)), None)
                 if bad is not None:
                     raise bad
-                # every GenEvent field travels: a new one needs no change here
-                ev = merge_events([dataclasses.asdict(e) for e in evs])
+                # every GenEvent field travels: a new one needs no change here. A shallow copy: an
+                # event is not touched once sent (asdict's deep copy cost 15-80 us an event)
+                ev = merge_events([dict(vars(e)) for e in evs])
                 if entered is not None:
                     ev["replica_s"], entered = time.perf_counter() - entered, None
                 yield {**ev, "batch_size": sched.running}
