@@ -23,8 +23,9 @@ Design choices
   graphs (a 16-row decode step took about a quarter longer). The KV cache is then made of
   inference tensors, so what edits it (`forget`, the forwards) runs in that mode.
 - Sampling is per sequence on the host with its own seeded generator: the same seed gives the
-  same text. The arithmetic is batched over the rows (`pick`); only each row's noise is its own. Penalties and logit bias adjust the logits before sampling; logprobs report the
-  model's own log-softmax.
+  same text. The arithmetic is batched over the rows (`pick`); only each row's noise is its own.
+  Penalties and logit bias adjust the logits before sampling; logprobs report the model's own
+  log-softmax.
 
 Shape legend: B rows, T tokens, V vocabulary.
 """
@@ -104,6 +105,7 @@ class _Row:
 
     @property
     def adjusts(self) -> bool:
+        """Whether `adjust` has anything to do (penalties with tokens seen, or a logit bias)."""
         req = self.req
         return bool(req.logit_bias) or bool(self.seen and (req.presence_penalty or req.frequency_penalty))
 
