@@ -288,8 +288,9 @@ class Decoder:
                     events = self._packed(rows, fresh) if self.cache is not None else self._recompute(rows, fresh)
             except _Restart:  # what the stopped forward wrote goes: its rerun may skip a slot it wrote
                 watch = None
-                if self.cache is not None:
-                    self.cache.forget([r.slot for r in rows], [0 if id(r) in fresh else len(r.seq) - 1 for r in rows])
+                if self.cache is not None:  # (a row cancelled meanwhile has no slot: its next owner forgets it whole)
+                    live = [r for r in rows if r.slot is not None]
+                    self.cache.forget([r.slot for r in live], [0 if id(r) in fresh else len(r.seq) - 1 for r in live])
                 continue
             break
         t1 = time.perf_counter()

@@ -190,6 +190,44 @@ def test_a_newcomer_early_in_a_forward_restarts_it_and_a_late_one_waits(engine):
         assert out[id(row)] == _alone(e, req)["token_ids"]
 
 
+def test_a_sequence_cancelled_while_a_newcomer_restarts_the_forward_harms_no_other(engine):
+    """A client leaves during a forward in which a newcomer arrives early: the forward starts over
+    without the one that left (whose row has no slot now), and the others, the newcomer among them,
+    still get the tokens they get alone."""
+    e = engine
+    dec = Decoder(e, max_num_seqs=3)
+    reqs = [_req(e, "def add(a, b):", 10, 1), _req(e, "hello there", 10, 2), _req(e, "Solve 3 + 4 =", 10, 3)]
+    rows = [dec.submit(r) for r in reqs]
+    out: dict[int, list[int]] = {id(r): [] for r in rows}
+    for row, ev in dec.step():
+        out[id(row)] += ev.token_ids
+    newcomer, calls = _req(e, "An early one", 6, 4), [0]
+
+    def arrivals() -> bool:
+        calls[0] += 1
+        if calls[0] == 1:  # before the first block application
+            dec.cancel(rows[1])
+            out[id(dec.submit(newcomer))] = []
+            return True
+        return False
+
+    forwards = []
+    hook = e.model.register_forward_pre_hook(lambda m, args: forwards.append(args[0].shape[1]))
+    try:
+        for row, ev in dec.step(arrivals):
+            out[id(row)] += ev.token_ids
+    finally:
+        hook.remove()
+    assert forwards == [3, 2 + len(newcomer.prompt_ids)]  # restarted without the one that left
+    while dec.busy:
+        for row, ev in dec.step():
+            out[id(row)] += ev.token_ids
+    assert out[id(rows[0])] == _alone(e, reqs[0])["token_ids"]
+    assert out[id(rows[2])] == _alone(e, reqs[2])["token_ids"]
+    assert len(out[id(rows[1])]) == 1  # its first token only: it left in the second step
+    assert [t for k, t in out.items() if k not in {id(r) for r in rows}] == [_alone(e, newcomer)["token_ids"]]
+
+
 def test_ids_that_are_no_text_are_never_sampled(engine):
     """The model's vocabulary is padded past the tokenizer's (264 against 258 ids here), and PAD is
     no text either: however the logits favour them, generation never picks them."""

@@ -119,12 +119,15 @@ class KVCache:
         layer. A sequence that takes a row over must not see its previous occupant's keys in a slot
         it leaves unwritten (a block or recursion it skips); nor may a forward that was stopped
         leave keys where its rerun writes none."""
-        start_R = torch.zeros(len(rows), dtype=torch.long) if start is None else torch.tensor(start)
+        rows_R = torch.tensor(rows, dtype=torch.long)  # a tensor index: anything but row numbers is an error
+        start_R = torch.zeros(len(rows), dtype=torch.long) if start is None else torch.tensor(start, dtype=torch.long)
         for layer in self.layers.values():
             if layer.valid_BL is not None:
-                slot_L = torch.arange(layer.max_len, device=layer.valid_BL.device)
-                keep_RL = slot_L[None, :] < start_R.to(slot_L.device)[:, None]
-                layer.valid_BL[rows] = layer.valid_BL[rows] & keep_RL
+                dev = layer.valid_BL.device
+                slot_L = torch.arange(layer.max_len, device=dev)
+                keep_RL = slot_L[None, :] < start_R.to(dev)[:, None]
+                r = rows_R.to(dev)
+                layer.valid_BL[r] = layer.valid_BL[r] & keep_RL
 
     def packed(self) -> "KVPacked":
         return KVPacked(self)
