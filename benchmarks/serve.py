@@ -1,7 +1,8 @@
 """`hydra-ray bench serve`: serving ratios measured side by side in one run.
 
 1. Engine, no Ray: greedy decode tokens/s with the KV cache against recomputing the prefix every
-   step (256 new tokens), and 8 requests decoded as one batch against the same 8 one after another.
+   step (256 new tokens), and 8 requests decoded as one batch against the same 8 one after another,
+   with the torch threads a model replica has (its num_cpus: 1 by default).
 2. The real Serve app on a local Ray, 1 client against 16 concurrent clients, at the ingress
    replica's own address (direct ingress: the headline) and at Serve's proxy:
    - streamed completions: completion tokens/s, and the p50 time to first token (continuous
@@ -49,7 +50,7 @@ def engine_ratios(engine, prompt_tokens: int = 256, new_tokens: int = 256, round
     }
     res["cache_vs_recompute"] = res["decode_tokens_per_s_cache"] / res["decode_tokens_per_s_recompute"]
     res["batched_vs_sequential"] = times["sequential8"] / times["batched8"]
-    log(f"[decode] prompt {len(ids)} tokens, {new_tokens} new, greedy, batch 1: "
+    log(f"[decode] {torch.get_num_threads()} torch thread(s), prompt {len(ids)} tokens, {new_tokens} new, greedy, batch 1: "
         f"KV cache {res['decode_tokens_per_s_cache']:.0f} tok/s vs recompute {res['decode_tokens_per_s_recompute']:.0f} "
         f"tok/s = {res['cache_vs_recompute']:.2f}x")
     log(f"[decode] 8 requests: one batch {res['batched8_tokens_per_s']:.0f} tok/s vs one after another "
@@ -232,11 +233,17 @@ def run(run_dir: str, seconds: float = 10.0, port: int = 8765, log=print) -> dic
     from hydra_ray.raystart import ray_init
 
     store, model_id = CheckpointStore.for_run(run_dir)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    res = {"model": model_id, **engine_ratios(Engine.from_store(store, model_id), log=log)}
+    args = ServeArgs(run=run_dir, max_batch_size=16, batch_wait_timeout_s=0.005, max_num_seqs=16)
+    # the engine with the torch threads a model replica decodes with: Ray sets a replica's thread
+    # count to its num_cpus (1 by default), whatever this process has
+    threads, torch_threads = max(1, round(args.num_cpus)), torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        res = {"model": model_id, "engine_threads": threads, **engine_ratios(Engine.from_store(store, model_id), log=log)}
+    finally:
+        torch.set_num_threads(torch_threads)
     ray_init(log, min_cpus=3)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    args = ServeArgs(run=run_dir, max_batch_size=16, batch_wait_timeout_s=0.005, max_num_seqs=16)
     key = os.environ.get("HYDRA_API_KEY")  # the app picks it up too
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     proxy = f"http://127.0.0.1:{port}"
