@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from hydra_ray.models.attention import KVCache, pack_positions, upcast
-from hydra_ray.models.hydra import GREEDY_BELOW, race, sample
+from hydra_ray.models.hydra import GREEDY_BELOW, keeps_top_k, keeps_top_p, race, sample
 
 if TYPE_CHECKING:
     from hydra_ray.serve.engine import Engine
@@ -103,22 +103,16 @@ class _Row:
         else:
             self.gen.manual_seed(req.seed % 2**63)  # any integer seeds; the same one gives the same text
 
-    @property
-    def adjusts(self) -> bool:
-        """Whether `adjust` has anything to do (penalties with tokens seen, or a logit bias)."""
-        req = self.req
-        return bool(req.logit_bias) or bool(self.seen and (req.presence_penalty or req.frequency_penalty))
-
-    def adjust(self, logits_V: torch.Tensor) -> None:
-        """This sequence's penalties and logit bias, in place."""
+    def adjust(self, logits_RV: torch.Tensor, i: int) -> None:
+        """This sequence's penalties and logit bias, in place, on row `i` of a batch's logits."""
         req = self.req
         if self.seen and (req.presence_penalty or req.frequency_penalty):
             ids = torch.tensor(list(self.seen))
-            n = torch.tensor(list(self.seen.values()), dtype=logits_V.dtype)
-            logits_V[ids] -= req.presence_penalty + req.frequency_penalty * n
+            n = torch.tensor(list(self.seen.values()), dtype=logits_RV.dtype)
+            logits_RV[i, ids] -= req.presence_penalty + req.frequency_penalty * n
         for t, b in (req.logit_bias or {}).items():
-            if 0 <= t < logits_V.shape[-1]:
-                logits_V[t] += b
+            if 0 <= t < logits_RV.shape[-1]:
+                logits_RV[i, t] += b
 
     def add(self, token: int) -> GenEvent:
         if token == self.tok.eos_id:
@@ -166,16 +160,14 @@ def pick(rows: list[_Row], logits_RV: torch.Tensor) -> list[tuple[int, list | No
     adjusted[:, tok.vocab_size:] = -math.inf  # ids past the tokenizer's (a padded vocabulary) are no text
     if tok.pad_id != tok.eos_id and 0 <= tok.pad_id < V:
         adjusted[:, tok.pad_id] = -math.inf  # nor is padding
-    for i, r in enumerate(rows):
-        if r.adjusts:
-            r.adjust(adjusted[i])
     tokens: list[int] = [0] * len(rows)
     greedy, plain = [], []
     for i, r in enumerate(rows):
+        r.adjust(adjusted, i)
         req = r.req
         if req.temperature <= GREEDY_BELOW:
             greedy.append(i)
-        elif (req.top_k is None or not 0 < req.top_k < V) and (req.top_p is None or not 0 < req.top_p < 1):
+        elif not keeps_top_k(req.top_k, V) and not keeps_top_p(req.top_p):
             plain.append(i)
         else:
             tokens[i] = int(sample(adjusted[i:i + 1], req.temperature, req.top_k, req.top_p, r.gen))

@@ -13,9 +13,10 @@ Design choices
   sequences' decode, so a newcomer's first token comes at the end of the first forward that
   begins after it arrived. Before each block application the thread takes what arrived
   (`_arrivals`); a newcomer that arrives in the first half of a forward's blocks restarts that
-  forward with its prompt packed in (Decoder.step). (Before, newcomers were prefilled in forwards of their own, one of
-  them between two blocks of a decode forward then running to save the wait; with 16 clients
-  whose requests end at different steps, the lone prefills took about a third of the time.)
+  forward with its prompt packed in (Decoder.step). (Before, newcomers were prefilled in
+  forwards of their own, one of them between two blocks of a decode forward then running to
+  save the wait; with 16 clients whose requests end at different steps, the lone prefills took
+  about a third of the time.)
 - `submit` validates against the engine at once (an EngineError is raised to the caller, before
   anything is queued). A request that is cancelled (its client left) leaves the batch at the next
   boundary and frees its row for the next waiting one.

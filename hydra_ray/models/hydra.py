@@ -314,16 +314,24 @@ def race(probs_BV: torch.Tensor, gens: list[torch.Generator]) -> torch.Tensor:
     return (probs_BV / noise_BV.clamp_(min=torch.finfo(noise_BV.dtype).tiny)).argmax(-1)
 
 
+def keeps_top_k(top_k: int | None, vocab: int) -> bool:
+    return top_k is not None and 0 < top_k < vocab
+
+
+def keeps_top_p(top_p: float | None) -> bool:
+    return top_p is not None and 0 < top_p < 1
+
+
 def sample(logits_BV: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
            gen: torch.Generator) -> torch.Tensor:
     logits_BV = upcast(logits_BV)
     if temperature <= GREEDY_BELOW:
         return logits_BV.argmax(-1)
     logits_BV = logits_BV / temperature
-    if top_k is not None and top_k > 0 and top_k < logits_BV.shape[-1]:
+    if keeps_top_k(top_k, logits_BV.shape[-1]):
         kth = logits_BV.topk(top_k, dim=-1).values[:, -1:]
         logits_BV = logits_BV.masked_fill(logits_BV < kth, -math.inf)
-    if top_p is not None and 0 < top_p < 1:
+    if keeps_top_p(top_p):
         sorted_BV, order_BV = logits_BV.sort(dim=-1, descending=True)
         probs = sorted_BV.softmax(-1)
         drop = probs.cumsum(-1) - probs >= top_p  # keep the smallest prefix whose mass reaches top_p
