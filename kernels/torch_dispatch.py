@@ -1,7 +1,8 @@
 """Plain-torch versions of the dispatch primitives: the CPU path and the kernels' reference.
 
 Two flavours with the signatures of kernels/triton_dispatch.py:
-- vectorised (`route`, `permute`, `gather_sum`, `slot_dot`): what runs whenever Triton does not
+- vectorised (`route`, `permute`, `gather_sum`, `slot_dot`, and `combine_backward`, which gives
+  both of combine's gradients from one gather where route's row -> slot map exists): what runs whenever Triton does not
   (CPU tensors, HYDRA_KERNELS=torch). Stable argsort gives the same dest as the Triton ranks.
 - deliberately naive loops (`*_loop`): one slot at a time, obviously right, for tests only.
 
@@ -83,6 +84,25 @@ def gather_sum(y_AD, dest_TK, weight_TK=None):
         else:
             out.addcmul_(row, w_TK[:, k:k + 1])
     return out.to(y_AD.dtype)
+
+
+def combine_backward(g_TD, y_AD, w_TK, slot_A, need_gy: bool = True, need_gw: bool = True):
+    """Both gradients of a weighted combine from one gather of the token gradients to the rows:
+    the rows' gradient (the gates' scaled permute of g) and each kept slot's gate gradient (its
+    row's dot product with g; 0 for dropped slots). `slot_A` is route's row -> slot map."""
+    K = w_TK.shape[1]
+    g_AD = g_TD.index_select(0, slot_A // K if K > 1 else slot_A)
+    gw = None
+    if need_gw:
+        gw_S = torch.zeros(w_TK.numel(), dtype=w_TK.dtype, device=w_TK.device)
+        gw_S[slot_A] = (_acc(g_AD) * _acc(y_AD)).sum(-1).to(w_TK.dtype)
+        gw = gw_S.view(w_TK.shape)
+    if not need_gy:
+        return None, gw
+    scale_A = w_TK.reshape(-1)[slot_A]
+    if scale_A.dtype == g_AD.dtype:  # scaled in place: no second temporary
+        return g_AD.mul_(scale_A[:, None]), gw
+    return (_acc(g_AD) * _acc(scale_A[:, None])).to(g_TD.dtype), gw
 
 
 def slot_dot(g_TD, y_AD, dest_TK, dtype):
