@@ -10,7 +10,9 @@ Figures (ratios of things measured in this run, on this machine):
   combine and their backward) and the all-to-all exchanges;
 - HYDRA against the dense model of equal depth: the same weights with every token through every
   recursion and no MoD or MoE, forward+backward interleaved on one batch. The time ratio beside
-  the FLOPs ratio; their quotient is the routing overhead (1.0: time scales exactly with FLOPs);
+  the FLOPs ratio; their quotient is the routing overhead (1.0: time scales exactly with FLOPs).
+  Where the phase both selects tokens (MoD/MoR) and routes them to experts (MoE), each mechanism
+  alone runs in the same interleaved rounds, so the overhead splits into what each one costs;
 - 1 -> N workers: N processes with a torch.distributed group (gloo on CPU, NCCL on GPUs; experts
   sharded, the rest DDP; then experts replicated, all DDP) running the same loop, each with
   `--threads` threads, against 1 such process. No Ray: the processes are spawned here, so this also
@@ -146,17 +148,33 @@ def _spawned(world: int, threads: int, cfg, prepared, steps: int, device_type: s
 
 
 def hydra_vs_dense(cfg, phase, device: torch.device, amp, rounds: int) -> dict:
-    """Forward+backward of the phase's model and of its dense twin of equal depth, interleaved."""
+    """Forward+backward of the phase's model and of its dense twin of equal depth, interleaved.
+    When the phase routes both ways (MoD/MoR and MoE), each mechanism alone runs beside them:
+    `selection` (the phase's MoD/MoR with the dense FFN) and `experts` (MoE at full depth: the
+    dense twin with its FFN routed), so the overhead splits into what each costs."""
     from hydra_ray.models import HydraLM
 
     torch.manual_seed(0)
     hydra = HydraLM(cfg.model).to(device)
     hydra.set_features(mor=phase.mor, mod=phase.mod, moe=phase.moe, routing=phase.routing,
                        mod_capacity=cfg.model.mod.capacity if phase.mod else None)
-    dense = HydraLM(cfg.model).to(device)
-    dense.load_state_dict(hydra.state_dict(), strict=False)
-    dense.set_features(mor=False, mod=False, moe=False)
-    dense.set_full_depth(True)
+
+    def twin(mor: bool, mod: bool, moe: bool, full_depth: bool):
+        m = HydraLM(cfg.model).to(device)
+        m.load_state_dict(hydra.state_dict(), strict=False)  # hydra's upcycled experts, not new ones
+        m.set_features(mor=mor, mod=mod, moe=moe, routing=phase.routing,
+                       mod_capacity=cfg.model.mod.capacity if mod else None)
+        m.set_full_depth(full_depth)
+        return m
+
+    models = {"hydra": hydra, "dense": twin(False, False, False, True)}
+    flops = {"hydra": phase_flops(cfg, phase.mor, phase.mod, phase.moe),
+             "dense": phase_flops(cfg, False, False, False, full_depth=True)}
+    if phase.moe and (phase.mor or phase.mod):
+        models["selection"] = twin(phase.mor, phase.mod, False, False)
+        flops["selection"] = phase_flops(cfg, phase.mor, phase.mod, False)
+        models["experts"] = twin(False, False, True, True)
+        flops["experts"] = phase_flops(cfg, False, False, True, full_depth=True)
     # one micro-batch, as the loop runs it (a step of grad_accum micro-batches scales both models alike)
     B, T, V = max(1, cfg.train.batch_size // cfg.train.grad_accum), cfg.model.seq_len, cfg.model.vocab_size
     gen = torch.Generator().manual_seed(0)
@@ -172,12 +190,15 @@ def hydra_vs_dense(cfg, phase, device: torch.device, amp, rounds: int) -> dict:
             model.zero_grad(set_to_none=True)
         return run
 
-    t = compare({"hydra": step(hydra), "dense": step(dense)}, device, rounds)
-    f_h = phase_flops(cfg, phase.mor, phase.mod, phase.moe)
-    f_d = phase_flops(cfg, False, False, False, full_depth=True)
-    time_ratio, flops_ratio = t["hydra"] / t["dense"], f_h / f_d
-    return {"hydra_ms": t["hydra"] * 1e3, "dense_ms": t["dense"] * 1e3, "time_ratio": time_ratio,
-            "flops_ratio": flops_ratio, "routing_overhead": time_ratio / flops_ratio}
+    t = compare({name: step(m) for name, m in models.items()}, device, rounds)
+
+    def against_dense(name: str) -> dict:
+        time_ratio, flops_ratio = t[name] / t["dense"], flops[name] / flops["dense"]
+        return {"time_ratio": time_ratio, "flops_ratio": flops_ratio, "routing_overhead": time_ratio / flops_ratio}
+
+    return {"hydra_ms": t["hydra"] * 1e3, "dense_ms": t["dense"] * 1e3, **against_dense("hydra"),
+            "by_mechanism": {name: {"ms": t[name] * 1e3, **against_dense(name)}
+                             for name in ("selection", "experts") if name in models}}
 
 
 def _alone(rank: int, threads: int, loop_configs: list[dict], device_type: str) -> None:
@@ -202,6 +223,17 @@ def _independent(n: int, threads: int, cfg, prepared, steps: int, device_type: s
     finally:
         for d in dirs:
             d.cleanup()
+
+
+MECHANISMS = {"selection": "token selection alone (MoD/MoR, dense FFN)",
+              "experts": "experts alone (MoE at full depth)"}
+
+
+def _log_mechanisms(vs: dict, log) -> None:
+    if vs["by_mechanism"]:
+        log("      by mechanism: " + "; ".join(
+            f"{MECHANISMS[k]}: time {m['time_ratio']:.2f}x, FLOPs {m['flops_ratio']:.2f}x -> {m['routing_overhead']:.2f}"
+            for k, m in vs["by_mechanism"].items()))
 
 
 def run(config: str = "small", phase: str | None = None, workers: int = 2, gpu: bool = False, steps: int = 12,
@@ -259,9 +291,11 @@ def run(config: str = "small", phase: str | None = None, workers: int = 2, gpu: 
             f"{k} {v * 1e3:.0f} ms ({100 * v / step_s:.0f}%)" for k, v in breakdown.items()))
     log(f"  HYDRA vs dense of equal depth: time {vs['time_ratio']:.2f}x, FLOPs {vs['flops_ratio']:.2f}x -> "
         f"routing overhead {vs['routing_overhead']:.2f} (1.00 = time follows FLOPs; {torch.get_num_threads()} threads)")
+    _log_mechanisms(vs, log)
     if vs_worker:
         log(f"    at {threads} thread(s), as each worker runs: time {vs_worker['time_ratio']:.2f}x -> "
             f"routing overhead {vs_worker['routing_overhead']:.2f}")
+        _log_mechanisms(vs_worker, log)
     if workers > 1:
         one, _ = _spawned(1, threads, cfg, prepared, steps, device.type)
         ceiling = _independent(workers, threads, cfg, prepared, steps, device.type)

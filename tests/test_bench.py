@@ -21,10 +21,16 @@ def test_train_benchmark_reports_every_figure():
     vs = res["hydra_vs_dense"]
     assert vs["routing_overhead"] == pytest.approx(vs["time_ratio"] / vs["flops_ratio"])
     assert 0 < vs["flops_ratio"] < 1  # MoD and MoR skip work that the dense twin does
+    sel, exp = vs["by_mechanism"]["selection"], vs["by_mechanism"]["experts"]  # tiny's MoE phase has both
+    assert sel["flops_ratio"] < vs["flops_ratio"]  # MoD/MoR alone: dense FFN, no MoE router
+    assert 1 < exp["flops_ratio"] < 1.05  # top-1 experts of the dense FFN's size, plus the router
+    for m in (sel, exp):
+        assert m["routing_overhead"] == pytest.approx(m["time_ratio"] / m["flops_ratio"])
     if torch.get_num_threads() > 1:  # the same comparison at the workers' 1 thread
         w = res["hydra_vs_dense_worker_threads"]
         assert w["threads"] == 1 and w["flops_ratio"] == vs["flops_ratio"]
         assert w["routing_overhead"] == pytest.approx(w["time_ratio"] / w["flops_ratio"])
+        assert set(w["by_mechanism"]) == {"selection", "experts"}
     else:
         assert res["hydra_vs_dense_worker_threads"] is None  # already measured at 1 thread
     sc = res["scaling"]
