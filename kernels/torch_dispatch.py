@@ -2,8 +2,9 @@
 
 Two flavours with the signatures of kernels/triton_dispatch.py:
 - vectorised (`route`, `permute`, `gather_sum`, `slot_dot`, and `combine_backward`, which gives
-  both of combine's gradients from one gather where route's row -> slot map exists): what runs whenever Triton does not
-  (CPU tensors, HYDRA_KERNELS=torch). Stable argsort gives the same dest as the Triton ranks.
+  both of combine's gradients from one gather where route's row -> slot map exists): what runs
+  whenever Triton does not (CPU tensors, HYDRA_KERNELS=torch). Stable argsort gives the same
+  dest as the Triton ranks.
 - deliberately naive loops (`*_loop`): one slot at a time, obviously right, for tests only.
 
 Speed on the CPU: with top-k > 1, combine is one fused pass through `F.embedding_bag` with
