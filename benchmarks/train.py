@@ -34,6 +34,9 @@ import torch
 from hydra_ray.benchmarks.common import compare
 
 MATMUL_M = 2048
+# the routing mechanisms timed alone beside HYDRA and its dense twin (`hydra_vs_dense`)
+MECHANISMS = {"selection": "token selection alone (MoD/MoR, dense FFN)",
+              "experts": "experts alone (MoE at full depth)"}
 
 
 def matmul_rate(d_model: int, ffn: int, device: torch.device, dtype: torch.dtype, rounds: int = 10) -> float:
@@ -198,7 +201,7 @@ def hydra_vs_dense(cfg, phase, device: torch.device, amp, rounds: int) -> dict:
 
     return {"hydra_ms": t["hydra"] * 1e3, "dense_ms": t["dense"] * 1e3, **against_dense("hydra"),
             "by_mechanism": {name: {"ms": t[name] * 1e3, **against_dense(name)}
-                             for name in ("selection", "experts") if name in models}}
+                             for name in MECHANISMS if name in models}}
 
 
 def _alone(rank: int, threads: int, loop_configs: list[dict], device_type: str) -> None:
@@ -223,10 +226,6 @@ def _independent(n: int, threads: int, cfg, prepared, steps: int, device_type: s
     finally:
         for d in dirs:
             d.cleanup()
-
-
-MECHANISMS = {"selection": "token selection alone (MoD/MoR, dense FFN)",
-              "experts": "experts alone (MoE at full depth)"}
 
 
 def _log_mechanisms(vs: dict, log) -> None:

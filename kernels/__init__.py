@@ -113,12 +113,11 @@ class _Combine(torch.autograd.Function):
         y_AD, w_TK, dest_TK = ctx.saved_tensors
         with TIMERS.section("dispatch"):
             g_TD = g_TD.contiguous()
-            slot_A = _slots(ctx.impl, ctx.routing).get("slot_A")
-            if slot_A is not None:  # torch path: one gather of g serves both gradients
-                gy, gw = ctx.impl.combine_backward(g_TD, y_AD, w_TK, slot_A, *ctx.needs_input_grad[:2])
+            slots = _slots(ctx.impl, ctx.routing)
+            if slots:  # torch path with route's row -> slot map: one gather of g serves both gradients
+                gy, gw = ctx.impl.combine_backward(g_TD, y_AD, w_TK, slots["slot_A"], *ctx.needs_input_grad[:2])
                 return gy, gw, None, None, None
-            gy = ctx.impl.permute(g_TD, dest_TK, y_AD.shape[0], w_TK, **_slots(ctx.impl, ctx.routing)) \
-                if ctx.needs_input_grad[0] else None
+            gy = ctx.impl.permute(g_TD, dest_TK, y_AD.shape[0], w_TK) if ctx.needs_input_grad[0] else None
             gw = ctx.impl.slot_dot(g_TD, y_AD, dest_TK, w_TK.dtype) if ctx.needs_input_grad[1] else None
         return gy, gw, None, None, None
 

@@ -51,16 +51,24 @@ def slots(dest_TK: torch.Tensor, num_rows: int) -> torch.Tensor:
     return slot_A
 
 
+def _token_rows(x_TD, slot_A, K):
+    """Each row's token: row a holds slot slot_A[a] = t * K + k."""
+    return x_TD.index_select(0, slot_A // K if K > 1 else slot_A)  # contiguous writes: much faster than scattering rows
+
+
+def _scaled(rows_AD, scale_TK, slot_A, dtype):
+    """Rows (fresh, from `_token_rows`) times their slots' scales, in `dtype`."""
+    scale_A = scale_TK.reshape(-1)[slot_A]
+    if scale_A.dtype == rows_AD.dtype:  # scaled in place: no second temporary
+        return rows_AD.mul_(scale_A[:, None])
+    return (_acc(rows_AD) * _acc(scale_A[:, None])).to(dtype)
+
+
 def permute(x_TD, dest_TK, num_rows, scale_TK=None, slot_A=None):
     K = dest_TK.shape[1]
     slot_A = slots(dest_TK, num_rows) if slot_A is None else slot_A
-    tok_A = slot_A // K if K > 1 else slot_A
-    if scale_TK is None:
-        return x_TD.index_select(0, tok_A)  # contiguous writes: much faster than scattering rows
-    scale_A = scale_TK.reshape(-1)[slot_A]
-    if scale_A.dtype == x_TD.dtype:  # scaled in place: no second temporary
-        return x_TD.index_select(0, tok_A).mul_(scale_A[:, None])
-    return (_acc(x_TD.index_select(0, tok_A)) * _acc(scale_A[:, None])).to(x_TD.dtype)
+    rows_AD = _token_rows(x_TD, slot_A, K)
+    return rows_AD if scale_TK is None else _scaled(rows_AD, scale_TK, slot_A, x_TD.dtype)
 
 
 def gather_sum(y_AD, dest_TK, weight_TK=None):
@@ -91,19 +99,13 @@ def combine_backward(g_TD, y_AD, w_TK, slot_A, need_gy: bool = True, need_gw: bo
     """Both gradients of a weighted combine from one gather of the token gradients to the rows:
     the rows' gradient (the gates' scaled permute of g) and each kept slot's gate gradient (its
     row's dot product with g; 0 for dropped slots). `slot_A` is route's row -> slot map."""
-    K = w_TK.shape[1]
-    g_AD = g_TD.index_select(0, slot_A // K if K > 1 else slot_A)
+    g_AD = _token_rows(g_TD, slot_A, w_TK.shape[1])
     gw = None
-    if need_gw:
+    if need_gw:  # before the rows are scaled in place
         gw_S = torch.zeros(w_TK.numel(), dtype=w_TK.dtype, device=w_TK.device)
         gw_S[slot_A] = (_acc(g_AD) * _acc(y_AD)).sum(-1).to(w_TK.dtype)
         gw = gw_S.view(w_TK.shape)
-    if not need_gy:
-        return None, gw
-    scale_A = w_TK.reshape(-1)[slot_A]
-    if scale_A.dtype == g_AD.dtype:  # scaled in place: no second temporary
-        return g_AD.mul_(scale_A[:, None]), gw
-    return (_acc(g_AD) * _acc(scale_A[:, None])).to(g_TD.dtype), gw
+    return (_scaled(g_AD, w_TK, slot_A, g_TD.dtype) if need_gy else None), gw
 
 
 def slot_dot(g_TD, y_AD, dest_TK, dtype):
