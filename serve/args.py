@@ -29,6 +29,9 @@ class ServeArgs(BaseModel):
     max_batch_size: int = Field(8, ge=1, description="routing traces per batched forward")
     max_num_seqs: int = Field(16, ge=1, description="sequences generating at once per model and replica; more wait")
     batch_wait_timeout_s: float = Field(0.005, ge=0)
+    stream_interval: int = Field(1, ge=1, le=64, description="tokens a streamed event carries after the first "
+                                 "(vLLM's stream_interval): fewer messages and SSE chunks per sequence; the "
+                                 "first token and the last are sent at once")
     replicas: int = Field(1, ge=1)
     autoscale: tuple[int, int] | None = None
     num_cpus: float = Field(1.0, ge=0, description="CPUs per model replica")

@@ -36,7 +36,8 @@ def build_app(args: ServeArgs | dict) -> serve.Application:
         model_opts["num_replicas"] = a.replicas
     model_args = {"store": store.spec, "max_models_per_replica": a.max_models_per_replica,
                   "max_batch_size": a.max_batch_size, "batch_wait_timeout_s": a.batch_wait_timeout_s,
-                  "torch_threads": a.torch_threads, "max_num_seqs": a.max_num_seqs}
+                  "torch_threads": a.torch_threads, "max_num_seqs": a.max_num_seqs,
+                  "stream_interval": a.stream_interval}
     ingress_opts: dict[str, Any] = {"name": "HydraIngress", "ray_actor_options": {"num_cpus": 0},
                                     "max_ongoing_requests": 256, "user_config": {"default_model": default}}
     if a.colocate:  # one deployment: the ingress's replicas hold the engines, and scale as the model's would

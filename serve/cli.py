@@ -44,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-prompt-tokens", type=int, default=1024)
     p.add_argument("--max-num-seqs", type=int, default=16,
                    help="sequences generating at once per model and replica (continuous batching); more wait in order")
+    p.add_argument("--stream-interval", type=int, default=1, metavar="N",
+                   help="after a stream's first token, send N tokens a message: fewer messages and SSE chunks "
+                        "under load, text in steps of N tokens (default 1: every token as it comes)")
     p.add_argument("--smoke", action="store_true", help="query it once over HTTP, print, shut down")
 
 
@@ -65,7 +68,7 @@ def serve_args(args: argparse.Namespace):
                       replicas=args.replicas, autoscale=autoscale,
                       api_key=args.api_key or os.environ.get("HYDRA_API_KEY"), num_cpus=args.num_cpus,
                       max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens,
-                      max_num_seqs=args.max_num_seqs, colocate=args.colocate)
+                      max_num_seqs=args.max_num_seqs, stream_interval=args.stream_interval, colocate=args.colocate)
         # before Ray starts: the checkpoint must exist, match its manifest and have its tokenizer
         store, default = a.locate()
         Engine.check(store.resolve(default).path)

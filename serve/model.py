@@ -40,7 +40,8 @@ class HydraModel:
     """Engines by model id (LRU via serve.multiplexed); batched traces and generation."""
 
     def __init__(self, store: dict, max_models_per_replica: int = 3, max_batch_size: int = 8,
-                 batch_wait_timeout_s: float = 0.005, torch_threads: int | None = None, max_num_seqs: int = 16):
+                 batch_wait_timeout_s: float = 0.005, torch_threads: int | None = None, max_num_seqs: int = 16,
+                 stream_interval: int = 1):
         import torch
 
         if torch_threads:
@@ -54,6 +55,7 @@ class HydraModel:
         self._trace_batch.set_max_batch_size(max_batch_size)
         self._trace_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self._schedulers = Schedulers(max_num_seqs)
+        self.stream_interval = stream_interval
 
     async def warm(self, model_id: str) -> dict:
         return (await self._engine(model_id)).info
@@ -77,21 +79,26 @@ class HydraModel:
         engine = await self._engine(model_id)
         sched = self._schedulers.get(engine, use_cache)
         handle, events = sched.submit(GenRequest(**req))  # in the same turn of the loop as the lookup
+        held: list = []  # events not sent yet: after the first, they go `stream_interval` tokens at a time
         try:
             while True:
-                evs = [await events.get()]
+                held.append(await events.get())
                 while not events.empty():  # a caller that lags gets what piled up in one message
-                    evs.append(events.get_nowait())
-                bad = next((e for e in evs if isinstance(e, Exception)), None)
+                    held.append(events.get_nowait())
+                bad = next((e for e in held if isinstance(e, Exception)), None)
                 if bad is not None:
                     raise bad
+                last = held[-1].finish_reason is not None
+                if entered is None and not last and sum(len(e.token_ids) for e in held) < self.stream_interval:
+                    continue
                 # every GenEvent field travels: a new one needs no change here. A shallow copy: an
                 # event is not touched once sent (asdict's deep copy cost 15-80 us an event)
-                ev = merge_events([dict(vars(e)) for e in evs])
+                ev = merge_events([dict(vars(e)) for e in held])
+                held = []
                 if entered is not None:
                     ev["replica_s"], entered = time.perf_counter() - entered, None
                 yield {**ev, "batch_size": sched.running}
-                if ev["finish_reason"]:
+                if last:
                     return
         finally:  # finished, failed, or the caller went away (cancelled): the row is freed
             sched.cancel(handle)

@@ -389,6 +389,36 @@ def test_events_that_piled_up_travel_as_one():
     assert merge_events([b]) is b
 
 
+def test_a_stream_sends_its_first_token_at_once_then_stream_interval_tokens_a_message(engine):
+    """HydraModel.generate (the model deployment's method, here without Ray): after the first token,
+    events go `stream_interval` tokens at a time (vLLM's stream_interval), and the last as soon as the
+    sequence ends; the tokens, text and finish reason are those of a stream of single tokens."""
+    from hydra_ray.serve.model import HydraModel
+
+    def model(interval: int) -> HydraModel:
+        m = object.__new__(HydraModel)  # no Serve around it: the multiplexer is one fixed engine
+
+        async def one_engine(model_id):
+            return engine
+
+        m._engine, m._schedulers, m.stream_interval = one_engine, Schedulers(4), interval
+        return m
+
+    req = asdict(_req(engine, "def add(a, b):", 10, seed=3))
+
+    async def stream(interval: int) -> list[dict]:
+        return [ev async for ev in model(interval).generate("m", dict(req))]
+
+    ones, fours = asyncio.run(stream(1)), asyncio.run(stream(4))
+    # (events that pile up while the caller is busy travel together at any interval: hence >=)
+    sizes = [len(ev["token_ids"]) for ev in fours]
+    assert sizes[0] < 4 and all(n >= 4 for n in sizes[1:-1]) and len(sizes) <= 4, sizes  # e.g. 1, 4, 4, 1
+    assert [t for ev in fours for t in ev["token_ids"]] == [t for ev in ones for t in ev["token_ids"]]
+    assert "".join(ev["text"] for ev in fours) == "".join(ev["text"] for ev in ones)
+    assert fours[-1]["finish_reason"] == ones[-1]["finish_reason"] == "length"
+    assert fours[0]["replica_s"] > 0 and "replica_s" not in fours[1]
+
+
 def test_an_error_after_a_sequence_finished_is_not_sent_to_it(engine):
     """A finished sequence's sink is dropped with its last event, so a later decode-loop fault
     (which ends every request the scheduler holds a sink for) does not reach it: the replica would

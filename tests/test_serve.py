@@ -1035,9 +1035,10 @@ def test_builder_takes_replicas_autoscaling_and_the_default_from_serve_args(stor
     def model_deployment(app):
         return app._bound_deployment.init_args[0]._bound_deployment
 
-    app = build_app(ServeArgs(run=str(store / "tiny"), autoscale=(1, 3), num_cpus=2, max_batch_size=4))
+    app = build_app(ServeArgs(run=str(store / "tiny"), autoscale=(1, 3), num_cpus=2, max_batch_size=4, stream_interval=4))
     assert app._bound_deployment.user_config == {"default_model": "tiny@180"}
     model = model_deployment(app)
+    assert model.init_kwargs["stream_interval"] == 4 and model.init_kwargs["max_batch_size"] == 4
     auto = model._deployment_config.autoscaling_config
     assert (auto.min_replicas, auto.max_replicas) == (1, 3) and model.ray_actor_options["num_cpus"] == 2
     model = model_deployment(build_app({"checkpoint": str(store / "tiny" / "checkpoints" / "step_00000160"),
