@@ -175,6 +175,30 @@ def tiny_data(tiny_prepared):
     return tiny_prepared
 
 
+def test_checkpoints_carry_the_cuda_generator_once_cuda_is_in_use(monkeypatch):
+    """MoE router jitter on a GPU draws from the CUDA generator: its state travels in
+    trainer_state.json beside the CPU's and is put back on resume. This machine has no CUDA, so
+    torch.cuda's calls are stand-ins that hand out and record a state."""
+    import json
+
+    import torch
+
+    from hydra_ray.train import state
+
+    assert "cuda_rng" not in state.rng_state()  # no CUDA: the CPU generator alone
+    saved, put = torch.arange(16, dtype=torch.uint8), []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: saved.clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", put.append)
+    trainer_state = json.loads(json.dumps(state.rng_state()))  # as trainer_state.json keeps it
+    assert trainer_state["cuda_rng"] == list(range(16))
+    cpu = torch.get_rng_state()
+    torch.rand(3)  # the run goes on, then resumes from the checkpoint
+    state.set_rng_state(trainer_state)
+    assert torch.equal(torch.get_rng_state(), cpu) and len(put) == 1 and torch.equal(put[0], saved)
+
+
 @pytest.mark.integration
 def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tmp_path, builtin_cache, tiny_data):
     from hydra_ray.train.loop import run_local

@@ -84,8 +84,26 @@ def restore(model: HydraLM, opt, loaded: ckpt.Loaded, env: Env) -> None:
     if opt is not None:
         opt.state.clear()
         ckpt.load_optimizer_tensors(opt, dict(model.named_parameters()), loaded.optimizer, slices)
-    if "rng" in loaded.trainer_state:
-        torch.set_rng_state(torch.tensor(loaded.trainer_state["rng"], dtype=torch.uint8))
+    set_rng_state(loaded.trainer_state)
+
+
+def rng_state() -> dict[str, list[int]]:
+    """The random generators a step draws from: the CPU's, and the current CUDA device's once CUDA
+    is in use (MoE router jitter on a GPU draws from it), so that a resumed run draws what an
+    uninterrupted one would."""
+    out = {"rng": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda_rng"] = torch.cuda.get_rng_state().tolist()
+    return out
+
+
+def set_rng_state(trainer_state: dict) -> None:
+    """Put back what `rng_state` saved. A CUDA state means nothing to a machine without CUDA (a
+    GPU run resumed on CPUs), which keeps its own."""
+    if "rng" in trainer_state:
+        torch.set_rng_state(torch.tensor(trainer_state["rng"], dtype=torch.uint8))
+    if "cuda_rng" in trainer_state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(trainer_state["cuda_rng"], dtype=torch.uint8))
 
 
 def save(model: HydraLM, opt, env: Env, cfg: HydraConfig, run_dir: str, step: int, phase: str, metrics: dict,
@@ -97,7 +115,7 @@ def save(model: HydraLM, opt, env: Env, cfg: HydraConfig, run_dir: str, step: in
     opt_state = _gather_optimizer(model, opt, env)
     trainer_state = {"step": step, "phase": phase, "data_position": step * cfg.train.batch_size,
                      "global_batch": cfg.train.batch_size, "world_size": env.world,
-                     "rng": torch.get_rng_state().tolist(), "metrics": metrics}
+                     **rng_state(), "metrics": metrics}
     parts = dict(model_state=state, opt_state=opt_state, trainer_state=trainer_state,
                  config_yaml=dump_config(ckpt.portable_config(cfg) if tokenizer_json is not None else cfg),
                  tokenizer_json=tokenizer_json)
