@@ -44,6 +44,28 @@ def test_train_benchmark_reports_every_figure():
         assert p["of_ceiling"] == pytest.approx(p["tokens_per_s_n"] / ceiling["tokens_per_s_n"])
 
 
+def test_serve_benchmark_takes_turns_one_sixteen_sixteen_one_and_pools_each_side():
+    """`bench serve`'s 1 client and 16 take turns (1, 16, 16, 1, half the time each), so that a
+    machine whose speed drifts moves both sides alike; each side's runs pool into one tally."""
+    from hydra_ray.benchmarks.serve import Tally, _completion_summary, one_against_many
+
+    calls = []
+
+    def run(clients: int, seconds: float) -> Tally:
+        calls.append((clients, seconds))
+        k = len(calls)  # each run's own figures, to see them pooled
+        return Tally([(0.01 * k, 10 * k)], k - 1, seconds, 0.001 * k, {"queue": (0.002 * k, 1.0)})
+
+    one, many = one_against_many(run, 8.0)
+    assert calls == [(1, 4.0), (16, 4.0), (16, 4.0), (1, 4.0)]
+    assert one.results == [(0.01, 10), (0.04, 40)] and many.results == [(0.02, 20), (0.03, 30)]
+    assert (one.errors, one.wall) == (3, 8.0) and one.parts["queue"] == pytest.approx((0.01, 2.0))
+    s = _completion_summary(1, one)
+    assert s["tokens_per_s"] == pytest.approx(50 / 8.0) and s["ttft_p50_ms"] == pytest.approx(25.0)
+    assert s["queue_mean_ms"] == pytest.approx(5.0) and s["load_cpu_ms_per_request"] == pytest.approx(1.0)
+    assert (s["completions"], s["errors"]) == (2, 3)
+
+
 def test_serve_benchmark_spreads_request_lengths_evenly():
     """`bench serve`'s second completions load: lengths 16-48, every one of them once in 33 calls
     of a client, from a different point for each client; 32 on average, as the fixed load."""
