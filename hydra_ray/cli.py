@@ -188,9 +188,8 @@ def _data_pack(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config)
     out = st.check_storage(args.out, "--out") if args.out else None
-    _ray_init()
-    try:
-        prepared = prepare_data(cfg, out=out)
+    try:  # Ray starts only if there is packing to do: a pack that exists is verified and reused at once
+        prepared = prepare_data(cfg, out=out, before_pack=_ray_init)
     except CorpusError as e:
         raise ConfigError(str(e)) from None
     print(f"packed {prepared.extra['corpus']} with tokenizer {prepared.tokenizer} -> {prepared.root}")

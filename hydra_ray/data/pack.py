@@ -215,11 +215,11 @@ def run_pack(out: str, files: dict[str, list[CorpusFile]], domains: list[str], s
 
 
 def ensure_packed(cfg, seq_lens: list[int], corpus: str, cache_root: str, log=print,
-                  out: str | None = None) -> tuple[str, dict]:
+                  out: str | None = None, before_pack=None) -> tuple[str, dict]:
     """The packed data of `cfg` as (root, manifest): `data.packed` when set, else the cache entry of
     this corpus, tokenizer and seq_lens (or the folder `out`), packed now unless it holds this very
-    pack already. Shards are verified (sizes and sha256) before they are used. Raises CorpusError
-    (also for bad shards)."""
+    pack already (`before_pack()`, if given, runs first). Shards are verified (sizes and sha256)
+    before they are used. Raises CorpusError (also for bad shards)."""
     domains = cfg.model.domains
     if cfg.data.packed and out is None:
         root = cfg.data.packed
@@ -247,6 +247,8 @@ def ensure_packed(cfg, seq_lens: list[int], corpus: str, cache_root: str, log=pr
         _verify(root, manifest)
         log(f"[data] reusing packed data {root} (fingerprint {header['key'][:12]})")
         return root, manifest
+    if before_pack is not None:
+        before_pack()
     log(f"[data] packing {corpus} into {root} (fingerprint {header['key'][:12]})")
     if out is not None:  # a folder of the user's: its old pack (another corpus or tokenizer) goes first
         if manifest is not None:

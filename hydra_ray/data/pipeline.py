@@ -105,11 +105,12 @@ def pack_cache(storage: str) -> str | None:
 
 
 def prepare_data(cfg: HydraConfig, seq_lens: list[int] | None = None, log=print, cache: str | None = None,
-                 out: str | None = None) -> PreparedData:
+                 out: str | None = None, before_pack=None) -> PreparedData:
     """The configured corpus packed into token shards (pack.py: packed now, or reused when the
     pack of this corpus, tokenizer and seq_lens exists), described for the training order.
     `cache` is where packs are kept (default: `packed/` in the cache folder); `out` packs into that
-    folder instead. Packs on Ray when it is running, else in this process."""
+    folder instead. Packs on Ray when it is running, else in this process; `before_pack()` runs
+    only when there is packing to do (`data pack` starts Ray there, not for a pack it reuses)."""
     from hydra_ray.data.pack import ensure_packed
 
     try:
@@ -122,7 +123,7 @@ def prepare_data(cfg: HydraConfig, seq_lens: list[int] | None = None, log=print,
     seq_lens = sorted(set(seq_lens or [p.seq_len or cfg.model.seq_len for p in cfg.curriculum.phases]))
     corpus = cfg.data.corpus or (None if cfg.data.packed and out is None else builtin_corpus(cfg, log))
     cache = cache or str(Path(os.environ.get("HYDRA_CACHE_DIR") or cfg.data.cache_dir).expanduser() / "packed")
-    root, manifest = ensure_packed(cfg, seq_lens, corpus, cache, log, out=out)
+    root, manifest = ensure_packed(cfg, seq_lens, corpus, cache, log, out=out, before_pack=before_pack)
     domains = cfg.model.domains
     counts = {L: {d: {s: manifest["shards"][d][f"{s}-L{L}"]["rows"] for s in ("train", "eval")} for d in domains}
               for L in seq_lens}

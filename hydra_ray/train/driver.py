@@ -128,8 +128,12 @@ def train(cfg: HydraConfig, config_path: str, workers: str = "2", gpu: bool = Fa
         cfg.data.tokenizer = st.join(run_dir, ckpt.TOKENIZER)
     st.write_text(st.join(run_dir, "config.yaml"), dump_config(ckpt.portable_config(cfg)))
 
-    ray_init(log, min_cpus=spec.max_workers * cpus_per_worker + 2)
-    prepared = prepare_data(cfg, log=log, cache=pack_cache(storage))
+    def start_ray() -> None:
+        ray_init(log, min_cpus=spec.max_workers * cpus_per_worker + 2)
+
+    # a pack that exists is verified before Ray starts: a bad shard is an error in seconds
+    prepared = prepare_data(cfg, log=log, cache=pack_cache(storage), before_pack=start_ray)
+    start_ray()
     st.write_text(st.join(run_dir, "data_report.txt"), prepared.report() + "\n")
     log(f"[data] {prepared.extra['corpus']} tokenizer {prepared.tokenizer}\n{prepared.report()}")
     start = latest.step if latest else 0
