@@ -274,6 +274,9 @@ def path_ratios(url: str, seconds: float, headers: dict, log, label: str, routin
         one, many = one_against_many(lambda n, s: _routing_tally(url, n, s, headers), seconds)
         one, many = _routing_summary(1, one), _routing_summary(16, many)
         res.update(routing_1_client=one, routing_16_clients=many, routing_16_vs_1=many["req_per_s"] / one["req_per_s"])
+        log(f"[routing, {label}] /v1/routing: 1 client {one['req_per_s']:.1f} req/s (p50 {one['p50_ms']:.0f} ms), "
+            f"16 clients {many['req_per_s']:.1f} req/s (p50 {many['p50_ms']:.0f} ms) = {res['routing_16_vs_1']:.2f}x; "
+            f"errors {one['errors'] + many['errors']}")
     completion_load(url, 4, 2.0, headers)  # warm-up: the decode thread running
     for key, lengths, what in (("", 32, "32 tokens each"), ("_spread", SPREAD, f"{SPREAD[0]}-{SPREAD[1]} tokens each")):
         gen1, gen16 = one_against_many(lambda n, s: _completion_tally(url, n, s, headers, lengths, with_parts=True), seconds)
@@ -287,10 +290,6 @@ def path_ratios(url: str, seconds: float, headers: dict, log, label: str, routin
             f"{res[f'ttft_16_vs_1{key}']:.2f}x time to first token; errors {gen1['errors'] + gen16['errors']}; "
             f"the load generator's CPU {gen16['load_cpu_ms_per_request']:.2f} ms a request")
         log(f"[first token, {label}] {what}: 1 client: {_parts(gen1)}; 16 clients: {_parts(gen16)}")
-    if routing:
-        log(f"[routing, {label}] /v1/routing: 1 client {one['req_per_s']:.1f} req/s (p50 {one['p50_ms']:.0f} ms), "
-            f"16 clients {many['req_per_s']:.1f} req/s (p50 {many['p50_ms']:.0f} ms) = {res['routing_16_vs_1']:.2f}x; "
-            f"errors {one['errors'] + many['errors']}")
     return res
 
 

@@ -80,21 +80,24 @@ class HydraModel:
         sched = self._schedulers.get(engine, use_cache)
         handle, events = sched.submit(GenRequest(**req))  # in the same turn of the loop as the lookup
         held: list = []  # events not sent yet: after the first, they go `stream_interval` tokens at a time
+        tokens = 0  # in `held`
         try:
             while True:
-                held.append(await events.get())
+                got = [await events.get()]
                 while not events.empty():  # a caller that lags gets what piled up in one message
-                    held.append(events.get_nowait())
-                bad = next((e for e in held if isinstance(e, Exception)), None)
+                    got.append(events.get_nowait())
+                bad = next((e for e in got if isinstance(e, Exception)), None)
                 if bad is not None:
                     raise bad
+                held += got
+                tokens += sum(len(e.token_ids) for e in got)
                 last = held[-1].finish_reason is not None
-                if entered is None and not last and sum(len(e.token_ids) for e in held) < self.stream_interval:
+                if entered is None and not last and tokens < self.stream_interval:
                     continue
                 # every GenEvent field travels: a new one needs no change here. A shallow copy: an
                 # event is not touched once sent (asdict's deep copy cost 15-80 us an event)
                 ev = merge_events([dict(vars(e)) for e in held])
-                held = []
+                held, tokens = [], 0
                 if entered is not None:
                     ev["replica_s"], entered = time.perf_counter() - entered, None
                 yield {**ev, "batch_size": sched.running}
