@@ -16,8 +16,9 @@
      ingress, in the model replica the wait before the prefill (for the forward then running) and
      the prefill forward itself, and the trip between the ingress and the replica (Serve's
      routing, gRPC both ways).
-3. Completions again at the direct address, with the app streaming 4 tokens a message after the
-   first (`stream_interval`; the default, 1, sends every token as it comes).
+3. Completions again at the direct address, with the app streaming every token in a message of its
+   own (`stream_interval` 1, vLLM's default; the app's default, auto, sends more tokens a message as
+   the batch grows: 4 with 16 sequences running).
 4. The same app with the model in the ingress's own replica (`colocate`), at its direct address:
    one process per request, no hop.
 """
@@ -256,7 +257,7 @@ def _parts(r: dict) -> str:
 
 
 SPREAD = (16, 48)  # requests of 16-48 tokens, 32 on average: clients that do not finish together
-STREAM_INTERVAL = 4  # the second app's: tokens a streamed message carries after the first
+STREAM_INTERVAL = 1  # the second app's: tokens a streamed message carries after the first
 
 
 def path_ratios(url: str, seconds: float, headers: dict, log, label: str, routing: bool = True) -> dict:

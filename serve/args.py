@@ -7,6 +7,8 @@ decorators. No torch, no Ray: the command line validates with it before Ray star
 
 from __future__ import annotations
 
+from typing import Annotated, Literal
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from hydra_ray.serve.store import CheckpointStore
@@ -29,9 +31,11 @@ class ServeArgs(BaseModel):
     max_batch_size: int = Field(8, ge=1, description="routing traces per batched forward")
     max_num_seqs: int = Field(16, ge=1, description="sequences generating at once per model and replica; more wait")
     batch_wait_timeout_s: float = Field(0.005, ge=0)
-    stream_interval: int = Field(1, ge=1, le=64, description="tokens a streamed event carries after the first "
-                                 "(vLLM's stream_interval): fewer messages and SSE chunks per sequence; the "
-                                 "first token and the last are sent at once")
+    stream_interval: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = Field(
+        "auto", description="tokens a streamed event carries after the first (vLLM's stream_interval): fewer "
+        "messages and SSE chunks per sequence; the first token and the last are sent at once. auto: every "
+        "token while the replica runs up to 4 sequences of the model, one more a message for each 4 more "
+        "(16 running: 4 tokens a message), at most 8")
     replicas: int = Field(1, ge=1)
     autoscale: tuple[int, int] | None = None
     num_cpus: float = Field(1.0, ge=0, description="CPUs per model replica")

@@ -44,10 +44,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-prompt-tokens", type=int, default=1024)
     p.add_argument("--max-num-seqs", type=int, default=16,
                    help="sequences generating at once per model and replica (continuous batching); more wait in order")
-    p.add_argument("--stream-interval", type=int, default=1, metavar="N",
+    p.add_argument("--stream-interval", type=_interval, default="auto", metavar="N|auto",
                    help="after a stream's first token, send N tokens a message: fewer messages and SSE chunks "
-                        "under load, text in steps of N tokens (default 1: every token as it comes)")
+                        "under load, text in steps of N tokens. auto (default): every token while a replica "
+                        "runs up to 4 sequences, then one more a message for each 4 more, at most 8; "
+                        "1: every token as it comes, always")
     p.add_argument("--smoke", action="store_true", help="query it once over HTTP, print, shut down")
+
+
+def _interval(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a whole number nor auto") from None
 
 
 def serve_args(args: argparse.Namespace):

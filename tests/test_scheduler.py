@@ -419,6 +419,42 @@ def test_a_stream_sends_its_first_token_at_once_then_stream_interval_tokens_a_me
     assert fours[0]["replica_s"] > 0 and "replica_s" not in fours[1]
 
 
+def test_auto_stream_interval_sends_every_token_of_a_small_batch_and_more_a_message_as_it_grows(engine):
+    """stream_interval auto (the default): every token while up to 4 sequences run, one more a
+    message for each 4 more, at most 8. Eight streams decoded together go 2 tokens a message, and
+    carry the tokens and text each gets at interval 1."""
+    from hydra_ray.serve.model import HydraModel, auto_interval
+
+    assert [auto_interval(n) for n in (0, 1, 4, 5, 8, 9, 16, 17, 32, 64)] == [1, 1, 1, 2, 2, 3, 4, 5, 8, 8]
+
+    def model(interval) -> HydraModel:
+        m = object.__new__(HydraModel)
+
+        async def one_engine(model_id):
+            return engine
+
+        m._engine, m._schedulers, m.stream_interval = one_engine, Schedulers(8), interval
+        return m
+
+    assert model("auto")._interval(3) == 1 and model("auto")._interval(16) == 4 and model(2)._interval(16) == 2
+    reqs = [asdict(_req(engine, f"x = {i}", 10, seed=i)) for i in range(8)]
+
+    async def streams(interval) -> list[list[dict]]:
+        m = model(interval)
+
+        async def one(req):
+            return [ev async for ev in m.generate("m", dict(req))]
+
+        return await asyncio.gather(*(one(r) for r in reqs))
+
+    auto, ones = asyncio.run(streams("auto")), asyncio.run(streams(1))
+    for a, o in zip(auto, ones):
+        sizes = [len(ev["token_ids"]) for ev in a]
+        assert all(n >= 2 for n in sizes[1:-1]) and len(sizes) <= 6, sizes  # e.g. 1, 2, 2, 2, 2, 1
+        assert [t for ev in a for t in ev["token_ids"]] == [t for ev in o for t in ev["token_ids"]]
+        assert "".join(ev["text"] for ev in a) == "".join(ev["text"] for ev in o)
+
+
 def test_an_error_after_a_sequence_finished_is_not_sent_to_it(engine):
     """A finished sequence's sink is dropped with its last event, so a later decode-loop fault
     (which ends every request the scheduler holds a sink for) does not reach it: the replica would

@@ -1026,6 +1026,26 @@ def test_serve_cli_names_the_uri_of_a_missing_run_or_bucket_or_refused_credentia
     assert err.startswith(f"error: {s3}/serve-store/tiny") and "access denied" in err and err.count("\n") == 1, err
 
 
+def test_stream_interval_is_a_number_from_1_to_64_or_auto_on_the_command_line_and_in_serve_args():
+    import argparse
+
+    from pydantic import ValidationError
+
+    from hydra_ray.serve.args import ServeArgs
+    from hydra_ray.serve.cli import add_arguments
+
+    p = argparse.ArgumentParser(exit_on_error=False)
+    add_arguments(p)
+    assert p.parse_args(["--run", "r"]).stream_interval == "auto"
+    assert p.parse_args(["--run", "r", "--stream-interval", "4"]).stream_interval == 4
+    with pytest.raises(argparse.ArgumentError, match="neither a whole number nor auto"):
+        p.parse_args(["--run", "r", "--stream-interval", "fast"])
+    assert ServeArgs(run="r").stream_interval == "auto" and ServeArgs(run="r", stream_interval=64).stream_interval == 64
+    for bad in (0, 65, "fast"):
+        with pytest.raises(ValidationError, match="stream_interval"):
+            ServeArgs(run="r", stream_interval=bad)
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 def test_builder_takes_replicas_autoscaling_and_the_default_from_serve_args(store):
@@ -1043,7 +1063,7 @@ def test_builder_takes_replicas_autoscaling_and_the_default_from_serve_args(stor
     assert (auto.min_replicas, auto.max_replicas) == (1, 3) and model.ray_actor_options["num_cpus"] == 2
     model = model_deployment(build_app({"checkpoint": str(store / "tiny" / "checkpoints" / "step_00000160"),
                                         "replicas": 2}))
-    assert model.num_replicas == 2
+    assert model.num_replicas == 2 and model.init_kwargs["stream_interval"] == "auto"  # the default
     # colocated: one deployment, the ingress, with the model's replicas, CPUs and arguments
     one = build_app(ServeArgs(run=str(store / "tiny"), colocate=True, replicas=2, num_cpus=2, max_num_seqs=4))._bound_deployment
     assert one.name == "HydraIngress" and one.num_replicas == 2 and one.ray_actor_options["num_cpus"] == 2
