@@ -218,12 +218,9 @@ class Engine:
 
     def _routing_json(self, trace, row: int, ids: list[int], dom: int | None,
                       by_layer: dict[str, list[int]], hits: tuple[int, int] | None) -> dict:
-        per_token = trace.tokens(row)[:len(ids)] if ids else []
+        per_token = trace.tokens(row, len(ids)) if ids else []
         # a checkpoint with every feature off records nothing: its tokens still get (empty) records
         per_token += [{"moe": {}, "mod": {}, "mor": {}} for _ in range(len(ids) - len(per_token))]
-        for rec in per_token:  # float noise of batched matmuls stays below the 6th decimal
-            for d in rec["mod"].values():
-                d["score"] = round(d["score"], 6)
         tokens = [{"index": i, "id": t, "text": self.piece(t), **rec} for i, (t, rec) in enumerate(zip(ids, per_token))]
         by_layer = {k: c for k, c in by_layer.items() if any(c)}  # the layers this text ran
         counts_E = torch.tensor(list(by_layer.values())).sum(0) if by_layer else torch.zeros(self.num_experts)

@@ -124,27 +124,32 @@ class RoutingTrace:
             tot += int(ran.sum())
         return hit, tot
 
-    def tokens(self, row: int = 0) -> list[dict]:
-        """Per-token records for one row: {'moe': {layer: {experts, gates}}, 'mod': {...}, 'mor': {...}}."""
+    def tokens(self, row: int = 0, n: int | None = None) -> list[dict]:
+        """Per-token records for one row (its first `n` positions; all when None):
+        {'moe': {layer: {experts, gates}}, 'mod': {...}, 'mor': {...}}. Gates and MoD scores to 6
+        decimals: the float noise of differently batched matmuls stays below that."""
         T = next(iter([*self.mor.values(), *(s for s, _ in self.mod.values()),
                        *(e[..., 0] for e, _ in self.moe.values())]), torch.empty(1, 0)).shape[1]
-        # the row's values as Python lists once: indexing tensors element by element costs
-        # microseconds a value, which made this loop most of a served routing trace
-        moe = [(f"b{b}r{r}", e[row].tolist(), g[row].tolist()) for (b, r), (e, g) in sorted(self.moe.items())]
-        mod = [(f"b{b}", s[row].tolist(), c[row].tolist()) for b, (s, c) in sorted(self.mod.items())]
-        mor = [(f"b{b}", d[row].tolist()) for b, d in sorted(self.mor.items())]
-        out = []
-        for t in range(T):
-            rec: dict = {"moe": {}, "mod": {}, "mor": {}}
-            for name, ex_TK, gate_TK in moe:
-                ex = ex_TK[t]
-                if max(ex) >= 0:
-                    keep = [i for i, e in enumerate(ex) if e >= 0]
-                    rec["moe"][name] = {"experts": [ex[i] for i in keep],
-                                        "gates": [round(float(gate_TK[t][i]), 6) for i in keep]}
-            for name, sel_T, score_T in mod:
-                rec["mod"][name] = {"selected": bool(sel_T[t]), "score": float(score_T[t])}
-            for name, depth_T in mor:
-                rec["mor"][name] = int(depth_T[t])
-            out.append(rec)
-        return out
+        T = T if n is None else min(n, T)
+        # the row's values as Python lists once, rounded in one tensor op: indexing tensors
+        # element by element costs microseconds a value, which made this loop most of a served trace
+        moe = [(f"b{b}r{r}", e[row, :T].tolist(), torch.round(g[row, :T].double(), decimals=6).tolist())
+               for (b, r), (e, g) in sorted(self.moe.items())]
+        mod = [(f"b{b}", s[row, :T].tolist(), torch.round(c[row, :T].double(), decimals=6).tolist())
+               for b, (s, c) in sorted(self.mod.items())]
+        mor = [(f"b{b}", d[row, :T].tolist()) for b, d in sorted(self.mor.items())]
+        # column by column (one comprehension per layer), then one record per token
+        moe_cols = [(name, [{"experts": ex, "gates": g} if min(ex) >= 0 else _kept(ex, g) if max(ex) >= 0 else None
+                            for ex, g in zip(ex_TK, gate_TK)]) for name, ex_TK, gate_TK in moe]
+        mod_cols = [(name, [{"selected": bool(x), "score": y} for x, y in zip(sel_T, score_T)])
+                    for name, sel_T, score_T in mod]
+        mor_cols = [(name, [int(d) for d in depth_T]) for name, depth_T in mor]
+        return [{"moe": {name: col[t] for name, col in moe_cols if col[t] is not None},
+                 "mod": {name: col[t] for name, col in mod_cols},
+                 "mor": {name: col[t] for name, col in mor_cols}} for t in range(T)]
+
+
+def _kept(ex: list[int], gates: list[float]) -> dict:
+    """A token's slots that ran (expert >= 0), of a layer where some did not."""
+    keep = [i for i, e in enumerate(ex) if e >= 0]
+    return {"experts": [ex[i] for i in keep], "gates": [gates[i] for i in keep]}
