@@ -44,7 +44,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hydra_ray.runlog import json_safe
 from hydra_ray.utilisation import imbalance
-from hydra_ray.serve import generation
+from hydra_ray.serve import generation, heap
 from hydra_ray.serve.bodies import UNSUPPORTED, RoutingBody
 from hydra_ray.serve.decode import add_counts
 from hydra_ray.serve.engine import check_context, check_domain, context_of
@@ -122,6 +122,7 @@ def make_ingress(settings: dict) -> type:
             self.counts: dict[str, dict[str, list[int]]] = {}  # model -> layer -> tokens per expert
             self.served: dict[str, int] = {}
             self._configs: dict[str, Any] = {}
+            heap.freeze()  # the replica is up: its long-lived objects out of the collector's way
 
         async def sequences(self, model_id: str) -> dict:
             """A model's sequences (generating, waiting, cancelled before the end) on the model

@@ -34,6 +34,7 @@ from typing import Any
 
 from ray import serve
 
+from hydra_ray.serve import heap
 from hydra_ray.serve.decode import merge_events
 from hydra_ray.serve.engine import Engine, GenRequest
 from hydra_ray.serve.scheduler import Schedulers
@@ -61,14 +62,23 @@ class HydraModel:
             torch.set_num_threads(torch_threads)
         self.store = CheckpointStore(**store)
 
-        async def load(model_id: str) -> Engine:
-            return await asyncio.to_thread(Engine.from_store, self.store, model_id)
+        async def load(model_id: str) -> Engine:  # a function: the multiplexer keeps its state on it
+            return await self._load(model_id)
 
         self._engine = serve.multiplexed(max_num_models_per_replica=max_models_per_replica)(load)
         self._trace_batch.set_max_batch_size(max_batch_size)
         self._trace_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self._schedulers = Schedulers(max_num_seqs)
         self.stream_interval = stream_interval
+        heap.freeze()
+
+    async def _load(self, model_id: str) -> Engine:
+        # the multiplexer has already dropped the engine this one replaces, whose modules hold it in a
+        # cycle (its forward hooks): the collector may free frozen objects again before the load
+        heap.thaw()
+        engine = await asyncio.to_thread(Engine.from_store, self.store, model_id)
+        heap.freeze()  # the new engine's objects too (serve/heap.py)
+        return engine
 
     async def warm(self, model_id: str) -> dict:
         return (await self._engine(model_id)).info

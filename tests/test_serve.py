@@ -9,6 +9,7 @@ training on the session's Ray), the Serve app or the S3 server: all of them are 
 shared by the engine, app and CLI tests, which would otherwise each start their own.
 """
 
+import asyncio
 import json
 import os
 import shutil
@@ -1024,6 +1025,27 @@ def test_serve_cli_names_the_uri_of_a_missing_run_or_bucket_or_refused_credentia
     assert main(["serve", "--run", f"{s3}/serve-store/tiny"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {s3}/serve-store/tiny") and "access denied" in err and err.count("\n") == 1, err
+
+
+@pytest.mark.slow
+def test_an_engine_let_go_is_freed_though_the_replica_froze_its_heap(store):
+    """A model replica freezes its heap (serve/heap.py) after it starts and after each load. An engine
+    is held in a reference cycle by its own modules' forward hooks, so once frozen, only the thaw
+    before the next load lets the collector free it when the multiplexer has dropped it."""
+    import gc
+    import weakref
+
+    from hydra_ray.serve.model import HydraModel
+
+    m = object.__new__(HydraModel)  # no Serve around it: _load is what the multiplexer calls
+    m.store = CheckpointStore(str(store))
+    try:
+        first = weakref.ref(asyncio.run(m._load("tiny@160")))  # the multiplexer evicts it: no reference left
+        assert first() is not None  # kept alive by its cycle, frozen
+        assert asyncio.run(m._load("tiny@180")).model_id == "tiny@180"
+        assert first() is None
+    finally:
+        gc.unfreeze()
 
 
 def test_stream_interval_is_a_number_from_1_to_64_or_auto_on_the_command_line_and_in_serve_args():
