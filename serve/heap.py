@@ -10,7 +10,8 @@ collections skip (vLLM freezes its heap the same way once its engine is up). Cal
 replica has started and again after each engine it loads. What those objects later drop is still
 freed by reference counting; a cycle among them (an engine's modules hold the engine through
 their forward hooks) is not, so the heap thaws before each load, when the multiplexer has just
-let an engine go, and the collection before the freeze frees it. (A Ray Train worker's steps
+let an engine go, and the collection before the freeze frees it; and again when a scheduler that
+went idle is dropped, since the engine it held may be one the multiplexer let go meanwhile. (A Ray Train worker's steps
 allocate little that survives, a few young collections a minute: training does not need this.)
 """
 
@@ -24,3 +25,9 @@ def freeze() -> None:
 
 def thaw() -> None:
     gc.unfreeze()
+
+
+def refreeze() -> None:
+    """Collect what the frozen heap kept from the collector, then freeze again."""
+    thaw()
+    freeze()

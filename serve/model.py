@@ -12,7 +12,7 @@ Design choices
   After the first token, a stream's events go `stream_interval` tokens a message; `auto` sends
   every token while few sequences run and more per message as the batch grows (`auto_interval`):
   each message costs the ingress about 0.45 ms of CPU (a gRPC message, a wake-up, an SSE write),
-  so 16 sequences streaming token by token kept most of a core busy with messaging alone.
+  so 16 sequences streaming token by token cost it about a third of a core in messages alone.
   Generation always streams (one code path); the ingress collects it when asked to.
 - `serve.batch` groups concurrent routing traces; inside a batch they are grouped by engine, and
   an error reaches only its own group's callers. The batch's forward runs on the replica's event

@@ -348,6 +348,35 @@ def test_an_idle_scheduler_is_dropped_unless_a_request_restarted_it_first(engine
     asyncio.run(main())
 
 
+def test_an_engine_whose_idle_scheduler_is_dropped_is_freed_though_the_heap_was_frozen():
+    """A replica freezes its heap after it loads an engine (serve/heap.py); an engine the
+    multiplexer let go while its scheduler still held it is in a cycle (its modules' hooks), so
+    dropping the idle scheduler thaws the heap for the collector to free it."""
+    import gc
+    import weakref
+
+    async def main():
+        e = random_engine_for_tests()
+        gone = weakref.ref(e)
+        gc.collect()
+        gc.freeze()  # as the replica does once the engine is loaded
+        reg = Schedulers(max_num_seqs=2, idle_s=0.2)
+        await _finish(reg.get(e, True), _req(e, "hi", 3, 1))
+        del e  # the multiplexer evicted it: only the scheduler holds it now
+        for _ in range(100):  # idle: dropped
+            if not reg._by_key:
+                break
+            await asyncio.sleep(0.05)
+        assert not reg._by_key
+        return gone
+
+    try:
+        gone = asyncio.run(main())
+        assert gone() is None
+    finally:
+        gc.unfreeze()
+
+
 def test_a_colocated_streaming_call_starts_when_it_is_made():
     """In one process the model's generator is called the way a deployment handle is: `.remote()`
     starts it, so the n calls of one request are queued together before the first is awaited."""
