@@ -95,10 +95,18 @@ class Engine:
         self.num_experts = cfg.model.moe.num_experts
         self.max_context = max_context or context_of(cfg)
         self.pad_id = self.tokenizer.pad_id
-        # what to run before each block application of a forward on this thread (between_blocks)
-        self._between = threading.local()
+        # what to run before each block application of a forward on this thread (between_blocks).
+        # The hook holds the thread-local, not the engine: an engine is then in no reference cycle,
+        # and one the multiplexer lets go is freed at once, frozen heap or not (serve/heap.py)
+        self._between = between = threading.local()
+
+        def before_block(module, args) -> None:
+            fn = getattr(between, "fn", None)
+            if fn is not None:
+                fn()
+
         for unit in self.model.units:
-            unit.block.register_forward_pre_hook(self._between_blocks)
+            unit.block.register_forward_pre_hook(before_block)
 
     @property
     def block_applications(self) -> int:
@@ -114,11 +122,6 @@ class Engine:
             yield
         finally:
             self._between.fn = before
-
-    def _between_blocks(self, module, args) -> None:
-        fn = getattr(self._between, "fn", None)
-        if fn is not None:
-            fn()
 
     # ----------------------------------------------------------------- loading
     @classmethod

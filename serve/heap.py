@@ -8,11 +8,10 @@ collection every few seconds under load: measured in `bench serve`'s replicas, 1
 they take 0.6-5 ms. `freeze()` moves what is alive into the permanent generation, which
 collections skip (vLLM freezes its heap the same way once its engine is up). Called once a
 replica has started and again after each engine it loads. What those objects later drop is still
-freed by reference counting; a cycle among them (an engine's modules hold the engine through
-their forward hooks) is not, so the heap thaws before each load, when the multiplexer has just
-let an engine go, and the collection before the freeze frees it; and again when a scheduler that
-went idle is dropped, since the engine it held may be one the multiplexer let go meanwhile. (A Ray Train worker's steps
-allocate little that survives, a few young collections a minute: training does not need this.)
+freed by reference counting; only cycles among them would wait for good, so an engine holds none
+(its forward hooks hold a thread-local, not the engine): one the multiplexer lets go is freed at
+once. (A Ray Train worker's steps allocate little that survives, a few young collections a
+minute: training does not need this.)
 """
 
 import gc
@@ -22,12 +21,3 @@ def freeze() -> None:
     gc.collect()
     gc.freeze()
 
-
-def thaw() -> None:
-    gc.unfreeze()
-
-
-def refreeze() -> None:
-    """Collect what the frozen heap kept from the collector, then freeze again."""
-    thaw()
-    freeze()

@@ -73,9 +73,6 @@ class HydraModel:
         heap.freeze()
 
     async def _load(self, model_id: str) -> Engine:
-        # the multiplexer has already dropped the engine this one replaces, whose modules hold it in a
-        # cycle (its forward hooks): the collector may free frozen objects again before the load
-        heap.thaw()
         engine = await asyncio.to_thread(Engine.from_store, self.store, model_id)
         heap.freeze()  # the new engine's objects too (serve/heap.py)
         return engine

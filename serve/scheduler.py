@@ -38,7 +38,6 @@ import threading
 import time
 from typing import Callable
 
-from hydra_ray.serve import heap
 from hydra_ray.serve.decode import Decoder, GenRequest
 
 log = logging.getLogger(__name__)
@@ -219,7 +218,3 @@ class Schedulers:
     def _drop(self, key: tuple[int, bool], s: Scheduler) -> None:
         if self._by_key.get(key) is s and s.thread is None:
             del self._by_key[key]
-            # its engine may be one the multiplexer let go: held in a cycle by its own modules, and
-            # frozen with the rest of the replica's heap, only a collection after a thaw frees it
-            # (in a callback of its own: this call's arguments hold the scheduler until it returns)
-            asyncio.get_running_loop().call_soon(heap.refreeze)

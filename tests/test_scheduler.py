@@ -349,9 +349,9 @@ def test_an_idle_scheduler_is_dropped_unless_a_request_restarted_it_first(engine
 
 
 def test_an_engine_whose_idle_scheduler_is_dropped_is_freed_though_the_heap_was_frozen():
-    """A replica freezes its heap after it loads an engine (serve/heap.py); an engine the
-    multiplexer let go while its scheduler still held it is in a cycle (its modules' hooks), so
-    dropping the idle scheduler thaws the heap for the collector to free it."""
+    """A replica freezes its heap after it loads an engine (serve/heap.py), and the collector never
+    frees frozen cycles: an engine the multiplexer let go while its scheduler still held it (and
+    decoded on it) must be freed when the idle scheduler is dropped."""
     import gc
     import weakref
 

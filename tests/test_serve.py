@@ -1029,9 +1029,9 @@ def test_serve_cli_names_the_uri_of_a_missing_run_or_bucket_or_refused_credentia
 
 @pytest.mark.slow
 def test_an_engine_let_go_is_freed_though_the_replica_froze_its_heap(store):
-    """A model replica freezes its heap (serve/heap.py) after it starts and after each load. An engine
-    is held in a reference cycle by its own modules' forward hooks, so once frozen, only the thaw
-    before the next load lets the collector free it when the multiplexer has dropped it."""
+    """A model replica freezes its heap (serve/heap.py) after it starts and after each load, and
+    the collector never frees frozen cycles: an engine the multiplexer lets go must be in none (its
+    modules' forward hooks must not hold it), so that reference counting frees it."""
     import gc
     import weakref
 
@@ -1040,10 +1040,12 @@ def test_an_engine_let_go_is_freed_though_the_replica_froze_its_heap(store):
     m = object.__new__(HydraModel)  # no Serve around it: _load is what the multiplexer calls
     m.store = CheckpointStore(str(store))
     try:
-        first = weakref.ref(asyncio.run(m._load("tiny@160")))  # the multiplexer evicts it: no reference left
-        assert first() is not None  # kept alive by its cycle, frozen
-        assert asyncio.run(m._load("tiny@180")).model_id == "tiny@180"
+        engine = asyncio.run(m._load("tiny@160"))  # loaded, traced, then frozen with the heap
+        engine.trace_text("def add(a, b):")
+        first = weakref.ref(engine)
+        del engine  # the multiplexer evicts it: no reference left
         assert first() is None
+        assert asyncio.run(m._load("tiny@180")).model_id == "tiny@180"
     finally:
         gc.unfreeze()
 

@@ -143,10 +143,9 @@ class RoutingTrace:
                             for ex, g in zip(ex_TK, gate_TK)]) for name, ex_TK, gate_TK in moe]
         mod_cols = [(name, [{"selected": bool(x), "score": y} for x, y in zip(sel_T, score_T)])
                     for name, sel_T, score_T in mod]
-        mor_cols = [(name, [int(d) for d in depth_T]) for name, depth_T in mor]
         return [{"moe": {name: col[t] for name, col in moe_cols if col[t] is not None},
                  "mod": {name: col[t] for name, col in mod_cols},
-                 "mor": {name: col[t] for name, col in mor_cols}} for t in range(T)]
+                 "mor": {name: depth_T[t] for name, depth_T in mor}} for t in range(T)]
 
 
 def _kept(ex: list[int], gates: list[float]) -> dict:
