@@ -10,12 +10,12 @@ tokenisation are the ingress's helpers; the response shapes are shapes.py's.
 - Usage arrives last and alone when `stream_options.include_usage` asks for it.
 """
 
-import json
 import logging
 import time
 import uuid
 
-from fastapi.responses import JSONResponse, StreamingResponse
+import orjson
+from fastapi.responses import StreamingResponse
 
 from hydra_ray.data import chat
 from hydra_ray.serve import shapes
@@ -51,7 +51,7 @@ def check_sampling(me, body, cfg, limit: int | None) -> None:
 async def routing_extra(me, body, model_id: str, ids: list[int], toks: list[int], domain: str | None) -> dict:
     if not body.return_routing:
         return {}
-    return {"routing": await me._routing(model_id, ids + toks, domain)}
+    return {"routing": orjson.Fragment((await me._routing(model_id, ids + toks, domain))["json"])}
 
 
 def finished(me, endpoint: str, model_id: str, comp: list[list[int]], t0: float) -> None:
@@ -103,7 +103,7 @@ async def completions(me, request):
                           "logprobs": logprobs(j, ev), "finish_reason": ev["finish_reason"],
                           **(await routing_extra(me, body, model_id, ids[j // n], comp[j], body.domain))}
         finished(me, "completions", model_id, comp, t0)
-        return JSONResponse({**head, "choices": choices, "usage": shapes.usage(prompt_tokens(), sum(map(len, comp)))})
+        return shapes.JSON({**head, "choices": choices, "usage": shapes.usage(prompt_tokens(), sum(map(len, comp)))})
 
     async def sse():
         comp = [[] for _ in reqs]
@@ -119,11 +119,11 @@ async def completions(me, request):
                                           "finish_reason": ev["finish_reason"]}]}
             if ev["finish_reason"]:
                 chunk["choices"][0].update(await routing_extra(me, body, model_id, ids[j // n], comp[j], body.domain))
-            yield f"data: {json.dumps(chunk)}\n\n"
+            yield shapes.sse(chunk)
         if body.stream_options and body.stream_options.include_usage:
-            yield f"data: {json.dumps({**head, 'choices': [], 'usage': shapes.usage(prompt_tokens(), sum(map(len, comp)))})}\n\n"
+            yield shapes.sse({**head, "choices": [], "usage": shapes.usage(prompt_tokens(), sum(map(len, comp)))})
         finished(me, "completions", model_id, comp, t0)
-        yield "data: [DONE]\n\n"
+        yield b"data: [DONE]\n\n"
 
     return StreamingResponse(sse(), media_type="text/event-stream")
 
@@ -172,24 +172,24 @@ async def chat_completions(me, request):
                     **(await routing_extra(me, body, model_id, ids, comp[j], domain))}
                    for j, ev in enumerate(joined)]
         finished(me, "chat", model_id, comp, t0)
-        return JSONResponse({"id": cid, "object": "chat.completion", "created": created, "model": model_id,
+        return shapes.JSON({"id": cid, "object": "chat.completion", "created": created, "model": model_id,
                              "choices": choices, "usage": shapes.usage(len(ids), sum(map(len, comp)))})
 
     async def sse():
         comp = [[] for _ in reqs]
         for j in range(len(reqs)):
-            yield f"data: {json.dumps(chunk(j, {'role': 'assistant', 'content': ''}, None))}\n\n"
+            yield shapes.sse(chunk(j, {"role": "assistant", "content": ""}, None))
         async for j, ev in shapes.merged(streams):
             comp[j] += ev["token_ids"]
             c = chunk(j, {"content": ev["text"]} if ev["text"] else {}, ev["finish_reason"], logprobs(ev))
             if ev["finish_reason"]:
                 c["choices"][0].update(await routing_extra(me, body, model_id, ids, comp[j], domain))
-            yield f"data: {json.dumps(c)}\n\n"
+            yield shapes.sse(c)
         if body.stream_options and body.stream_options.include_usage:
             u = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model_id,
                  "choices": [], "usage": shapes.usage(len(ids), sum(map(len, comp)))}
-            yield f"data: {json.dumps(u)}\n\n"
+            yield shapes.sse(u)
         finished(me, "chat", model_id, comp, t0)
-        yield "data: [DONE]\n\n"
+        yield b"data: [DONE]\n\n"
 
     return StreamingResponse(sse(), media_type="text/event-stream")

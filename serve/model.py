@@ -34,7 +34,7 @@ from typing import Any
 
 from ray import serve
 
-from hydra_ray.serve import heap
+from hydra_ray.serve import heap, shapes
 from hydra_ray.serve.decode import merge_events
 from hydra_ray.serve.engine import Engine, GenRequest
 from hydra_ray.serve.scheduler import Schedulers
@@ -48,6 +48,14 @@ AUTO_MAX = 8  # auto: at most this many tokens a message
 def auto_interval(running: int) -> int:
     """`stream_interval: auto`: tokens a message with `running` sequences in the batch."""
     return min(AUTO_MAX, max(1, -(-running // AUTO_ROWS)))
+
+
+def routed(trace: dict, batch_size: int) -> dict:
+    """A routing trace as it leaves the replica: the response's JSON, encoded here (bytes cross the
+    wire and reach the client as they are: the ingress neither unpickles a 12 kB structure nor
+    encodes it again), and what the ingress keeps counters of."""
+    return {"json": shapes.dumps({**trace, "batch_size": batch_size}), "batch_size": batch_size,
+            "expert_tokens_by_layer": trace["summary"]["expert_tokens_by_layer"]}
 
 
 class HydraModel:
@@ -81,6 +89,7 @@ class HydraModel:
         return (await self._engine(model_id)).info
 
     async def routing(self, model_id: str, ids: list[int], domain: str | None) -> dict:
+        """A routing trace as `routed` gives it."""
         engine = await self._engine(model_id)
         res = await self._trace_batch((engine, ids, domain))
         if isinstance(res, Exception):
@@ -142,7 +151,7 @@ class HydraModel:
             except Exception as e:  # handed to its own callers only: never fail the whole batch
                 res = [e] * len(idxs)
             for i, r in zip(idxs, res):
-                out[i] = r if isinstance(r, Exception) else {**r, "batch_size": len(idxs)}
+                out[i] = r if isinstance(r, Exception) else routed(r, len(idxs))
         return out
 
 
