@@ -172,14 +172,14 @@ def _worker(rank, world, port, checks):
         dist.destroy_process_group()
 
 
-# world -> checks: even shards (2, 4), uneven ones (3 over 2, 4 and 8 over 3), empty ones (4 over 6)
+# world -> checks: even shards (4 and 8 over 2), uneven ones (3 over 2, 4 and 8 over 3), empty ones
+# (4 over 6). A world of 4 shards evenly as 2 does: it is left out (7 s of the suite's 20 minutes)
 CHECKS = {
     2: [("_check_dispatch", dict(expert_counts=(3, 4, 8))), ("_check_parallelize", dict(num_experts=4, top_k=2)),
         ("_check_parallelize", dict(num_experts=3, top_k=1)),
         ("_check_parallelize", dict(num_experts=4, top_k=2, placement="replicated"))],
     3: [("_check_dispatch", dict(expert_counts=(4, 8))), ("_check_parallelize", dict(num_experts=4, top_k=1)),
         ("_check_parallelize", dict(num_experts=4, top_k=2))],
-    4: [("_check_dispatch", dict(expert_counts=(4, 8)))],
     6: [("_check_dispatch", dict(expert_counts=(4,))), ("_check_parallelize", dict(num_experts=4, top_k=2))],
 }
 
