@@ -134,6 +134,30 @@ def test_routing_counts_are_the_traces_per_row_and_match_the_per_token_records(r
         assert alone["domain_expert_agreement"] == pytest.approx(s["domain_expert_agreement"])
 
 
+def test_a_trace_leaves_the_model_replica_as_its_json_and_is_embedded_and_streamed_as_it_is(random_engine):
+    """The model replica encodes a routing trace once (`routed`); the ingress sends those bytes on
+    as `/v1/routing`'s body, and puts them unchanged inside a completion asked with return_routing."""
+    import json
+    import math
+
+    import orjson
+
+    from hydra_ray.serve import shapes
+    from hydra_ray.serve.model import routed
+
+    e = random_engine
+    trace = e.trace_ids([e.encode("Solve 12 * 7 = é€")], ["math"])[0]
+    out = routed(trace, 3)
+    assert json.loads(out["json"]) == json.loads(json.dumps({**trace, "batch_size": 3}))
+    assert out["batch_size"] == 3 and out["expert_tokens_by_layer"] == trace["summary"]["expert_tokens_by_layer"]
+    choice = {"text": "x", "routing": orjson.Fragment(out["json"]), "logprob": -math.inf, "score": math.nan}
+    assert json.loads(shapes.dumps(choice)) == {"text": "x", "routing": json.loads(out["json"]),
+                                                "logprob": None, "score": None}  # valid JSON, never -Infinity
+    event = shapes.sse({"choices": [choice]})
+    assert event.startswith(b"data: {") and event.endswith(b"}\n\n") and event.count(b"\n") == 2
+    assert json.loads(event[6:])["choices"][0]["routing"]["tokens"] == json.loads(out["json"])["tokens"]
+
+
 def test_generation_counts_each_requests_tokens_once(random_engine):
     """The expert load returned with a finished request: every MoE layer's tokens of its prompt and
     of the tokens it generated (the last one is sampled, not fed back), cache or not."""
