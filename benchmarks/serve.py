@@ -345,5 +345,11 @@ def run(run_dir: str, seconds: float = 10.0, port: int = 8765, log=print) -> dic
         res["colocated"] = path_ratios(direct[0] if direct else proxy, seconds, headers, log,
                                        "colocated, " + ("direct ingress" if direct else "Serve proxy"))
     finally:
-        serve.shutdown()
+        # as `hydra-ray serve` does: serve.shutdown() would have the controller kill itself
+        # mid-call, which Ray reports as a failed task; a local Ray goes down whole instead
+        serve.delete("hydra-bench")
+        if not os.environ.get("RAY_ADDRESS"):
+            import ray
+
+            ray.shutdown()
     return res
