@@ -236,7 +236,7 @@ def _log_mechanisms(vs: dict, log) -> None:
 
 
 def run(config: str = "small", phase: str | None = None, workers: int = 2, gpu: bool = False, steps: int = 12,
-        threads: int = 1, rounds: int = 5, log=print) -> dict:
+        threads: int = 1, rounds: int = 15, log=print) -> dict:
     from contextlib import nullcontext
 
     from hydra_ray.config import ConfigError, load_config
