@@ -301,7 +301,7 @@ def run(run_dir: str, seconds: float = 10.0, port: int = 8765, log=print) -> dic
     from ray import serve
 
     from hydra_ray.serve.args import ServeArgs
-    from hydra_ray.serve.builder import build_app, ingress_urls
+    from hydra_ray.serve.builder import build_app, ingress_urls, take_down
     from hydra_ray.serve.engine import Engine
     from hydra_ray.serve.store import CheckpointStore
     from hydra_ray.raystart import ray_init
@@ -345,11 +345,5 @@ def run(run_dir: str, seconds: float = 10.0, port: int = 8765, log=print) -> dic
         res["colocated"] = path_ratios(direct[0] if direct else proxy, seconds, headers, log,
                                        "colocated, " + ("direct ingress" if direct else "Serve proxy"))
     finally:
-        # as `hydra-ray serve` does: serve.shutdown() would have the controller kill itself
-        # mid-call, which Ray reports as a failed task; a local Ray goes down whole instead
-        serve.delete("hydra-bench")
-        if not os.environ.get("RAY_ADDRESS"):
-            import ray
-
-            ray.shutdown()
+        take_down("hydra-bench")
     return res

@@ -1,7 +1,8 @@
 """build_app: the Serve application from ServeArgs, an ingress in front of a model deployment, or
 (`colocate`) one deployment, the ingress, whose replicas hold the model themselves.
 
-`ingress_urls` lists the ingress replicas' own HTTP addresses (Serve's direct ingress).
+`ingress_urls` lists the ingress replicas' own HTTP addresses (Serve's direct ingress); `take_down`
+removes an app and, where this process started Ray itself, that Ray.
 
 `serve run` / `serve deploy` call it through `import_path: hydra_ray.serve.builder:build_app`
 (serve/config.yaml), `hydra-ray serve` directly: `serve.deployment(...).bind(...)` with every
@@ -68,3 +69,17 @@ def ingress_urls(app_name: str, host: str) -> list[str]:
     # proxy target groups (direct ingress off, or no replica running yet) name no ingress deployment
     return sorted({f"http://{host if host not in ('0.0.0.0', '::') else t.ip}:{t.port}"
                    for g in groups if g.protocol == "HTTP" and g.ingress_deployment_name for t in g.targets})
+
+
+def take_down(app_name: str) -> None:
+    """Delete the app (its replicas drain). A shared cluster (RAY_ADDRESS) keeps Serve and its other
+    applications; a local Ray goes down whole, which ends the controller and the proxy with it.
+    (`serve.shutdown()` would have the controller kill itself mid-call, which Ray reports as a
+    failed task.)"""
+    import os
+
+    serve.delete(app_name)
+    if not os.environ.get("RAY_ADDRESS"):
+        import ray
+
+        ray.shutdown()

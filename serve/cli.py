@@ -9,7 +9,8 @@ Design choices
 - `--smoke` is the tiny mode every entry point has: start, send one greedy completion per
   built-in domain (chat through /v1/chat/completions) and one routing
   request over HTTP, print them, shut down (what `make demo` runs).
-- SIGINT/SIGTERM shut Serve down cleanly (`serve.shutdown()`), so the port and actors are freed.
+- SIGINT/SIGTERM take the app down cleanly (`builder.take_down`: the app deleted, a local Ray stopped), so
+  the port and actors are freed.
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     check_port(args.host, args.port)
     from ray import serve
 
-    from hydra_ray.serve.builder import build_app, ingress_urls
+    from hydra_ray.serve.builder import build_app, ingress_urls, take_down
     from hydra_ray.raystart import ray_init, requiet
 
     ray_init(print, min_cpus=a.num_cpus * (a.autoscale[1] if a.autoscale else a.replicas) + 1)
@@ -148,15 +149,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         started.set()
         print("shutting down", flush=True)
-        # Deleting the application drains its replicas. A shared cluster (RAY_ADDRESS) keeps
-        # Serve and its other applications; an embedded Ray goes down whole, which ends the
-        # controller and the proxy with it (serve.shutdown() would have the controller kill
-        # itself mid-call, which Ray reports as a failed task).
-        serve.delete("hydra")
-        if not os.environ.get("RAY_ADDRESS"):
-            import ray
-
-            ray.shutdown()
+        take_down("hydra")
 
 
 # one prompt per built-in domain: the demo ends by showing what the model learned of each
