@@ -131,6 +131,11 @@ def _worker(rank: int, world: int, port: int, threads: int, loop_config: dict, d
                                 rank=rank, world_size=world)
     try:
         train_loop_per_worker(loop_config, Env(rank=rank, world=world, device=device))
+        if world > 1:
+            # no rank leaves (and takes down the TCP store rank 0 hosts) while another still uses
+            # the group: a rank left alone aborted in gloo ("terminate called without an active
+            # exception"), once in a full test run
+            dist.barrier()
     finally:
         if world > 1:
             dist.destroy_process_group()
