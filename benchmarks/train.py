@@ -19,7 +19,9 @@ Figures (ratios of things measured in this run, on this machine):
   runs where Ray is not installed. Beside them, the ceiling: N processes that each train 1/N of the
   batch alone, at the same time, with no group. What they reach is what the machine gives N
   workers with no communication at all (shared memory bandwidth, caches, other load), so each
-  placement's scaling is also shown as a share of it.
+  placement's scaling is also shown as a share of it. The four take turns over `--scaling-rounds`
+  rounds (1, ceiling, sharded, replicated, then the reverse order), and each ratio is of their mean
+  tokens/s, so a machine whose speed drifts during the runs moves them alike.
 """
 
 from __future__ import annotations
@@ -217,8 +219,9 @@ def _alone(rank: int, threads: int, loop_configs: list[dict], device_type: str) 
     train_loop_per_worker(loop_configs[rank], Env(device=_process_device(rank, threads, device_type)))
 
 
-def _independent(n: int, threads: int, cfg, prepared, steps: int, device_type: str) -> float:
-    """Summed tokens/s of `n` processes that each train 1/n of the batch alone, at the same time."""
+def _independent(n: int, threads: int, cfg, prepared, steps: int, device_type: str) -> tuple[float, dict | None]:
+    """(summed tokens/s, process 0's step-time breakdown) of `n` processes that each train 1/n of
+    the batch alone, at the same time."""
     import torch.multiprocessing as mp
 
     part = cfg.model_copy(deep=True)
@@ -227,7 +230,8 @@ def _independent(n: int, threads: int, cfg, prepared, steps: int, device_type: s
     try:
         configs = [_loop_config(part, prepared, d.name, steps, True, device_type == "cuda") for d in dirs]
         mp.spawn(_alone, args=(threads, configs, device_type), nprocs=n, join=True)
-        return sum(_records_tokens_per_s(d.name)[0] for d in dirs)
+        each = [_records_tokens_per_s(d.name) for d in dirs]
+        return sum(tps for tps, _ in each), each[0][1]
     finally:
         for d in dirs:
             d.cleanup()
@@ -241,7 +245,7 @@ def _log_mechanisms(vs: dict, log) -> None:
 
 
 def run(config: str = "small", phase: str | None = None, workers: int = 2, gpu: bool = False, steps: int = 12,
-        threads: int = 1, rounds: int = 15, log=print) -> dict:
+        threads: int = 1, rounds: int = 15, scaling_rounds: int = 2, log=print) -> dict:
     from contextlib import nullcontext
 
     from hydra_ray.config import ConfigError, load_config
@@ -251,8 +255,8 @@ def run(config: str = "small", phase: str | None = None, workers: int = 2, gpu: 
 
     if gpu and not torch.cuda.is_available():
         raise ConfigError("--gpu: no CUDA device here")
-    if workers < 1 or steps < 4 or threads < 1:
-        raise ConfigError("bench train: --workers and --threads must be at least 1, --steps at least 4")
+    if workers < 1 or steps < 4 or threads < 1 or scaling_rounds < 1:
+        raise ConfigError("bench train: --workers, --threads and --scaling-rounds must be at least 1, --steps at least 4")
     if gpu and workers > torch.cuda.device_count():
         raise ConfigError(f"--workers {workers}: only {torch.cuda.device_count()} GPU(s) here")
     device = torch.device("cuda") if gpu else torch.device("cpu")
@@ -301,23 +305,76 @@ def run(config: str = "small", phase: str | None = None, workers: int = 2, gpu: 
             f"routing overhead {vs_worker['routing_overhead']:.2f}")
         _log_mechanisms(vs_worker, log)
     if workers > 1:
-        one, _ = _spawned(1, threads, cfg, prepared, steps, device.type)
-        ceiling = _independent(workers, threads, cfg, prepared, steps, device.type)
-        res["scaling"] = {"workers": workers, "threads_per_worker": threads, "tokens_per_s_1": one,
-                          "independent": {"tokens_per_s_n": ceiling, "speedup": ceiling / one}}
-        log(f"  ceiling: {workers} independent processes ({threads} thread(s) each, 1/{workers} of the batch "
-            f"each, no communication): {one:,.0f} -> {ceiling:,.0f} tokens/s, {ceiling / one:.2f}x")
-        for placement in ("sharded", "replicated"):
-            pcfg = cfg.model_copy(deep=True)
-            pcfg.train.expert_placement = placement
-            many, parts = _spawned(workers, threads, pcfg, prepared, steps, device.type)
-            res["scaling"][placement] = {"tokens_per_s_n": many, "speedup": many / one, "breakdown_s_n": parts,
-                                         "of_ceiling": many / ceiling}
-            log(f"  1 -> {workers} workers ({threads} thread(s) each), experts {placement}: "
-                f"{one:,.0f} -> {many:,.0f} tokens/s, {many / one:.2f}x ({100 * many / ceiling:.0f}% of the ceiling)")
-            if parts:
-                step_n = tokens_per_step / many
-                log(f"    step on {workers} workers {step_n * 1e3:.0f} ms: " + ", ".join(
-                    f"{k} {v * 1e3:.0f} ms ({100 * v / step_n:.0f}%)" for k, v in parts.items()))
-        res["scaling"]["speedup"] = res["scaling"][cfg.train.expert_placement]["speedup"]
+        res["scaling"] = _scaling(cfg, prepared, steps, device.type, workers, threads, scaling_rounds,
+                                  tokens_per_step, log)
     return res
+
+
+def take_turns(arms: dict, rounds: int) -> dict[str, list]:
+    """Each arm (a callable) `rounds` times, the order reversed every other round (A B C D, then
+    D C B A, ...), so a machine whose speed drifts during the runs moves every arm alike: over two
+    rounds, each arm's mean sits at the same point in time."""
+    names = list(arms)
+    out: dict[str, list] = {n: [] for n in names}
+    for r in range(rounds):
+        for n in names if r % 2 == 0 else names[::-1]:
+            out[n].append(arms[n]())
+    return out
+
+
+def _mean(xs) -> float:
+    return sum(xs) / len(xs)
+
+
+def _scaling(cfg, prepared, steps: int, device_type: str, workers: int, threads: int, rounds: int,
+             tokens_per_step: int, log) -> dict:
+    """1 -> N workers: one worker, the ceiling (N independent processes), and N workers with experts
+    sharded and replicated, taking turns over `rounds` rounds. Each figure is the ratio of the
+    arms' mean tokens/s; `speedup_rounds` lists the ratio within each round, to show the spread.
+    Each arm's step breakdown (rank 0's; the ceiling's process 0 steps 1/N of the batch) is the
+    mean over the rounds, so where N workers lose time against the ceiling shows section by section."""
+    placed = {}
+    for placement in ("sharded", "replicated"):
+        placed[placement] = cfg.model_copy(deep=True)
+        placed[placement].train.expert_placement = placement
+    runs = take_turns({
+        "one": lambda: _spawned(1, threads, cfg, prepared, steps, device_type),
+        "independent": lambda: _independent(workers, threads, cfg, prepared, steps, device_type),
+        **{p: (lambda c=c: _spawned(workers, threads, c, prepared, steps, device_type)) for p, c in placed.items()},
+    }, rounds)
+    tps = {arm: [t for t, _ in r] for arm, r in runs.items()}
+    mean_tps = {arm: _mean(t) for arm, t in tps.items()}
+    parts = {}
+    for arm, r in runs.items():
+        got = [p for _, p in r if p]
+        parts[arm] = {k: _mean([p.get(k, 0.0) for p in got]) for k in got[0]} if got else None
+    one, ceiling = mean_tps["one"], mean_tps["independent"]
+
+    def figure(arm: str) -> dict:
+        return {"tokens_per_s_n": mean_tps[arm], "speedup": mean_tps[arm] / one,
+                "speedup_rounds": [t / o for t, o in zip(tps[arm], tps["one"])], "breakdown_s_n": parts[arm]}
+
+    def line(arm: str) -> str:
+        f = figure(arm)
+        spread = "" if rounds < 2 else " (rounds " + ", ".join(f"{r:.2f}x" for r in f["speedup_rounds"]) + ")"
+        return f"{one:,.0f} -> {mean_tps[arm]:,.0f} tokens/s, {f['speedup']:.2f}x{spread}"
+
+    def step(label: str, arm: str, tokens: float) -> None:
+        if parts[arm]:
+            step_s = tokens / mean_tps[arm]
+            log(f"    step {label} {step_s * 1e3:.0f} ms: " + ", ".join(
+                f"{k} {v * 1e3:.0f} ms ({100 * v / step_s:.0f}%)" for k, v in parts[arm].items()))
+
+    out = {"workers": workers, "threads_per_worker": threads, "rounds": rounds, "tokens_per_s_1": one,
+           "breakdown_s_1": parts["one"], "independent": figure("independent")}
+    step("on 1 worker", "one", tokens_per_step)
+    log(f"  ceiling: {workers} independent processes ({threads} thread(s) each, 1/{workers} of the batch "
+        f"each, no communication): {line('independent')}")
+    step("of each process", "independent", tokens_per_step)  # N processes, 1/N of the batch each
+    for placement in placed:
+        out[placement] = {**figure(placement), "of_ceiling": mean_tps[placement] / ceiling}
+        log(f"  1 -> {workers} workers ({threads} thread(s) each), experts {placement}: {line(placement)} "
+            f"({100 * mean_tps[placement] / ceiling:.0f}% of the ceiling)")
+        step(f"on {workers} workers", placement, tokens_per_step)
+    out["speedup"] = out[cfg.train.expert_placement]["speedup"]
+    return out

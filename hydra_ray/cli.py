@@ -124,7 +124,8 @@ def _bench(args: argparse.Namespace) -> int:
         from hydra_ray.benchmarks import train as train_bench
 
         res = train_bench.run(config=args.config, phase=args.phase, workers=args.workers, gpu=args.gpu,
-                              steps=args.steps or 12, threads=args.threads, rounds=args.rounds)
+                              steps=args.steps or 12, threads=args.threads, rounds=args.rounds,
+                              scaling_rounds=args.scaling_rounds)
         if args.json:
             print(json.dumps(res))
     if args.name == "dispatch":
@@ -325,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--phase", default=None, help="bench train: the phase timed (default: the first with MoE on)")
     s.add_argument("--workers", type=int, default=2, help="bench train: N of the 1 -> N worker scaling")
     s.add_argument("--threads", type=int, default=1, help="bench train: torch threads per worker in the scaling runs")
+    s.add_argument("--scaling-rounds", type=int, default=2,
+                   help="bench train: rounds of the 1 -> N worker runs, taking turns (1, ceiling, sharded, "
+                        "replicated, then the reverse order) so a drifting machine moves every arm alike (2)")
     s.add_argument("--gpu", action="store_true", help="bench train: on CUDA (bf16 when the config says so)")
     s.add_argument("--sizes", type=float, nargs="+", default=[0.5, 2.0], help="bench pack: GB of generated text")
     s.add_argument("--workdir", default=None, help="bench pack: keep the generated corpora here (reused)")

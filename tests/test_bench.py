@@ -12,7 +12,7 @@ def test_train_benchmark_reports_every_figure():
     dispatch and, on two workers, the all-to-all), HYDRA against dense of equal depth, 1 -> 2 workers."""
     from hydra_ray.benchmarks import train
 
-    res = train.run(config="tiny", steps=8, workers=2, rounds=2, log=lambda *_: None)
+    res = train.run(config="tiny", steps=8, workers=2, rounds=2, scaling_rounds=1, log=lambda *_: None)
     assert res["phase"] == "moe" and res["tokens_per_s"] > 0 and 0 < res["mfu"] < 1
     b = res["breakdown_s"]
     assert {"data", "forward", "backward", "optimizer", "dispatch"} <= set(b)
@@ -39,9 +39,27 @@ def test_train_benchmark_reports_every_figure():
     assert sharded["breakdown_s_n"]["all_to_all"] > 0 and sharded["breakdown_s_n"]["all_to_all_counts"] > 0
     assert replicated["tokens_per_s_n"] > 0 and "all_to_all" not in replicated["breakdown_s_n"]  # no token travels
     ceiling = sc["independent"]  # 2 processes training half the batch each, alone: what the machine allows
+    assert set(ceiling["breakdown_s_n"]) == set(sc["breakdown_s_1"]) == set(replicated["breakdown_s_n"])
     assert ceiling["tokens_per_s_n"] > 0 and ceiling["speedup"] == pytest.approx(ceiling["tokens_per_s_n"] / sc["tokens_per_s_1"])
     for p in (sharded, replicated):
         assert p["of_ceiling"] == pytest.approx(p["tokens_per_s_n"] / ceiling["tokens_per_s_n"])
+        assert p["speedup_rounds"] == [pytest.approx(p["speedup"])]  # one round: its ratio is the figure
+
+
+def test_train_benchmark_scaling_runs_take_turns_and_reverse_each_round():
+    """The 1 -> N worker arms of `bench train` run A B C D, D C B A, A B C D: over each pair of
+    rounds every arm's mean sits at the same point of a drifting machine's speed."""
+    from hydra_ray.benchmarks.train import take_turns
+
+    calls = []
+    arms = {n: (lambda n=n: calls.append(n) or len(calls)) for n in ("one", "independent", "sharded", "replicated")}
+    runs = take_turns(arms, 3)
+    assert calls == ["one", "independent", "sharded", "replicated", "replicated", "sharded", "independent", "one",
+                     "one", "independent", "sharded", "replicated"]
+    assert runs == {"one": [1, 8, 9], "independent": [2, 7, 10], "sharded": [3, 6, 11], "replicated": [4, 5, 12]}
+    # a speed that drifts linearly (arm value = the time it ran) gives every arm the same mean over 2 rounds
+    two = take_turns({n: (lambda n=n: calls.append(n) or len(calls)) for n in arms}, 2)
+    assert len({sum(v) for v in two.values()}) == 1
 
 
 def test_serve_benchmark_takes_turns_one_sixteen_sixteen_one_and_pools_each_side():
