@@ -29,6 +29,7 @@ from __future__ import annotations
 import os
 import socket
 import statistics
+import sys
 import tempfile
 
 import torch
@@ -141,6 +142,12 @@ def _worker(rank: int, world: int, port: int, threads: int, loop_config: dict, d
     finally:
         if world > 1:
             dist.destroy_process_group()
+    if world > 1:
+        # The run's records are closed and on disk. Leave without the interpreter's finalization,
+        # where gloo's worker threads can still release tensors and abort the process (SIGABRT)
+        # after its work is done, which would fail the whole benchmark.
+        sys.stdout.flush(), sys.stderr.flush()
+        os._exit(0)
 
 
 def _spawned(world: int, threads: int, cfg, prepared, steps: int, device_type: str) -> tuple[float, dict | None]:
