@@ -329,10 +329,6 @@ def take_turns(arms: dict, rounds: int) -> dict[str, list]:
     return out
 
 
-def _mean(xs) -> float:
-    return sum(xs) / len(xs)
-
-
 def _scaling(cfg, prepared, steps: int, device_type: str, workers: int, threads: int, rounds: int,
              tokens_per_step: int, log) -> dict:
     """1 -> N workers: one worker, the ceiling (N independent processes), and N workers with experts
@@ -350,11 +346,11 @@ def _scaling(cfg, prepared, steps: int, device_type: str, workers: int, threads:
         **{p: (lambda c=c: _spawned(workers, threads, c, prepared, steps, device_type)) for p, c in placed.items()},
     }, rounds)
     tps = {arm: [t for t, _ in r] for arm, r in runs.items()}
-    mean_tps = {arm: _mean(t) for arm, t in tps.items()}
+    mean_tps = {arm: statistics.fmean(t) for arm, t in tps.items()}
     parts = {}
     for arm, r in runs.items():
         got = [p for _, p in r if p]
-        parts[arm] = {k: _mean([p.get(k, 0.0) for p in got]) for k in got[0]} if got else None
+        parts[arm] = {k: statistics.fmean([p.get(k, 0.0) for p in got]) for k in got[0]} if got else None
     one, ceiling = mean_tps["one"], mean_tps["independent"]
 
     def figure(arm: str) -> dict:
@@ -366,22 +362,22 @@ def _scaling(cfg, prepared, steps: int, device_type: str, workers: int, threads:
         spread = "" if rounds < 2 else " (rounds " + ", ".join(f"{r:.2f}x" for r in f["speedup_rounds"]) + ")"
         return f"{one:,.0f} -> {mean_tps[arm]:,.0f} tokens/s, {f['speedup']:.2f}x{spread}"
 
-    def step(label: str, arm: str, tokens: float) -> None:
+    def step(label: str, arm: str) -> None:
         if parts[arm]:
-            step_s = tokens / mean_tps[arm]
+            step_s = tokens_per_step / mean_tps[arm]  # the ceiling: 1/N of the batch at 1/N of the rate
             log(f"    step {label} {step_s * 1e3:.0f} ms: " + ", ".join(
                 f"{k} {v * 1e3:.0f} ms ({100 * v / step_s:.0f}%)" for k, v in parts[arm].items()))
 
     out = {"workers": workers, "threads_per_worker": threads, "rounds": rounds, "tokens_per_s_1": one,
            "breakdown_s_1": parts["one"], "independent": figure("independent")}
-    step("on 1 worker", "one", tokens_per_step)
+    step("on 1 worker", "one")
     log(f"  ceiling: {workers} independent processes ({threads} thread(s) each, 1/{workers} of the batch "
         f"each, no communication): {line('independent')}")
-    step("of each process", "independent", tokens_per_step)  # N processes, 1/N of the batch each
+    step("of each process", "independent")
     for placement in placed:
         out[placement] = {**figure(placement), "of_ceiling": mean_tps[placement] / ceiling}
         log(f"  1 -> {workers} workers ({threads} thread(s) each), experts {placement}: {line(placement)} "
             f"({100 * mean_tps[placement] / ceiling:.0f}% of the ceiling)")
-        step(f"on {workers} workers", placement, tokens_per_step)
+        step(f"on {workers} workers", placement)
     out["speedup"] = out[cfg.train.expert_placement]["speedup"]
     return out
