@@ -33,9 +33,10 @@ from dataclasses import dataclass
 
 import torch
 
+from hydra_ray.benchmarks.common import compare, take_turns
+
 
 def engine_ratios(engine, prompt_tokens: int = 256, new_tokens: int = 256, rounds: int = 3, log=print) -> dict:
-    from hydra_ray.benchmarks.common import compare
     from hydra_ray.serve.engine import GenRequest
 
     text = ("Solve 12 * 7 = 84. def add(a, b): return a + b. " * 64)
@@ -243,9 +244,9 @@ def one_against_many(run, seconds: float) -> tuple[Tally, Tally]:
     each): a machine that speeds up or slows down during the measurement moves both sides alike,
     where one run of each after the other put all of a drift into their ratio."""
     half = seconds / 2
-    one, many = run(1, half), run(16, half)
-    many, one = many + run(16, half), one + run(1, half)
-    return one, many
+    runs = take_turns({"one": lambda: run(1, half), "many": lambda: run(16, half)}, 2)
+    (one_a, one_b), (many_a, many_b) = runs["one"], runs["many"]
+    return one_a + one_b, many_a + many_b
 
 
 def _parts(r: dict) -> str:

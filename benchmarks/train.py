@@ -34,7 +34,7 @@ import tempfile
 
 import torch
 
-from hydra_ray.benchmarks.common import compare
+from hydra_ray.benchmarks.common import compare, take_turns
 
 MATMUL_M = 2048
 # the routing mechanisms timed alone beside HYDRA and its dense twin (`hydra_vs_dense`)
@@ -315,18 +315,6 @@ def run(config: str = "small", phase: str | None = None, workers: int = 2, gpu: 
         res["scaling"] = _scaling(cfg, prepared, steps, device.type, workers, threads, scaling_rounds,
                                   tokens_per_step, log)
     return res
-
-
-def take_turns(arms: dict, rounds: int) -> dict[str, list]:
-    """Each arm (a callable) `rounds` times, the order reversed every other round (A B C D, then
-    D C B A, ...), so a machine whose speed drifts during the runs moves every arm alike: over two
-    rounds, each arm's mean sits at the same point in time."""
-    names = list(arms)
-    out: dict[str, list] = {n: [] for n in names}
-    for r in range(rounds):
-        for n in names if r % 2 == 0 else names[::-1]:
-            out[n].append(arms[n]())
-    return out
 
 
 def _scaling(cfg, prepared, steps: int, device_type: str, workers: int, threads: int, rounds: int,

@@ -10,6 +10,7 @@ option from ServeArgs, nothing fixed in decorators. Per-deployment options of a 
 file (num_replicas, user_config, ...) override what it sets.
 """
 
+import os
 from typing import Any
 
 from ray import serve
@@ -76,8 +77,6 @@ def take_down(app_name: str) -> None:
     applications; a local Ray goes down whole, which ends the controller and the proxy with it.
     (`serve.shutdown()` would have the controller kill itself mid-call, which Ray reports as a
     failed task.)"""
-    import os
-
     serve.delete(app_name)
     if not os.environ.get("RAY_ADDRESS"):
         import ray

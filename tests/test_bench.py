@@ -49,7 +49,7 @@ def test_train_benchmark_reports_every_figure():
 def test_train_benchmark_scaling_runs_take_turns_and_reverse_each_round():
     """The 1 -> N worker arms of `bench train` run A B C D, D C B A, A B C D: over each pair of
     rounds every arm's mean sits at the same point of a drifting machine's speed."""
-    from hydra_ray.benchmarks.train import take_turns
+    from hydra_ray.benchmarks.common import take_turns
 
     calls = []
     arms = {n: (lambda n=n: calls.append(n) or len(calls)) for n in ("one", "independent", "sharded", "replicated")}
